@@ -1,0 +1,35 @@
+"""Unit-scaled functional ops (``unitscale_jax.ops``).
+
+Every op here computes ``scale_fwd(f(scale_bwd(x, beta)), alpha)`` with ``alpha`` and ``beta``
+chosen from static shapes so that unit-variance inputs and incoming gradients give
+unit-variance outputs and outgoing gradients. Values and gradients match the authors'
+PyTorch library ``unit-scaling`` 0.3.5 (``unit_scaling.functional``).
+"""
+
+from unitscale_jax.ops._scale import scale_bwd, scale_fwd
+from unitscale_jax.ops.activations import dropout, gelu, silu, silu_glu, softmax
+from unitscale_jax.ops.attention import attention_scale, scaled_dot_product_attention
+from unitscale_jax.ops.constraints import (
+    CONSTRAINTS,
+    apply_constraint,
+    logarithmic_interpolation,
+    validate_constraint,
+)
+from unitscale_jax.ops.embedding import embedding
+from unitscale_jax.ops.linear import add, linear, linear_readout, matmul
+from unitscale_jax.ops.losses import cross_entropy, mse_loss
+from unitscale_jax.ops.norms import layer_norm, rms_norm
+from unitscale_jax.ops.residual import (
+    residual_add,
+    residual_apply,
+    residual_split,
+    transformer_residual_scaling_rule,
+)
+
+__all__ = [
+    "CONSTRAINTS", "add", "apply_constraint", "attention_scale", "cross_entropy", "dropout",
+    "embedding", "gelu", "layer_norm", "linear", "linear_readout", "logarithmic_interpolation",
+    "matmul", "mse_loss", "residual_add", "residual_apply", "residual_split", "rms_norm",
+    "scale_bwd", "scale_fwd", "scaled_dot_product_attention", "silu", "silu_glu", "softmax",
+    "transformer_residual_scaling_rule", "validate_constraint",
+]

@@ -1,0 +1,170 @@
+"""Unit-scaled linear layers, matrix products and addition.
+
+Kernels use Flax's layout ``[fan_in, fan_out]``. Scales follow Blake et al. (2023), table A.2
+and the reference library ``unit-scaling`` 0.3.5 (``unit_scaling.functional``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unitscale_jax.ops._checks import require_float, require_min_rank, require_rank
+from unitscale_jax.ops._scale import scale_bwd, scale_fwd
+from unitscale_jax.ops.constraints import Constraint, apply_constraint
+
+
+def _linear(x, kernel, bias, constraint, output_power: float, op: str):
+    require_float(x, "x", op)
+    require_float(kernel, "kernel", op)
+    require_min_rank(x, 1, "x", op)
+    require_rank(kernel, 2, "kernel", op)
+    fan_in, fan_out = kernel.shape
+    if x.shape[-1] != fan_in:
+        raise ValueError(
+            f"{op}: kernel fan-in {fan_in} (kernel shape {kernel.shape}, layout [fan_in, "
+            f"fan_out]) does not match the last axis of x (shape {x.shape}). A PyTorch "
+            f"weight [out, in] must be transposed."
+        )
+    if bias is not None:
+        require_float(bias, "bias", op)
+        if bias.shape != (fan_out,):
+            raise ValueError(f"{op}: bias must have shape ({fan_out},), got {bias.shape}.")
+    batch = max(x.size // fan_in, 1)
+    output_scale = fan_in ** -output_power
+    grad_x_scale = fan_out ** -0.5
+    grad_w_scale = batch ** -0.5
+    output_scale, grad_x_scale = apply_constraint(constraint, output_scale, grad_x_scale)
+    x = scale_bwd(x, grad_x_scale)
+    kernel = scale_bwd(kernel, grad_w_scale)
+    y = jnp.matmul(x, kernel)
+    if bias is not None:
+        y = y + scale_bwd(bias, grad_w_scale)
+    return scale_fwd(y, output_scale)
+
+
+def linear(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: Optional[jax.Array] = None,
+    *,
+    constraint: Constraint = "to_output_scale",
+) -> jax.Array:
+    """Unit-scaled affine map ``y = alpha * (x @ kernel + bias)``.
+
+    Scaling rule (Blake et al., 2023, section 4.2): ``alpha = fan_in^-1/2``; gradient scales
+    ``beta_x = fan_out^-1/2`` and ``beta_kernel = beta_bias = B^-1/2`` with
+    ``B = x.size / fan_in`` (the number of rows the kernel's gradient sums over). The bias is
+    added before ``alpha``, so it is scaled too. The constraint ties ``alpha`` and
+    ``beta_x``; weight gradients are cut edges and keep their own scale.
+
+    Args:
+      x: ``[..., fan_in]`` floating-point input.
+      kernel: ``[fan_in, fan_out]`` weight, initialised N(0, 1).
+      bias: optional ``[fan_out]`` bias.
+      constraint: a name from ``unitscale_jax.ops.constraints`` or None.
+
+    Returns:
+      ``[..., fan_out]``, unit variance for unit-variance ``x`` and ``kernel``.
+    """
+    return _linear(x, kernel, bias, constraint, 0.5, "linear")
+
+
+def linear_readout(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: Optional[jax.Array] = None,
+    *,
+    constraint: Constraint = None,
+) -> jax.Array:
+    """Unit-scaled final (readout) projection: ``alpha = 1 / fan_in``.
+
+    Scaling rule (u-muP, Blake et al., 2025, section 4.1): the output layer uses the muP
+    ``1/fan_in`` multiplier, so its output std is ``fan_in^-1/2`` at init; gradient scales
+    as in ``linear`` (``beta_x = fan_out^-1/2``, ``beta_kernel = B^-1/2``). The default
+    constraint is None: forward and backward scales stay independent (the readout's input
+    gradient is a cut edge of the residual stream).
+
+    Args:
+      x: ``[..., fan_in]`` floating-point input.
+      kernel: ``[fan_in, fan_out]`` weight.
+      bias: optional ``[fan_out]`` bias.
+      constraint: a constraint name or None.
+
+    Returns:
+      ``[..., fan_out]`` logits.
+    """
+    return _linear(x, kernel, bias, constraint, 1.0, "linear_readout")
+
+
+def matmul(a: jax.Array, b: jax.Array, *, constraint: Constraint = "to_output_scale") -> jax.Array:
+    """Unit-scaled matrix product of ``a[..., M, K]`` and ``b[..., K, N]``.
+
+    Scaling rule (Blake et al., 2023, table A.2): ``alpha = K^-1/2``; ``beta_a = N^-1/2``
+    (``a``'s gradient sums over N) and ``beta_b = M^-1/2``.
+
+    Args:
+      a: ``[..., M, K]``.
+      b: ``[..., K, N]``.
+      constraint: a three-scale constraint name (e.g. ``"to_output_scale"``,
+        ``"to_left_grad_scale"``, ``"gmean"``) or None.
+
+    Returns:
+      ``[..., M, N]``.
+    """
+    require_float(a, "a", "matmul")
+    require_float(b, "b", "matmul")
+    require_min_rank(a, 2, "a", "matmul")
+    require_min_rank(b, 2, "b", "matmul")
+    m, k = a.shape[-2:]
+    k2, n = b.shape[-2:]
+    if k != k2:
+        raise ValueError(
+            f"matmul: contracting dimensions differ: a has shape {a.shape} (K={k}) and b has "
+            f"shape {b.shape} (K={k2})."
+        )
+    try:
+        np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError as e:
+        raise ValueError(f"matmul: batch dims of {a.shape} and {b.shape} do not broadcast.") from e
+    output_scale, a_scale, b_scale = apply_constraint(constraint, k ** -0.5, n ** -0.5, m ** -0.5)
+    a = scale_bwd(a, a_scale)
+    b = scale_bwd(b, b_scale)
+    return scale_fwd(jnp.matmul(a, b), output_scale)
+
+
+def add(a, b, *, constraint: Constraint = "to_output_scale"):
+    """Unit-scaled addition ``y = alpha * (a + b)``.
+
+    Scaling rule (Blake et al., 2023, table A.2): ``alpha = 2^-1/2`` (two independent
+    unit-variance terms); each input's gradient is scaled by ``(broadcast factor)^-1/2``, the
+    number of output elements each of its elements feeds. If either side is a Python scalar
+    the plain sum is returned; if either is a single element, ``alpha = 1``.
+
+    Args:
+      a: array or Python scalar.
+      b: array or Python scalar.
+      constraint: a three-scale constraint name or None.
+
+    Returns:
+      The scaled sum, broadcast to the common shape.
+    """
+    if isinstance(a, (int, float)) or isinstance(b, (int, float)):
+        return a + b
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    try:
+        out_shape = np.broadcast_shapes(a.shape, b.shape)
+    except ValueError as e:
+        raise ValueError(f"add: shapes {a.shape} and {b.shape} do not broadcast.") from e
+    out_size = math.prod(out_shape)
+    a_grad_scale = (out_size // max(a.size, 1)) ** -0.5
+    b_grad_scale = (out_size // max(b.size, 1)) ** -0.5
+    output_scale = 1.0 if (a.size == 1 or b.size == 1) else 2 ** -0.5
+    output_scale, a_grad_scale, b_grad_scale = apply_constraint(
+        constraint, output_scale, a_grad_scale, b_grad_scale
+    )
+    return scale_fwd(scale_bwd(a, a_grad_scale) + scale_bwd(b, b_grad_scale), output_scale)

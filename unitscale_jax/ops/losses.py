@@ -1,0 +1,108 @@
+"""Unit-scaled losses: the value is the ordinary mean, the gradient is unit-scale."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from unitscale_jax.ops._checks import check_ids_in_range, require_float, require_int, require_min_rank
+from unitscale_jax.ops._scale import scale_bwd, scale_fwd
+from unitscale_jax.ops.activations import _check_mult
+
+
+@jax.custom_vjp
+def _divide_fwd_only(x, n):
+    return x / n
+
+
+def _divide_fwd_only_fwd(x, n):
+    return x / n, n
+
+
+def _divide_fwd_only_bwd(n, g):
+    return g, jnp.zeros_like(n)
+
+
+_divide_fwd_only.defvjp(_divide_fwd_only_fwd, _divide_fwd_only_bwd)
+
+
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    mult: float = 1.0,
+    where: Optional[jax.Array] = None,
+    check_ids: bool = False,
+) -> jax.Array:
+    """Unit-scaled softmax cross-entropy, averaged over the (valid) positions.
+
+    Scaling rule (u-muP, Blake et al., 2025; ``unit_scaling.functional.cross_entropy``): the
+    loss value is the ordinary mean of ``-log softmax(mult * logits)[label]``, but the
+    gradient sent to the logits is ``(softmax(mult * x) - onehot) * V / sqrt(V - 1)`` per
+    position: no ``1/B`` from the mean and no ``mult`` factor. With ``V`` classes, the
+    residual ``softmax - onehot`` has std ``sqrt(V - 1) / V`` at init.
+
+    Args:
+      logits: ``[..., V]``.
+      labels: integer ``[...]``.
+      mult: u-muP's ``alpha_loss-softmax``.
+      where: optional boolean ``[...]``; False positions add nothing to the value or the
+        gradient, and the mean is over True positions only.
+      check_ids: raise if a (valid) label is outside ``[0, V)``.
+
+    Returns:
+      A scalar float32 loss.
+    """
+    op = "cross_entropy"
+    require_float(logits, "logits", op)
+    require_min_rank(logits, 1, "logits", op)
+    require_int(labels, "labels", op)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"{op}: labels shape {labels.shape} must equal logits shape without the class "
+            f"axis, {logits.shape[:-1]}."
+        )
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.dtype != jnp.bool_ or where.shape != labels.shape:
+            raise ValueError(f"{op}: where must be boolean with labels' shape {labels.shape}, got {where.dtype}{where.shape}.")
+    mult = _check_mult(mult, op)
+    vocab = logits.shape[-1]
+    if vocab < 2:
+        raise ValueError(f"{op}: need at least 2 classes, got {vocab}.")
+    if check_ids:
+        check_ids_in_range(labels, vocab, "labels", op, where=where)
+    x = scale_bwd(logits, vocab / (vocab - 1) ** 0.5)
+    x = scale_fwd(x, mult)
+    logp = jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if where is None:
+        return scale_fwd(jnp.sum(nll), 1.0 / max(nll.size, 1))
+    nll = jnp.where(where, nll, 0.0)
+    count = jnp.maximum(jnp.sum(where), 1).astype(jnp.float32)
+    return _divide_fwd_only(jnp.sum(nll), count)
+
+
+def mse_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """Unit-scaled mean squared error.
+
+    Scaling rule (Blake et al., 2023, table A.2): the value is the ordinary mean of
+    ``(pred - target)^2``; the gradient of each input is that of the *sum*, times
+    ``8^-1/2``, so it has unit std when ``pred`` and ``target`` are independent and unit.
+
+    Args:
+      pred: predictions.
+      target: targets of the same shape.
+
+    Returns:
+      A scalar loss.
+    """
+    require_float(pred, "pred", "mse_loss")
+    require_float(target, "target", "mse_loss")
+    if pred.shape != target.shape:
+        raise ValueError(f"mse_loss: pred and target must have the same shape, got {pred.shape} and {target.shape}.")
+    s = 8 ** -0.5
+    pred, target = scale_bwd(pred, s), scale_bwd(target, s)
+    return scale_fwd(jnp.sum(jnp.square(pred - target)), 1.0 / max(pred.size, 1))

@@ -1,0 +1,97 @@
+"""Unit-scaled residual connections and u-muP's residual scaling rule for Transformers."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from unitscale_jax.ops._scale import scale_bwd, scale_fwd
+
+
+def _check_tau(tau: float) -> float:
+    tau = float(tau)
+    if not tau >= 0:
+        raise ValueError(f"residual tau must be >= 0, got {tau}.")
+    return tau
+
+
+def residual_split(x: jax.Array, tau: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Splits ``x`` into ``(residual, skip)`` before a residual branch.
+
+    Scaling rule (Blake et al., 2023, section 5.3): both are ``x`` in the forward pass; in
+    the backward pass the residual branch's gradient is scaled by ``tau / sqrt(1 + tau^2)``
+    and the skip's by ``1 / sqrt(1 + tau^2)``, mirroring ``residual_add``'s forward weights,
+    so gradients stay unit scale while the branch weights apply in both directions.
+
+    Args:
+      x: the residual stream.
+      tau: weight of the residual branch relative to the skip.
+
+    Returns:
+      ``(residual, skip)``.
+    """
+    tau = _check_tau(tau)
+    denom = (1.0 + tau**2) ** 0.5
+    return scale_bwd(x, tau / denom), scale_bwd(x, 1.0 / denom)
+
+
+def residual_add(residual: jax.Array, skip: jax.Array, tau: float = 1.0) -> jax.Array:
+    """Adds a residual branch to its skip: ``r * tau / sqrt(1 + tau^2) + s / sqrt(1 + tau^2)``.
+
+    Scaling rule: forward-only weights (gradients pass unscaled; ``residual_split`` applies
+    the backward weights), keeping a unit-variance sum of two unit-variance inputs.
+
+    Args:
+      residual: the branch output.
+      skip: the skip connection.
+      tau: weight of the residual branch relative to the skip.
+
+    Returns:
+      The weighted sum.
+    """
+    tau = _check_tau(tau)
+    denom = (1.0 + tau**2) ** 0.5
+    return scale_fwd(residual, tau / denom) + scale_fwd(skip, 1.0 / denom)
+
+
+def residual_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tau: float = 1.0) -> jax.Array:
+    """``residual_add(fn(residual), skip, tau)`` after ``residual_split(x, tau)``."""
+    residual, skip = residual_split(x, tau)
+    return residual_add(fn(residual), skip, tau)
+
+
+def transformer_residual_scaling_rule(
+    residual_mult: float = 1.0, residual_attn_ratio: float = 1.0
+) -> Callable[[int, int], float]:
+    """u-muP's rule for the residual weights ``tau_i`` of a Transformer stack.
+
+    With ``alpha_mlp = residual_mult * sqrt(2 / (1 + rho^2))`` and
+    ``alpha_attn = rho * alpha_mlp`` (``rho = residual_attn_ratio``), branch ``i`` of
+    ``L = 2 * n_layers`` (even: attention, odd: MLP) gets
+    ``tau_i = alpha_i / sqrt(L/2 + n_attn * alpha_attn^2 + n_mlp * alpha_mlp^2)`` where
+    ``n_attn = (i + 1) // 2`` and ``n_mlp = i // 2`` count the branches before it. Every
+    attention branch then contributes equally, as does every MLP branch; their ratio is
+    ``rho`` and the residual branches together weigh ``residual_mult`` against the
+    embedding (u-muP, Blake et al., 2025, appendix G). Defaults give ``1/sqrt(L/2 + i)``.
+
+    Args:
+      residual_mult: u-muP's ``alpha_res``.
+      residual_attn_ratio: u-muP's ``alpha_res-attn-ratio``.
+
+    Returns:
+      ``tau(index, n_branches) -> float``.
+    """
+    if residual_mult <= 0 or residual_attn_ratio <= 0:
+        raise ValueError("residual_mult and residual_attn_ratio must be > 0.")
+    alpha_mlp = residual_mult * (2.0 / (1.0 + residual_attn_ratio**2)) ** 0.5
+    alpha_attn = residual_attn_ratio * alpha_mlp
+
+    def tau(index: int, n_branches: int) -> float:
+        if not 0 <= index < n_branches:
+            raise ValueError(f"branch index {index} outside [0, {n_branches}).")
+        n_attn, n_mlp = (index + 1) // 2, index // 2
+        alpha = alpha_attn if index % 2 == 0 else alpha_mlp
+        return alpha / (n_branches / 2 + n_attn * alpha_attn**2 + n_mlp * alpha_mlp**2) ** 0.5
+
+    return tau
