@@ -1,0 +1,138 @@
+"""The parametrization switch: each op in u-muP form (``unitscale_jax.ops``) or plain form.
+
+The modules call these with their ``parametrization``: ``"umup"`` uses the unit-scaled ops;
+``"sp"`` and ``"mup"`` use the ordinary maths (the same forward functions with no scale ops),
+differing from each other only in initialisation, attention logit scale and the readout
+multiplier (muP, Yang et al. 2022, table 3: ``1/fan_in`` output multiplier and ``1/d_head``
+attention).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from unitscale_jax import ops
+from unitscale_jax.ops._checks import check_ids_in_range
+
+
+def linear(x, kernel, bias, p: str, constraint="to_output_scale"):
+    if p == "umup":
+        return ops.linear(x, kernel, bias, constraint=constraint)
+    y = jnp.matmul(x, kernel)
+    return y if bias is None else y + bias
+
+
+def readout(x, kernel, bias, p: str):
+    if p == "umup":
+        return ops.linear_readout(x, kernel, bias)
+    y = jnp.matmul(x, kernel)
+    if bias is not None:
+        y = y + bias
+    if p == "mup":
+        y = y * (1.0 / kernel.shape[0])
+    return y
+
+
+def embedding(ids, table, p: str, check_ids: bool):
+    if p == "umup":
+        return ops.embedding(ids, table, check_ids=check_ids)
+    if check_ids:
+        check_ids_in_range(ids, table.shape[0], "token ids", "embedding")
+    return jnp.take(table, ids, axis=0)
+
+
+def layer_norm(x, scale, bias, p: str, eps: float):
+    if p == "umup":
+        return ops.layer_norm(x, scale, bias, eps=eps)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    if scale is not None:
+        y = y * scale.astype(x.dtype)
+    return y if bias is None else y + bias.astype(x.dtype)
+
+
+def rms_norm(x, scale, p: str, eps: float):
+    if p == "umup":
+        return ops.rms_norm(x, scale, eps=eps)
+    ms = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    y = x / jnp.sqrt(ms + eps).astype(x.dtype)
+    return y if scale is None else y * scale.astype(x.dtype)
+
+
+def silu_glu(x, gate, p: str, mult: float):
+    if p == "umup":
+        return ops.silu_glu(x, gate, mult=mult)
+    return x * jax.nn.silu(gate)
+
+
+def gelu(x, p: str, mult: float):
+    if p == "umup":
+        return ops.gelu(x, mult=mult)
+    return jax.nn.gelu(x, approximate=False)
+
+
+def dropout(x, rate: float, rng, deterministic: bool, p: str):
+    if p == "umup":
+        return ops.dropout(x, rate, rng=rng, deterministic=deterministic)
+    if deterministic or rate == 0.0:
+        return x
+    if rng is None:
+        raise ValueError("dropout: rng is required when rate > 0 and deterministic=False.")
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _plain_attention(q, k, v, mask, is_causal, logit_scale, rate, rng):
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) * logit_scale
+    t, s = logits.shape[-2:]
+    keep = jnp.ones((t, s), bool)
+    if is_causal:
+        keep = jnp.tril(keep)
+    if mask is not None:
+        keep = jnp.logical_and(keep, mask)
+    logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if rate > 0.0:
+        drop_keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+        probs = jnp.where(drop_keep, probs / (1.0 - rate), 0.0)
+    return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+
+
+def attention(q, k, v, p: str, *, mask, is_causal: bool, mult: float, dropout_rate: float,
+              rng, scale_seq_len: Optional[int], scale_is_causal: Optional[bool]):
+    """Attention in ``[batch, seq, heads, head_dim]`` layout for each parametrization."""
+    if p == "umup":
+        return ops.scaled_dot_product_attention(
+            q, k, v, mask=mask, is_causal=is_causal, mult=mult, dropout_rate=dropout_rate,
+            rng=rng, scale_seq_len=scale_seq_len, scale_is_causal=scale_is_causal)
+    d_head = q.shape[-1]
+    logit_scale = (mult / d_head) if p == "mup" else 1.0 / math.sqrt(d_head)
+    if dropout_rate > 0.0 and rng is None:
+        raise ValueError("attention: rng is required when dropout_rate > 0.")
+    if dropout_rate > 0.0 or q.dtype == jnp.float16:
+        # jax.nn.dot_product_attention has no dropout, and no float16 form on CPU.
+        return _plain_attention(q, k, v, mask, is_causal, logit_scale, dropout_rate, rng)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=logit_scale, is_causal=is_causal)
+
+
+def cross_entropy(logits, labels, p: str, *, mult: float, where=None, check_ids: bool = False):
+    """Mean next-token / class cross-entropy (u-muP: unit-scaled gradient)."""
+    if p == "umup":
+        return ops.cross_entropy(logits, labels, mult=mult, where=where, check_ids=check_ids)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: labels shape {labels.shape} must equal logits shape "
+                         f"without the class axis, {logits.shape[:-1]}.")
+    if check_ids:
+        check_ids_in_range(labels, logits.shape[-1], "labels", "cross_entropy", where=where)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if where is None:
+        return jnp.mean(nll)
+    where = jnp.asarray(where, bool)
+    return jnp.sum(jnp.where(where, nll, 0.0)) / jnp.maximum(jnp.sum(where), 1).astype(jnp.float32)

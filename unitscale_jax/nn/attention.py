@@ -1,0 +1,197 @@
+"""Multi-head attention (self or cross; causal or bidirectional; KV cache; optional RoPE)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unitscale_jax.nn import _maths
+from unitscale_jax.nn.hooks import apply_precision, tap
+from unitscale_jax.nn.layers import Linear
+from unitscale_jax.nn.sharding import constrain
+
+_QKV_NAMES = ("batch", "sequence", "heads", "kv")
+
+
+def rope(x_BxSxHxD: jax.Array, positions_BxS: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotary position encoding (Su et al., 2021), "rotate half" layout.
+
+    A rotation of pairs of channels by position-dependent angles: norms are preserved, so
+    unit-scale q and k stay unit scale.
+
+    Args:
+      x_BxSxHxD: ``[batch, seq, heads, head_dim]`` with an even ``head_dim``.
+      positions_BxS: integer positions, broadcastable to ``[batch, seq]``.
+      theta: frequency base.
+
+    Returns:
+      The rotated array, same shape and dtype.
+    """
+    d = x_BxSxHxD.shape[-1]
+    half = d // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions_BxS.astype(jnp.float32)[..., None] * freq          # [B, S, half]
+    sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]  # [B, S, 1, half]
+    x = x_BxSxHxD.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxSxHxD.dtype)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention built on ``ops.scaled_dot_product_attention``.
+
+    Self attention uses one fused q/k/v projection whose output axis is laid out head-major
+    (``[heads, 3, head_dim]``), so sharding it over ``heads`` keeps each head's q, k and v on
+    one device. Cross attention projects q from ``x`` and a fused k/v from ``context``.
+    u-muP: projections are unit-scaled ``Linear`` layers; attention uses logits
+    ``mult * q k^T / d_head`` and u-muP's output scale; SP: ``1/sqrt(d_head)``, plain maths.
+
+    KV cache: pass ``cache={"k", "v"}`` (``[batch, cache_len, heads, head_dim]``) and
+    ``cache_index`` (first position of ``x``): the new keys and values are written at
+    ``cache_index`` and queries attend causally to the cache. The scaling rule uses
+    ``scale_seq_len`` (default ``cache_len``) and the causal flag, so a cached step gives the
+    same values as a full forward pass over ``cache_len`` tokens. For cross attention, a
+    ``cache`` holds the context's precomputed keys and values (``context_kv``).
+
+    Args:
+      d_model: input width.
+      n_heads: number of heads.
+      rngs: ``nnx.Rngs``.
+      d_head: head width (default ``d_model // n_heads``).
+      cross: cross attention (q from ``x``, k and v from ``context``).
+      causal: causal mask (self attention).
+      d_context: width of the context (cross attention; default ``d_model``).
+      bias: biases on the projections.
+      use_rope: rotary position encoding on q and k (self attention).
+      rope_theta: RoPE base.
+      mult: u-muP's ``alpha_attn-softmax`` (muP: the logits multiplier).
+      dropout: attention-probability dropout rate.
+      depth: residual-stack depth (parameter metadata).
+      parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
+      init_std / out_init_std: SP std of the input / output projections.
+      precision: low-precision policy, or None.
+      dtype / param_dtype: compute and storage dtypes.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, rngs: nnx.Rngs,
+                 d_head: Optional[int] = None, cross: bool = False, causal: bool = False,
+                 d_context: Optional[int] = None, bias: bool = False, use_rope: bool = False,
+                 rope_theta: float = 10000.0, mult: float = 1.0, dropout: float = 0.0,
+                 depth: Optional[int] = None, parametrization: str = "umup",
+                 init_std: Optional[float] = None, out_init_std: Optional[float] = None,
+                 precision: Any = None, dtype: Any = None, param_dtype: Any = jnp.float32):
+        if d_head is None:
+            if d_model % n_heads:
+                raise ValueError(f"MultiHeadAttention: d_model {d_model} not divisible by n_heads {n_heads}; pass d_head.")
+            d_head = d_model // n_heads
+        if use_rope and d_head % 2:
+            raise ValueError(f"MultiHeadAttention: RoPE needs an even d_head, got {d_head}.")
+        if cross and causal:
+            raise ValueError("MultiHeadAttention: cross attention cannot be causal.")
+        self.n_heads, self.d_head = int(n_heads), int(d_head)
+        self.cross, self.causal = bool(cross), bool(causal)
+        self.use_rope, self.rope_theta = bool(use_rope), float(rope_theta)
+        self.mult, self.dropout = float(mult), float(dropout)
+        self.parametrization = parametrization
+        self.precision = precision
+        self.deterministic = False
+        self.role = "cross_attn" if cross else "attn"
+        inner = self.n_heads * self.d_head
+        common = dict(rngs=rngs, bias=bias, depth=depth, parametrization=parametrization,
+                      precision=precision, dtype=dtype, param_dtype=param_dtype)
+        if cross:
+            self.q_proj = Linear(d_model, inner, init_std=init_std, sharding=("embed", "heads"),
+                                 role="cross_attn.q_proj", **common)
+            self.kv_proj = Linear(d_context or d_model, 2 * inner, init_std=init_std,
+                                  sharding=("embed", "heads"), role="cross_attn.kv_proj", **common)
+        else:
+            self.qkv_proj = Linear(d_model, 3 * inner, init_std=init_std,
+                                   sharding=("embed", "heads"), role="attn.qkv_proj", **common)
+        self.out_proj = Linear(inner, d_model, init_std=out_init_std, sharding=("heads", "embed"),
+                               role=f"{self.role}.out_proj", **common)
+
+    def _split(self, y: jax.Array, n: int):
+        y = y.reshape(*y.shape[:-1], self.n_heads, n, self.d_head)
+        return tuple(constrain(y[..., i, :], _QKV_NAMES) for i in range(n))
+
+    def context_kv(self, context: jax.Array) -> dict:
+        """Keys and values of a cross-attention ``context`` (a reusable cache)."""
+        if not self.cross:
+            raise ValueError("context_kv is for cross attention.")
+        k, v = self._split(self.kv_proj(context), 2)
+        return {"k": k, "v": v}
+
+    def __call__(self, x: jax.Array, *, context: Optional[jax.Array] = None,
+                 mask: Optional[jax.Array] = None, rng: Optional[jax.Array] = None,
+                 cache: Optional[dict] = None, cache_index: Any = None,
+                 positions: Optional[jax.Array] = None, scale_seq_len: Optional[int] = None):
+        """Attends from ``x`` ``[batch, q_len, d]``.
+
+        Args:
+          x: queries' input.
+          context: ``[batch, ctx_len, d_context]`` (cross attention, unless ``cache`` holds
+            its keys and values).
+          mask: boolean, broadcastable to ``[batch, heads, q_len, kv_len]``, True = attend.
+          rng: PRNG key for attention dropout.
+          cache: KV cache (see the class docstring).
+          cache_index: position of ``x``'s first token in the cache (self attention).
+          positions: RoPE positions ``[batch, q_len]`` (default ``cache_index + arange``).
+          scale_seq_len: sequence length used by u-muP's attention scaling rule.
+
+        Returns:
+          ``[batch, q_len, d]``, or ``(output, new_cache)`` when ``cache`` is given.
+        """
+        q_len = x.shape[1]
+        start = 0 if cache_index is None else cache_index
+        is_causal, scale_causal = self.causal, None
+        if self.cross:
+            q, = self._split(self.q_proj(x), 1)
+            if cache is not None:
+                k, v = cache["k"], cache["v"]
+            elif context is None:
+                raise ValueError("cross attention needs a context (or a cache of its keys/values).")
+            else:
+                if context.shape[0] != x.shape[0]:
+                    raise ValueError(f"cross attention: context batch {context.shape[0]} != query batch {x.shape[0]}.")
+                k, v = self._split(self.kv_proj(context), 2)
+            new_cache = cache
+        else:
+            q, k, v = self._split(self.qkv_proj(x), 3)
+            if self.use_rope:
+                if positions is None:
+                    positions = (start + jnp.arange(q_len))[None, :]
+                q = rope(q, positions, self.rope_theta)
+                k = rope(k, positions, self.rope_theta)
+            new_cache = cache
+            if cache is not None:
+                k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
+                v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
+                new_cache = {"k": k_all, "v": v_all}
+                k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+                q_pos = start + jnp.arange(q_len)
+                keep = jnp.arange(k.shape[1])[None, :] <= q_pos[:, None]          # [q, kv]
+                if not self.causal:
+                    keep = jnp.arange(k.shape[1])[None, :] < (start + q_len)
+                    keep = jnp.broadcast_to(keep, (q_len, k.shape[1]))
+                keep = keep[None, None]
+                mask = keep if mask is None else jnp.logical_and(mask, keep)
+                is_causal, scale_causal = False, self.causal
+                if scale_seq_len is None:
+                    scale_seq_len = k.shape[1]
+        q = tap(f"{self.role}.q", apply_precision(self.precision, q, f"{self.role}.q"))
+        k = tap(f"{self.role}.k", apply_precision(self.precision, k, f"{self.role}.k"))
+        v = tap(f"{self.role}.v", apply_precision(self.precision, v, f"{self.role}.v"))
+        rate = 0.0 if self.deterministic else self.dropout
+        if rate > 0.0 and rng is None:
+            raise ValueError("attention dropout is on (dropout > 0, not deterministic): pass rng=, "
+                             "or call model.eval() for deterministic evaluation.")
+        out = _maths.attention(
+            q, k, v, self.parametrization, mask=mask, is_causal=is_causal, mult=self.mult,
+            dropout_rate=rate, rng=rng, scale_seq_len=scale_seq_len, scale_is_causal=scale_causal)
+        out = tap(f"{self.role}.out", constrain(out, _QKV_NAMES))
+        y = tap(f"{self.role}.proj", self.out_proj(out.reshape(*out.shape[:2], -1)))
+        return y if cache is None else (y, new_cache)

@@ -1,0 +1,194 @@
+"""Configuration of the Transformer models (decoder, encoder, encoder-decoder).
+
+One frozen dataclass describes every model of ``unitscale_jax.nn``; ``parametrization``
+switches the same module code between u-muP (``"umup"``, the default), the standard
+parametrization (``"sp"``) and muP (``"mup"``). Invalid settings raise at construction with a
+message saying what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax.numpy as jnp
+
+PARAMETRIZATIONS = ("umup", "sp", "mup")
+MLP_KINDS = ("swiglu", "gelu")
+NORM_KINDS = ("rms", "layer")
+
+
+def _dtype(value: Any, name: str) -> jnp.dtype:
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError as e:
+        raise ValueError(f"TransformerConfig.{name}: {value!r} is not a dtype (use e.g. 'float32' or 'bfloat16').") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"TransformerConfig.{name} must be a floating-point dtype, got {dtype}.")
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyperparameters of a Transformer of ``unitscale_jax.nn``.
+
+    Attributes:
+      vocab_size: number of token ids (ids must lie in ``[0, vocab_size)``).
+      d_model: width of the residual stream.
+      n_layers: number of Transformer layers (of the encoder, for an encoder-decoder).
+      n_heads: number of attention heads.
+      d_head: width of one head; default ``d_model // n_heads``.
+      ffn_mult: hidden width of the MLP as a multiple of ``d_model`` (used if ``d_ff`` is None).
+      d_ff: explicit hidden width of the MLP.
+      max_seq_len: longest accepted sequence (checked at trace time).
+      mlp: ``"swiglu"`` (default, as u-muP) or ``"gelu"``.
+      norm: ``"rms"`` (default) or ``"layer"``.
+      parametric_norm: give the norms a learnable gain (u-muP's default is non-parametric).
+      bias: give linear layers biases (default False, as u-muP).
+      dropout: attention-probability and residual-branch dropout rate.
+      rope: rotary position encoding on q and k (default False: no position encoding, as in
+        u-muP's decoder; encoders usually want True since bidirectional attention without
+        positions cannot tell token order).
+      rope_theta: RoPE base.
+      attn_mult: u-muP's ``alpha_attn-softmax`` (attention logits multiplier).
+      act_mult: u-muP's ``alpha_ffn-act`` (MLP activation multiplier).
+      residual_mult: u-muP's ``alpha_res``.
+      residual_attn_ratio: u-muP's ``alpha_res-attn-ratio``.
+      loss_mult: u-muP's ``alpha_loss-softmax`` (cross-entropy multiplier).
+      parametrization: ``"umup"``, ``"sp"`` (standard: GPT-style init, 1/sqrt(d_head)
+        attention, plain maths) or ``"mup"`` (muP: N(0, 1/fan_in) hidden init, 1/d_head
+        attention, readout multiplied by 1/fan_in, plain maths otherwise).
+      sp_init_std: std of SP's weights and embeddings (GPT-2: 0.02; residual output
+        projections get ``sp_init_std / sqrt(2 n_layers)``); None means ``fan_in^-1/2``.
+      check_ids: check at run time that token ids lie in ``[0, vocab_size)``.
+      dtype: compute dtype (activations), e.g. ``"bfloat16"``.
+      param_dtype: dtype the parameters are stored in.
+      scan_layers: stack the layers and run them with ``jax.lax.scan`` (compile time
+        independent of depth).
+      remat: rematerialise each layer in the backward pass (``jax.checkpoint``).
+      n_decoder_layers: decoder depth of an encoder-decoder (default ``n_layers``).
+      norm_eps: epsilon of the norms.
+      precision: optional low-precision policy with ``fwd(x, role)`` and ``bwd(x, role)``
+        methods applied to every matmul input, weight and to q, k, v (see
+        ``unitscale_jax.nn.hooks``); must be hashable. None: no-op.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_head: Optional[int] = None
+    ffn_mult: float = 4.0
+    d_ff: Optional[int] = None
+    max_seq_len: int = 1024
+    mlp: str = "swiglu"
+    norm: str = "rms"
+    parametric_norm: bool = False
+    bias: bool = False
+    dropout: float = 0.0
+    rope: bool = False
+    rope_theta: float = 10000.0
+    attn_mult: float = 1.0
+    act_mult: float = 1.0
+    residual_mult: float = 1.0
+    residual_attn_ratio: float = 1.0
+    loss_mult: float = 1.0
+    parametrization: str = "umup"
+    sp_init_std: Optional[float] = 0.02
+    check_ids: bool = False
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+    scan_layers: bool = True
+    remat: bool = False
+    n_decoder_layers: Optional[int] = None
+    norm_eps: float = 1e-5
+    precision: Any = None
+
+    def __post_init__(self):
+        def fail(msg):
+            raise ValueError(f"TransformerConfig: {msg}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                fail(f"{name} must be a positive int, got {v!r}.")
+        if self.vocab_size < 2:
+            fail(f"vocab_size must be >= 2, got {self.vocab_size}.")
+        if self.d_head is None:
+            if self.d_model % self.n_heads:
+                fail(f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); "
+                     f"change one of them or set d_head explicitly.")
+        elif not isinstance(self.d_head, int) or self.d_head < 1:
+            fail(f"d_head must be a positive int or None, got {self.d_head!r}.")
+        if self.rope and self.head_dim % 2:
+            fail(f"rope=True needs an even d_head, got {self.head_dim}.")
+        if self.d_ff is None:
+            if not self.ffn_mult > 0:
+                fail(f"ffn_mult must be > 0, got {self.ffn_mult}.")
+        elif not isinstance(self.d_ff, int) or self.d_ff < 1:
+            fail(f"d_ff must be a positive int or None, got {self.d_ff!r}.")
+        if self.mlp not in MLP_KINDS:
+            fail(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}.")
+        if self.norm not in NORM_KINDS:
+            fail(f"norm must be one of {NORM_KINDS}, got {self.norm!r}.")
+        if self.parametrization not in PARAMETRIZATIONS:
+            fail(f"parametrization must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}.")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            fail(f"dropout must be in [0, 1), got {self.dropout}.")
+        for name in ("attn_mult", "act_mult", "residual_mult", "residual_attn_ratio",
+                     "loss_mult", "rope_theta", "norm_eps"):
+            v = float(getattr(self, name))
+            if not (v > 0 and math.isfinite(v)):
+                fail(f"{name} must be a finite float > 0, got {getattr(self, name)!r}.")
+        if self.sp_init_std is not None and not float(self.sp_init_std) > 0:
+            fail(f"sp_init_std must be > 0 or None, got {self.sp_init_std}.")
+        if self.n_decoder_layers is not None and (
+                not isinstance(self.n_decoder_layers, int) or self.n_decoder_layers < 1):
+            fail(f"n_decoder_layers must be a positive int or None, got {self.n_decoder_layers!r}.")
+        object.__setattr__(self, "dtype", _dtype(self.dtype, "dtype"))
+        object.__setattr__(self, "param_dtype", _dtype(self.param_dtype, "param_dtype"))
+        if self.precision is not None:
+            for method in ("fwd", "bwd"):
+                if not callable(getattr(self.precision, method, None)):
+                    fail(f"precision must have callable fwd(x, role) and bwd(x, role) methods; "
+                         f"{self.precision!r} lacks {method}.")
+            try:
+                hash(self.precision)
+            except TypeError as e:
+                raise ValueError("TransformerConfig: precision policy must be hashable (e.g. a "
+                                 "frozen dataclass): it is static model structure.") from e
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head (``d_head``, or ``d_model // n_heads``)."""
+        return self.d_head if self.d_head is not None else self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """Hidden width of the MLP (``d_ff``, or ``round(ffn_mult * d_model)``)."""
+        return self.d_ff if self.d_ff is not None else max(1, int(round(self.ffn_mult * self.d_model)))
+
+    @property
+    def decoder_layers(self) -> int:
+        """Depth of the decoder stack of an encoder-decoder."""
+        return self.n_decoder_layers or self.n_layers
+
+    def replace(self, **changes: Any) -> "TransformerConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"TransformerConfig has no field(s) {sorted(unknown)}.")
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_config(config: Optional[TransformerConfig], overrides: dict) -> TransformerConfig:
+    """The config a model is built from: ``config`` with ``overrides``, or one made of them."""
+    if config is None:
+        try:
+            return TransformerConfig(**overrides)
+        except TypeError as e:
+            raise TypeError(f"pass a TransformerConfig or its fields as keyword arguments: {e}") from e
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}.")
+    return config.replace(**overrides) if overrides else config

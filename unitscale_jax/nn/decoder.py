@@ -1,0 +1,186 @@
+"""``TransformerDecoder``: a causal language model (embedding -> stack -> norm -> readout)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unitscale_jax.nn import _common, _maths
+from unitscale_jax.nn.config import TransformerConfig, resolve_config
+from unitscale_jax.nn.hooks import tap
+from unitscale_jax.nn.layers import Embedding, LinearReadout, make_norm
+from unitscale_jax.nn.sharding import constrain
+from unitscale_jax.nn.transformer import TransformerStack
+
+STREAM = ("batch", "sequence", "embed")
+LOGITS = ("batch", "sequence", "vocab")
+
+
+def embed_and_readout(model: nnx.Module, c: TransformerConfig, rngs: nnx.Rngs, n_out: int) -> None:
+    """Adds ``embed``, ``final_norm`` and ``readout`` (to ``n_out`` classes) to ``model``."""
+    model.embed = Embedding(c.vocab_size, c.d_model, rngs=rngs, parametrization=c.parametrization,
+                            init_std=c.sp_init_std, check_ids=c.check_ids, dtype=c.dtype,
+                            param_dtype=c.param_dtype)
+    model.final_norm = make_norm(c, depth=None)
+    model.readout = LinearReadout(c.d_model, n_out, rngs=rngs, bias=c.bias,
+                                  parametrization=c.parametrization, init_std=c.sp_init_std,
+                                  precision=c.precision, dtype=c.dtype, param_dtype=c.param_dtype)
+
+
+def empty_cache(c: TransformerConfig, n_layers: int, batch: int, length: int) -> dict:
+    shape = (n_layers, batch, length, c.n_heads, c.head_dim)
+    return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
+
+
+class TransformerDecoder(nnx.Module):
+    """Causal Transformer language model in u-muP (default), SP or muP form.
+
+    ``TransformerDecoder(config, rngs=nnx.Rngs(0))`` or
+    ``TransformerDecoder(vocab_size=..., d_model=..., n_layers=..., n_heads=..., rngs=...)``;
+    keyword arguments override the config's fields.
+
+    Attributes:
+      config: the ``TransformerConfig``.
+      embed, stack, final_norm, readout: the submodules.
+    """
+
+    def __init__(self, config: Optional[TransformerConfig] = None, *, rngs: nnx.Rngs,
+                 **overrides: Any):
+        c = resolve_config(config, overrides)
+        self.config = c
+        self.deterministic = False
+        embed_and_readout(self, c, rngs, c.vocab_size)
+        self.stack = TransformerStack(c, n_layers=c.n_layers, rngs=rngs, causal=True)
+
+    def hidden(self, ids: jax.Array, *, mask: Optional[jax.Array] = None,
+               rng: Optional[jax.Array] = None) -> jax.Array:
+        """Final-norm outputs ``[batch, seq, d_model]``."""
+        c = self.config
+        ids = _common.check_ids(ids, "ids", c.max_seq_len, "TransformerDecoder")
+        m = _common.self_attention_mask(mask, *ids.shape, "TransformerDecoder")
+        x = tap("embed", constrain(self.embed(ids), STREAM))
+        x = self.stack(x, mask=m, rng=rng)
+        return tap("final_norm", self.final_norm(x))
+
+    def __call__(self, ids: jax.Array, *, mask: Optional[jax.Array] = None,
+                 rng: Optional[jax.Array] = None) -> jax.Array:
+        """Next-token logits ``[batch, seq, vocab]``.
+
+        Args:
+          ids: integer ``[batch, seq]``, ``seq <= max_seq_len``.
+          mask: optional padding mask ``[batch, seq]`` (True = real token) or a boolean
+            attention mask ``[batch, heads, seq, seq]``; combined with the causal mask.
+          rng: PRNG key, needed only for dropout in training mode.
+        """
+        x = self.hidden(ids, mask=mask, rng=rng)
+        return tap("logits", constrain(self.readout(x), LOGITS))
+
+    def loss(self, ids: jax.Array, where: Optional[jax.Array] = None, *,
+             mask: Optional[jax.Array] = None, rng: Optional[jax.Array] = None) -> jax.Array:
+        """Mean next-token cross-entropy of ``ids`` (``ops.cross_entropy``, ``mult=loss_mult``).
+
+        Args:
+          ids: ``[batch, seq]``; position ``t`` predicts ``ids[:, t + 1]``.
+          where: optional boolean ``[batch, seq]``: which tokens count as targets (e.g.
+            False on padding); the mean is over counted targets.
+          mask: attention padding mask (see ``__call__``).
+          rng: PRNG key for dropout.
+
+        Returns:
+          A float32 scalar.
+        """
+        c = self.config
+        logits = self(ids, mask=mask, rng=rng)
+        where = _common.check_where(where, ids.shape, "TransformerDecoder.loss")
+        if ids.shape[1] < 2:
+            raise ValueError("TransformerDecoder.loss needs sequences of length >= 2.")
+        return _maths.cross_entropy(
+            logits[:, :-1], ids[:, 1:], c.parametrization, mult=c.loss_mult,
+            where=None if where is None else where[:, 1:])
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        """An empty KV cache for ``batch`` sequences of up to ``length`` tokens."""
+        return {"self": empty_cache(self.config, self.stack.n_layers, batch, length)}
+
+    def decode_step(self, ids: jax.Array, cache: dict, index: Any, *,
+                    scale_seq_len: Optional[int] = None) -> tuple[jax.Array, dict]:
+        """Runs ``ids`` ``[batch, n]`` at positions ``index ...`` against the cache.
+
+        Returns:
+          ``(logits [batch, n, vocab], new_cache)``.
+        """
+        x = self.embed(ids)
+        x, cache = self.stack(x, cache=cache, cache_index=index, scale_seq_len=scale_seq_len)
+        return self.readout(self.final_norm(x)), cache
+
+    def generate(self, prompt: jax.Array, max_new_tokens: int, *, rng: Optional[jax.Array] = None,
+                 temperature: float = 0.0, top_k: Optional[int] = None,
+                 scale_seq_len: Optional[int] = None, return_logits: bool = False):
+        """Continues ``prompt`` with a KV cache (jitted).
+
+        Args:
+          prompt: integer ``[batch, prompt_len]`` (all prompts of one length).
+          max_new_tokens: number of tokens to generate.
+          rng: PRNG key (required when ``temperature > 0``).
+          temperature: 0 for greedy decoding, else softmax temperature.
+          top_k: sample among the ``top_k`` most likely tokens.
+          scale_seq_len: sequence length used by u-muP's attention scaling rule; default the
+            final length ``prompt_len + max_new_tokens``, so every step's logits equal those
+            of a full forward pass over the returned sequence.
+          return_logits: also return the logits that chose each new token.
+
+        Returns:
+          ``tokens [batch, prompt_len + max_new_tokens]`` (and ``logits [batch,
+          max_new_tokens, vocab]`` if ``return_logits``).
+        """
+        c = self.config
+        prompt = _common.check_ids(prompt, "prompt", c.max_seq_len, "TransformerDecoder.generate")
+        total = prompt.shape[1] + int(max_new_tokens)
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"TransformerDecoder.generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
+        if total > c.max_seq_len:
+            raise ValueError(f"TransformerDecoder.generate: prompt length {prompt.shape[1]} + "
+                             f"max_new_tokens {max_new_tokens} exceeds max_seq_len {c.max_seq_len}.")
+        _common.check_sampling(temperature, top_k, rng, c.vocab_size, "TransformerDecoder")
+        if c.dropout > 0 and not self.stack.deterministic:
+            raise ValueError("TransformerDecoder.generate: dropout is on; call model.eval() first.")
+        tokens, logits = _generate(self, prompt, rng, max_new_tokens=int(max_new_tokens),
+                                   temperature=float(temperature), top_k=top_k,
+                                   scale_seq_len=scale_seq_len or total,
+                                   return_logits=bool(return_logits))
+        return (tokens, logits) if return_logits else tokens
+
+
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k",
+                                              "scale_seq_len", "return_logits"))
+def _generate(model, prompt, rng, *, max_new_tokens, temperature, top_k, scale_seq_len,
+              return_logits):
+    batch, p_len = prompt.shape
+    cache = model.init_cache(batch, p_len + max_new_tokens)
+    keys = (jax.random.split(rng, max_new_tokens) if rng is not None
+            else [None] * max_new_tokens)
+    logits, cache = model.decode_step(prompt, cache, 0, scale_seq_len=scale_seq_len)
+    last = logits[:, -1]
+    first = _common.sample(last, keys[0], temperature, top_k)
+
+    def step(carry, key):
+        tok, cache, pos = carry
+        logits, cache = model.decode_step(tok[:, None], cache, pos, scale_seq_len=scale_seq_len)
+        nxt = _common.sample(logits[:, 0], key, temperature, top_k)
+        return (nxt, cache, pos + 1), (nxt, logits[:, 0] if return_logits else None)
+
+    if max_new_tokens > 1:
+        xs = keys[1:] if rng is not None else None
+        _, (rest, rest_logits) = jax.lax.scan(step, (first, cache, jnp.int32(p_len)), xs,
+                                              length=max_new_tokens - 1)
+        new = jnp.concatenate([first[:, None], rest.T], axis=1)
+        all_logits = (jnp.concatenate([last[:, None], jnp.swapaxes(rest_logits, 0, 1)], axis=1)
+                      if return_logits else None)
+    else:
+        new = first[:, None]
+        all_logits = last[:, None] if return_logits else None
+    return jnp.concatenate([prompt, new], axis=1), all_logits

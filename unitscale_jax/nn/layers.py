@@ -1,0 +1,249 @@
+"""Basic Flax NNX layers: ``Linear``, ``LinearReadout``, ``Embedding``, ``LayerNorm``, ``RMSNorm``.
+
+Every parameter is created with ``umup_param(value, type, fan_in, depth)`` and logical
+sharding names. Initialisation by parametrization (``initial_std``):
+
+  ============  ===============  ====================  ===================
+  type          ``"umup"``       ``"sp"``              ``"mup"``
+  ============  ===============  ====================  ===================
+  weight        N(0, 1)          N(0, sp_std)          N(0, 1/fan_in)
+  embedding     N(0, 1)          N(0, sp_std)          N(0, 1)
+  output        N(0, 1)          N(0, sp_std)          N(0, 1)
+  bias / gain   0 / 1            0 / 1                 0 / 1
+  ============  ===============  ====================  ===================
+
+``sp_std`` is the caller's ``init_std`` argument (GPT-2's 0.02 from the config), or ``fan_in^-1/2``
+(LeCun, Flax's default) when None.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unitscale_jax.nn import _maths
+from unitscale_jax.nn.hooks import apply_precision
+from unitscale_jax.nn.params import umup_param
+from unitscale_jax.nn.sharding import param_metadata
+
+
+def initial_std(parametrization: str, type: str, fan_in: int, sp_std: Optional[float]) -> float:
+    """Standard deviation of a weight / embedding / output parameter at initialisation."""
+    if parametrization == "umup":
+        return 1.0
+    if parametrization == "sp":
+        return float(sp_std) if sp_std is not None else fan_in ** -0.5
+    if parametrization == "mup":
+        return fan_in ** -0.5 if type == "weight" else 1.0
+    raise ValueError(f"unknown parametrization {parametrization!r}; use 'umup', 'sp' or 'mup'.")
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def _cast(x: Optional[jax.Array], dtype) -> Optional[jax.Array]:
+    return x if x is None or dtype is None else x.astype(dtype)
+
+
+class Linear(nnx.Module):
+    """Unit-scaled linear layer ``y = x @ kernel (+ bias)`` with a ``[fan_in, fan_out]`` kernel.
+
+    u-muP: ``ops.linear`` (``alpha = fan_in^-1/2``; input gradient ``fan_out^-1/2``; kernel and
+    bias gradients ``B^-1/2``), kernel N(0, 1), parameter type ``"weight"``.
+
+    Args:
+      in_features: fan-in.
+      out_features: fan-out.
+      rngs: ``nnx.Rngs`` with a ``params`` stream.
+      bias: add a bias (initialised to 0).
+      constraint: the u-muP scale constraint (``"to_output_scale"`` or None, see ops).
+      depth: depth of the residual stack this layer belongs to (None outside one).
+      parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
+      init_std: SP's weight std (None: ``fan_in^-1/2``).
+      sharding: logical axis names of the kernel ``(in, out)``.
+      precision: low-precision policy (see ``unitscale_jax.nn.hooks``), or None.
+      role: this projection's role for the precision policy (e.g. ``"mlp.down_proj"``).
+      dtype: compute dtype (None: the input's).
+      param_dtype: storage dtype of the parameters.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
+                 bias: bool = False, constraint: Optional[str] = "to_output_scale",
+                 depth: Optional[int] = None, parametrization: str = "umup",
+                 init_std: Optional[float] = None,
+                 sharding: Sequence[Optional[str]] = (None, None), precision: Any = None,
+                 role: str = "linear", dtype: Any = None, param_dtype: Any = jnp.float32,
+                 param_type: str = "weight"):
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.constraint = constraint
+        self.parametrization = parametrization
+        self.precision = precision
+        self.role = role
+        self.dtype = dtype
+        std = initial_std(parametrization, param_type, self.in_features, init_std)
+        self.kernel = umup_param(
+            _normal(rngs, (self.in_features, self.out_features), std, param_dtype),
+            param_type, self.in_features, depth, **param_metadata(tuple(sharding)))
+        self.bias = (umup_param(jnp.zeros((self.out_features,), param_dtype), "bias",
+                                self.out_features, depth, **param_metadata((sharding[1],)))
+                     if bias else None)
+
+    def _operands(self, x):
+        kernel = _cast(self.kernel[...], self.dtype or x.dtype)
+        bias = _cast(None if self.bias is None else self.bias[...], self.dtype or x.dtype)
+        x = _cast(x, self.dtype)
+        x = apply_precision(self.precision, x, f"{self.role}.input")
+        kernel = apply_precision(self.precision, kernel, f"{self.role}.kernel")
+        return x, kernel, bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias = self._operands(x)
+        return _maths.linear(x, kernel, bias, self.parametrization, self.constraint)
+
+
+class LinearReadout(Linear):
+    """Unit-scaled readout (final projection): ``ops.linear_readout``, ``alpha = 1/fan_in``.
+
+    Parameter type ``"output"``; no constraint (the readout's input gradient is a cut edge).
+    In muP form the output is multiplied by ``1/fan_in``; in SP form it is plain.
+    Arguments as ``Linear`` (without ``constraint``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
+                 bias: bool = False, depth: Optional[int] = None,
+                 parametrization: str = "umup", init_std: Optional[float] = None,
+                 sharding: Sequence[Optional[str]] = ("embed", "vocab"), precision: Any = None,
+                 role: str = "readout", dtype: Any = None, param_dtype: Any = jnp.float32):
+        super().__init__(in_features, out_features, rngs=rngs, bias=bias, constraint=None,
+                         depth=depth, parametrization=parametrization, init_std=init_std,
+                         sharding=sharding, precision=precision, role=role, dtype=dtype,
+                         param_dtype=param_dtype, param_type="output")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias = self._operands(x)
+        return _maths.readout(x, kernel, bias, self.parametrization)
+
+
+class Embedding(nnx.Module):
+    """Token embedding ``table[ids]`` with a ``[vocab, d]`` table.
+
+    u-muP: ``ops.embedding`` (forward plain gather; table gradient ``sqrt(vocab / ids.size)``),
+    table N(0, 1), parameter type ``"embedding"`` with fan-in ``d`` (u-muP's convention).
+
+    Args:
+      num_embeddings: vocabulary size.
+      features: embedding width ``d``.
+      rngs: ``nnx.Rngs``.
+      parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
+      init_std: SP's std (None: ``d^-1/2``).
+      check_ids: raise if an id is outside ``[0, vocab)`` (eagerly or, under jit, when run).
+      sharding: logical names of the table.
+      dtype: compute dtype of the output.
+      param_dtype: storage dtype.
+    """
+
+    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs,
+                 parametrization: str = "umup", init_std: Optional[float] = None,
+                 check_ids: bool = False, sharding: Sequence[Optional[str]] = ("vocab", "embed"),
+                 dtype: Any = None, param_dtype: Any = jnp.float32):
+        self.num_embeddings, self.features = int(num_embeddings), int(features)
+        self.parametrization = parametrization
+        self.check_ids = check_ids
+        self.dtype = dtype
+        std = initial_std(parametrization, "embedding", self.features, init_std)
+        self.embedding = umup_param(
+            _normal(rngs, (self.num_embeddings, self.features), std, param_dtype),
+            "embedding", self.features, None, **param_metadata(tuple(sharding)))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+            raise TypeError(f"Embedding: ids must be integer token ids, got dtype {jnp.result_type(ids)}.")
+        table = _cast(self.embedding[...], self.dtype)
+        return _maths.embedding(ids, table, self.parametrization, self.check_ids)
+
+
+class _Norm(nnx.Module):
+    def __init__(self, features: int, *, use_scale: bool, use_bias: bool, eps: float,
+                 depth: Optional[int], parametrization: str, param_dtype: Any):
+        self.features = int(features)
+        self.eps = float(eps)
+        self.parametrization = parametrization
+        meta = param_metadata(("embed",))
+        self.scale = (umup_param(jnp.ones((self.features,), param_dtype), "norm", self.features,
+                                 depth, **meta) if use_scale else None)
+        self.bias = (umup_param(jnp.zeros((self.features,), param_dtype), "bias", self.features,
+                                depth, **meta) if use_bias else None)
+
+    def _params(self):
+        return (None if self.scale is None else self.scale[...],
+                None if self.bias is None else self.bias[...])
+
+
+class RMSNorm(_Norm):
+    """RMS normalisation over the last axis; non-parametric by default (u-muP).
+
+    u-muP: ``ops.rms_norm`` (forward unchanged; gain gradient ``1/sqrt(tokens)``).
+
+    Args:
+      features: size of the last axis.
+      use_scale: learnable gain (type ``"norm"``, initialised to 1).
+      eps: added to the mean square.
+      depth: residual-stack depth of the gain.
+      parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
+      param_dtype: storage dtype.
+    """
+
+    def __init__(self, features: int, *, use_scale: bool = False, eps: float = 1e-5,
+                 depth: Optional[int] = None, parametrization: str = "umup",
+                 param_dtype: Any = jnp.float32, rngs: Optional[nnx.Rngs] = None):
+        del rngs
+        super().__init__(features, use_scale=use_scale, use_bias=False, eps=eps, depth=depth,
+                         parametrization=parametrization, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale, _ = self._params()
+        return _maths.rms_norm(x, scale, self.parametrization, self.eps)
+
+
+class LayerNorm(_Norm):
+    """Layer normalisation over the last axis; non-parametric by default (u-muP).
+
+    u-muP: ``ops.layer_norm`` (forward unchanged; gain and bias gradients ``1/sqrt(tokens)``).
+
+    Args:
+      features: size of the last axis.
+      use_scale: learnable gain (type ``"norm"``, initialised to 1).
+      use_bias: learnable bias (type ``"bias"``, initialised to 0).
+      eps: added to the variance.
+      depth: residual-stack depth of the parameters.
+      parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
+      param_dtype: storage dtype.
+    """
+
+    def __init__(self, features: int, *, use_scale: bool = False, use_bias: bool = False,
+                 eps: float = 1e-5, depth: Optional[int] = None, parametrization: str = "umup",
+                 param_dtype: Any = jnp.float32, rngs: Optional[nnx.Rngs] = None):
+        del rngs
+        super().__init__(features, use_scale=use_scale, use_bias=use_bias, eps=eps,
+                         depth=depth, parametrization=parametrization, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale, bias = self._params()
+        return _maths.layer_norm(x, scale, bias, self.parametrization, self.eps)
+
+
+def make_norm(config, *, depth: Optional[int]) -> _Norm:
+    """The norm a ``TransformerConfig`` asks for (``norm``, ``parametric_norm``, ``bias``)."""
+    kw = dict(eps=config.norm_eps, depth=depth, parametrization=config.parametrization,
+              param_dtype=config.param_dtype, use_scale=config.parametric_norm)
+    if config.norm == "rms":
+        return RMSNorm(config.d_model, **kw)
+    return LayerNorm(config.d_model, use_bias=config.parametric_norm and config.bias, **kw)
+
+
+__all__ = ["Embedding", "LayerNorm", "Linear", "LinearReadout", "RMSNorm", "initial_std",
+           "make_norm"]

@@ -1,0 +1,73 @@
+"""The Transformer MLP: SwiGLU (default) or GELU."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unitscale_jax.nn import _maths
+from unitscale_jax.nn.hooks import tap
+from unitscale_jax.nn.layers import Linear
+from unitscale_jax.nn.sharding import constrain
+
+MLP_KINDS = ("swiglu", "gelu")
+
+
+class MLP(nnx.Module):
+    """``down(silu_glu(up(x), gate(x)))`` (SwiGLU) or ``down(gelu(up(x)))``.
+
+    u-muP (as the reference ``unit_scaling.MLP``): the three projections use
+    ``constraint=None``, which is safe because the forward and backward scales of the up /
+    gate projections mirror those of the down projection; ``ops.silu_glu`` / ``ops.gelu``
+    take the activation multiplier ``act_mult`` (``alpha_ffn-act``).
+
+    Args:
+      d_model: input and output width.
+      d_ff: hidden width.
+      rngs: ``nnx.Rngs``.
+      kind: ``"swiglu"`` or ``"gelu"``.
+      act_mult: u-muP's ``alpha_ffn-act``.
+      bias: biases on the projections.
+      depth: residual-stack depth (parameter metadata).
+      parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
+      init_std: SP std of the up / gate projections.
+      out_init_std: SP std of the down projection.
+      precision: low-precision policy, or None.
+      dtype: compute dtype.
+      param_dtype: storage dtype.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, kind: str = "swiglu",
+                 act_mult: float = 1.0, bias: bool = False, depth: Optional[int] = None,
+                 parametrization: str = "umup", init_std: Optional[float] = None,
+                 out_init_std: Optional[float] = None, precision: Any = None,
+                 dtype: Any = None, param_dtype: Any = jnp.float32):
+        if kind not in MLP_KINDS:
+            raise ValueError(f"MLP kind must be one of {MLP_KINDS}, got {kind!r}.")
+        self.kind = kind
+        self.act_mult = float(act_mult)
+        self.parametrization = parametrization
+        common = dict(rngs=rngs, bias=bias, constraint=None, depth=depth,
+                      parametrization=parametrization, precision=precision, dtype=dtype,
+                      param_dtype=param_dtype)
+        self.up_proj = Linear(d_model, d_ff, init_std=init_std, sharding=("embed", "mlp"),
+                              role="mlp.up_proj", **common)
+        self.gate_proj = (Linear(d_model, d_ff, init_std=init_std, sharding=("embed", "mlp"),
+                                 role="mlp.gate_proj", **common) if kind == "swiglu" else None)
+        self.down_proj = Linear(d_ff, d_model, init_std=out_init_std, sharding=("mlp", "embed"),
+                                role="mlp.down_proj", **common)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        up = tap("mlp.up", self.up_proj(x))
+        if self.gate_proj is not None:
+            gate = tap("mlp.gate", self.gate_proj(x))
+            h = _maths.silu_glu(up, gate, self.parametrization, self.act_mult)
+        else:
+            h = _maths.gelu(up, self.parametrization, self.act_mult)
+        if h.ndim == 3:
+            h = constrain(h, ("batch", "sequence", "mlp"))
+        h = tap("mlp.act", h)
+        return tap("mlp.out", self.down_proj(h))

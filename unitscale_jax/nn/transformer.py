@@ -1,0 +1,268 @@
+"""Pre-norm Transformer layer and the (scanned) stack of layers.
+
+Residual scheme (u-muP, Blake et al., 2025, section 4 and appendix G): each branch ``f``
+computes ``residual_add(f(norm(r)), skip, tau)`` after ``(r, skip) = residual_split(x, tau)``,
+with ``tau`` from ``ops.transformer_residual_scaling_rule``: in a stack of ``n`` layers the
+attention branch of layer ``l`` has index ``2 l`` and the MLP branch ``2 l + 1`` of ``2 n``.
+Layers with cross attention have three branches (self, cross, MLP); their taus use the
+same rule generalised to any sequence of branches (``branch_taus``): the cross-attention
+branch counts as an attention branch. SP / muP use the plain ``x + f(norm(x))``.
+
+``scan_layers=True`` builds the layers with ``nnx.vmap`` (parameters stacked on a leading
+``layers`` axis; each keeps its one-layer fan-in and the stack's depth as metadata) and runs
+them with ``jax.lax.scan``, so compile time does not grow with depth. The per-layer taus are
+then carried as a constant array through the scan (see ``_residual``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unitscale_jax import ops
+from unitscale_jax.nn import _maths, _residual
+from unitscale_jax.nn.attention import MultiHeadAttention
+from unitscale_jax.nn.config import TransformerConfig
+from unitscale_jax.nn.hooks import suspend_taps, tap
+from unitscale_jax.nn.layers import make_norm
+from unitscale_jax.nn.mlp import MLP
+from unitscale_jax.nn.sharding import constrain
+
+_STREAM = ("batch", "sequence", "embed")
+
+
+def branch_taus(kinds: Sequence[str], residual_mult: float = 1.0,
+                residual_attn_ratio: float = 1.0) -> tuple[float, ...]:
+    """u-muP residual weights for a sequence of branches (``"attn"`` or ``"mlp"``).
+
+    ``tau_i = alpha_i / sqrt(n_layers + sum_{j<i} alpha_j^2)`` with ``alpha_mlp = residual_mult
+    * sqrt(2 / (1 + rho^2))`` and ``alpha_attn = rho * alpha_mlp``, where the embedding weighs
+    as ``n_layers`` (half the branches of a standard stack). For alternating attn/mlp
+    branches this is exactly ``ops.transformer_residual_scaling_rule`` (which it calls).
+
+    Args:
+      kinds: the branch kinds in order.
+      residual_mult: u-muP's ``alpha_res``.
+      residual_attn_ratio: u-muP's ``alpha_res-attn-ratio``.
+
+    Returns:
+      One tau per branch.
+    """
+    kinds = tuple(kinds)
+    if any(k not in ("attn", "mlp") for k in kinds):
+        raise ValueError(f"branch kinds must be 'attn' or 'mlp', got {kinds}.")
+    n = len(kinds)
+    if n % 2 == 0 and kinds == ("attn", "mlp") * (n // 2):
+        rule = ops.transformer_residual_scaling_rule(residual_mult, residual_attn_ratio)
+        return tuple(rule(i, n) for i in range(n))
+    alpha_mlp = residual_mult * (2.0 / (1.0 + residual_attn_ratio**2)) ** 0.5
+    alpha = {"mlp": alpha_mlp, "attn": residual_attn_ratio * alpha_mlp}
+    n_layers = kinds.count("mlp")
+    taus, total = [], float(n_layers)
+    for k in kinds:
+        taus.append(alpha[k] / total**0.5)
+        total += alpha[k] ** 2
+    return tuple(taus)
+
+
+def sp_init_stds(config: TransformerConfig, depth: int) -> tuple[Optional[float], Optional[float]]:
+    """SP std of (input projections, residual output projections): GPT-2's scheme."""
+    if config.sp_init_std is None:
+        return None, None
+    return config.sp_init_std, config.sp_init_std / (2 * depth) ** 0.5
+
+
+class TransformerLayer(nnx.Module):
+    """Pre-norm Transformer layer: self attention, optional cross attention, MLP.
+
+    Args:
+      config: the model's ``TransformerConfig``.
+      rngs: ``nnx.Rngs``.
+      causal: causal self attention.
+      cross_attention: add a cross-attention branch (encoder-decoder's decoder).
+      depth: number of layers of the stack (parameter metadata).
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs, causal: bool,
+                 cross_attention: bool = False, depth: int = 1):
+        c = config
+        self.parametrization = c.parametrization
+        self.dropout = float(c.dropout)
+        self.deterministic = False
+        in_std, out_std = sp_init_stds(c, depth)
+        attn_kw = dict(rngs=rngs, d_head=c.head_dim, bias=c.bias, mult=c.attn_mult,
+                       dropout=c.dropout, depth=depth, parametrization=c.parametrization,
+                       init_std=in_std, out_init_std=out_std, precision=c.precision,
+                       dtype=c.dtype, param_dtype=c.param_dtype)
+        self.attn_norm = make_norm(c, depth=depth)
+        self.attn = MultiHeadAttention(c.d_model, c.n_heads, causal=causal, use_rope=c.rope,
+                                       rope_theta=c.rope_theta, **attn_kw)
+        if cross_attention:
+            self.cross_norm = make_norm(c, depth=depth)
+            self.cross_attn = MultiHeadAttention(c.d_model, c.n_heads, cross=True, **attn_kw)
+        else:
+            self.cross_norm = self.cross_attn = None
+        self.mlp_norm = make_norm(c, depth=depth)
+        self.mlp = MLP(c.d_model, c.ffn_dim, rngs=rngs, kind=c.mlp, act_mult=c.act_mult,
+                       bias=c.bias, depth=depth, parametrization=c.parametrization,
+                       init_std=in_std, out_init_std=out_std, precision=c.precision,
+                       dtype=c.dtype, param_dtype=c.param_dtype)
+
+    @property
+    def n_branches(self) -> int:
+        return 3 if self.cross_attn is not None else 2
+
+    def _branch(self, x, tau, norm, fn, rng, name):
+        if self.parametrization == "umup":
+            r, skip = _residual.residual_split(x, tau)
+        else:
+            r = skip = x
+        h = tap(f"{name}.norm", norm(r))
+        y = fn(h)
+        rate = 0.0 if self.deterministic else self.dropout
+        if rate > 0.0 and rng is None:
+            raise ValueError("residual dropout is on (dropout > 0, not deterministic): pass rng=, "
+                             "or call model.eval() for deterministic evaluation.")
+        y = _maths.dropout(y, rate, rng, rate == 0.0, self.parametrization)
+        if self.parametrization == "umup":
+            out = _residual.residual_add(y, skip, tau)
+        else:
+            out = skip + y
+        return tap(f"{name}.resid", constrain(out, _STREAM))
+
+    def __call__(self, x: jax.Array, taus: Any, *, mask: Optional[jax.Array] = None,
+                 context: Optional[jax.Array] = None, context_mask: Optional[jax.Array] = None,
+                 rng: Optional[jax.Array] = None, cache: Optional[dict] = None,
+                 cache_index: Any = None, scale_seq_len: Optional[int] = None):
+        """Applies the layer to the stream ``x`` ``[batch, seq, d_model]``.
+
+        Args:
+          x: residual stream.
+          taus: the branch weights (``n_branches`` floats, or an array under scan).
+          mask: self-attention mask (boolean, broadcastable to ``[b, h, q, kv]``).
+          context: encoder output for cross attention.
+          context_mask: cross-attention mask.
+          rng: PRNG key for dropout.
+          cache: ``{"self": {"k", "v"}, "cross": {"k", "v"}}`` for incremental decoding.
+          cache_index: position of ``x``'s first token.
+          scale_seq_len: sequence length of the attention scaling rule (KV cache).
+
+        Returns:
+          The new stream, or ``(stream, new_cache)`` when ``cache`` is given.
+        """
+        keys = list(jax.random.split(rng, 2 * self.n_branches)) if rng is not None else [None] * 6
+        new_cache = {} if cache is not None else None
+
+        def self_attn(h):
+            if cache is None:
+                return self.attn(h, mask=mask, rng=keys[0])
+            y, new_cache["self"] = self.attn(h, mask=mask, rng=keys[0], cache=cache["self"],
+                                             cache_index=cache_index, scale_seq_len=scale_seq_len)
+            return y
+
+        x = self._branch(x, taus[0], self.attn_norm, self_attn, keys[1], "attn")
+        if self.cross_attn is not None:
+            def cross_attn(h):
+                c = None if cache is None else cache.get("cross")
+                y = self.cross_attn(h, context=context, mask=context_mask, rng=keys[2], cache=c)
+                if c is None:
+                    return y
+                y, new_cache["cross"] = y
+                return y
+            x = self._branch(x, taus[1], self.cross_norm, cross_attn, keys[3], "cross_attn")
+        x = self._branch(x, taus[-1], self.mlp_norm, self.mlp, keys[-1], "mlp")
+        return x if cache is None else (x, new_cache)
+
+
+class TransformerStack(nnx.Module):
+    """``n_layers`` ``TransformerLayer`` s with u-muP's residual taus, scanned or unrolled.
+
+    Args:
+      config: ``TransformerConfig`` (``scan_layers``, ``remat`` (scanned stacks only) and
+        the residual hyperparameters are read from it).
+      n_layers: number of layers (also every parameter's ``depth``).
+      rngs: ``nnx.Rngs``.
+      causal: causal self attention.
+      cross_attention: layers with cross attention.
+    """
+
+    def __init__(self, config: TransformerConfig, *, n_layers: int, rngs: nnx.Rngs,
+                 causal: bool, cross_attention: bool = False):
+        self.n_layers = int(n_layers)
+        self.scan = bool(config.scan_layers)
+        self.remat = bool(config.remat)
+        self.deterministic = False
+        kinds = (("attn", "attn", "mlp") if cross_attention else ("attn", "mlp")) * self.n_layers
+        per = len(kinds) // self.n_layers
+        flat = branch_taus(kinds, config.residual_mult, config.residual_attn_ratio)
+        self.taus = tuple(tuple(flat[l * per:(l + 1) * per]) for l in range(self.n_layers))
+
+        def make(r):
+            return TransformerLayer(config, rngs=r, causal=causal,
+                                    cross_attention=cross_attention, depth=self.n_layers)
+
+        if self.scan:
+            make = nnx.split_rngs(splits=self.n_layers)(
+                nnx.vmap(make, in_axes=(0,), out_axes=0,
+                         transform_metadata={nnx.PARTITION_NAME: "layers"}))
+            self.layers = make(rngs)
+        else:
+            self.layers = nnx.List([make(rngs) for _ in range(self.n_layers)])
+
+    def map_layers(self, fn):
+        """Applies ``fn(layer) -> pytree`` to each layer; results stacked on axis 0."""
+        if not self.scan:
+            outs = [fn(layer) for layer in self.layers]
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+        graphdef, state = nnx.split(self.layers)
+
+        def body(_, st):
+            return None, fn(nnx.merge(graphdef, st))
+
+        with suspend_taps():
+            return jax.lax.scan(body, None, state)[1]
+
+    def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None,
+                 context: Optional[jax.Array] = None, context_mask: Optional[jax.Array] = None,
+                 rng: Optional[jax.Array] = None, cache: Optional[dict] = None,
+                 cache_index: Any = None, scale_seq_len: Optional[int] = None):
+        """Runs the stack. ``cache`` leaves carry a leading ``n_layers`` axis.
+
+        Returns:
+          The stream, or ``(stream, new_cache)`` when ``cache`` is given.
+        """
+        kw = dict(mask=mask, context=context, context_mask=context_mask,
+                  cache_index=cache_index, scale_seq_len=scale_seq_len)
+        keys = None if rng is None else jax.random.split(rng, self.n_layers)
+        if not self.scan:
+            new = []
+            for l, layer in enumerate(self.layers):
+                c = None if cache is None else jax.tree.map(lambda a: a[l], cache)
+                out = layer(x, self.taus[l], rng=None if keys is None else keys[l], cache=c, **kw)
+                if cache is None:
+                    x = out
+                else:
+                    x, nc = out
+                    new.append(nc)
+            if cache is None:
+                return x
+            return x, jax.tree.map(lambda *xs: jnp.stack(xs), *new)
+
+        graphdef, state = nnx.split(self.layers)
+        taus = jnp.asarray(np.array(self.taus, np.float32))
+
+        def body(carry, xs):
+            st, tau, key, c = xs
+            layer = nnx.merge(graphdef, st)
+            out = layer(carry, tau, rng=key, cache=c, **kw)
+            return (out, None) if c is None else out
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        with suspend_taps():
+            x, new_cache = jax.lax.scan(body, x, (state, taus, keys, cache))
+        return x if cache is None else (x, new_cache)
