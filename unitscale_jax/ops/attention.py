@@ -30,7 +30,9 @@ def attention_scale(seq_len: int, d_head: int, *, mult: float = 1.0, is_causal: 
     return (1.0 - dropout_rate) ** 0.5 / logarithmic_interpolation(a, lower, 1.0)
 
 
-def _attention_with_dropout(q, k, v, mask, is_causal, logit_scale, rate, rng):
+def _attention_explicit(q, k, v, mask, is_causal, logit_scale, rate, rng):
+    """Softmax attention written out: used for dropout, and for float16 on CPU (whose dot
+    has no float16 x float16 -> float32 form, which ``jax.nn.dot_product_attention`` needs)."""
     n_q, n_kv = q.shape[2], k.shape[2]
     if n_q != n_kv:
         k = jnp.repeat(k, n_q // n_kv, axis=2)
@@ -44,8 +46,10 @@ def _attention_with_dropout(q, k, v, mask, is_causal, logit_scale, rate, rng):
         keep = jnp.logical_and(keep, mask)
     logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    drop_keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
-    probs = jnp.where(drop_keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
+    if rate > 0.0:
+        drop_keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+        probs = jnp.where(drop_keep, probs / (1.0 - rate), 0.0)
+    probs = probs.astype(v.dtype)
     return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
@@ -73,7 +77,7 @@ def scaled_dot_product_attention(
     with dropout (which that function lacks) an explicit softmax path is taken.
 
     Args:
-      q: ``[batch, q_len, heads, head_dim]``.
+      q: ``[batch, q_len, heads, head_dim]`` (or all of q, k, v without the batch axis).
       k: ``[batch, kv_len, kv_heads, head_dim]``; ``heads`` must be a multiple of ``kv_heads``.
       v: ``[batch, kv_len, kv_heads, head_dim]``.
       mask: optional boolean mask broadcastable to ``[batch, heads, q_len, kv_len]``, True
@@ -92,6 +96,13 @@ def scaled_dot_product_attention(
       ``[batch, q_len, heads, head_dim]``.
     """
     op = "scaled_dot_product_attention"
+    if q.ndim == 3 and k.ndim == 3 and v.ndim == 3:  # unbatched [seq, heads, head_dim] (e.g. vmap)
+        mask = None if mask is None else jnp.asarray(mask)
+        out = scaled_dot_product_attention(
+            q[None], k[None], v[None], mask=mask, is_causal=is_causal, mult=mult,
+            dropout_rate=dropout_rate, rng=rng, scale_seq_len=scale_seq_len,
+            scale_is_causal=scale_is_causal, implementation=implementation)
+        return out[0]
     for name, t in (("q", q), ("k", k), ("v", v)):
         require_float(t, name, op)
         require_rank(t, 4, name, op)
@@ -123,10 +134,10 @@ def scaled_dot_product_attention(
     s = attention_scale(s_len, d_head, mult=mult, is_causal=causal_rule, dropout_rate=rate)
     q, k, v = (scale_bwd(t, s) for t in (q, k, v))
     logit_scale = mult / d_head
-    if rate > 0.0:
-        if rng is None:
-            raise ValueError(f"{op}: rng is required when dropout_rate > 0.")
-        out = _attention_with_dropout(q, k, v, mask, is_causal, logit_scale, rate, rng)
+    if rate > 0.0 and rng is None:
+        raise ValueError(f"{op}: rng is required when dropout_rate > 0.")
+    if rate > 0.0 or (q.dtype == jnp.float16 and jax.default_backend() == "cpu"):
+        out = _attention_explicit(q, k, v, mask, is_causal, logit_scale, rate, rng)
     else:
         out = jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=logit_scale, is_causal=is_causal,
