@@ -2,7 +2,7 @@
 
 from unitscale_jax.nn.params import PARAM_TYPES, ParamInfo, info_of, param_info, umup_param
 from unitscale_jax.nn.config import TransformerConfig
-from unitscale_jax.nn.hooks import apply_precision, capture_activations, tap
+from unitscale_jax.nn.hooks import capture_activations, set_precision, tap
 from unitscale_jax.nn.sharding import (
     LOGICAL_AXES,
     LOGICAL_RULES,
@@ -20,7 +20,7 @@ from unitscale_jax.nn.decoder import TransformerDecoder
 __all__ = [
     "PARAM_TYPES", "ParamInfo", "info_of", "param_info", "umup_param",
     "TransformerConfig",
-    "apply_precision", "capture_activations", "tap",
+    "capture_activations", "set_precision", "tap",
     "LOGICAL_AXES", "LOGICAL_RULES", "constrain", "logical_rules", "logical_to_spec",
     "partition_specs",
     "Embedding", "LayerNorm", "Linear", "LinearReadout", "RMSNorm", "MLP",

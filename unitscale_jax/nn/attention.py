@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unitscale_jax.nn import _maths
-from unitscale_jax.nn.hooks import apply_precision, tap
+from unitscale_jax.nn import hooks
+from unitscale_jax.nn.hooks import tap
 from unitscale_jax.nn.layers import Linear
 from unitscale_jax.nn.sharding import constrain
 
@@ -74,6 +75,7 @@ class MultiHeadAttention(nnx.Module):
       parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
       init_std / out_init_std: SP std of the input / output projections.
       precision: low-precision policy, or None.
+      layer: layer index for per-layer precision exceptions.
       dtype / param_dtype: compute and storage dtypes.
     """
 
@@ -83,7 +85,8 @@ class MultiHeadAttention(nnx.Module):
                  rope_theta: float = 10000.0, mult: float = 1.0, dropout: float = 0.0,
                  depth: Optional[int] = None, parametrization: str = "umup",
                  init_std: Optional[float] = None, out_init_std: Optional[float] = None,
-                 precision: Any = None, dtype: Any = None, param_dtype: Any = jnp.float32):
+                 precision: Any = None, layer: Optional[int] = None, dtype: Any = None,
+                 param_dtype: Any = jnp.float32):
         if d_head is None:
             if d_model % n_heads:
                 raise ValueError(f"MultiHeadAttention: d_model {d_model} not divisible by n_heads {n_heads}; pass d_head.")
@@ -98,11 +101,12 @@ class MultiHeadAttention(nnx.Module):
         self.mult, self.dropout = float(mult), float(dropout)
         self.parametrization = parametrization
         self.precision = precision
+        self.layer = layer
         self.deterministic = False
         self.role = "cross_attn" if cross else "attn"
         inner = self.n_heads * self.d_head
         common = dict(rngs=rngs, bias=bias, depth=depth, parametrization=parametrization,
-                      precision=precision, dtype=dtype, param_dtype=param_dtype)
+                      precision=precision, layer=layer, dtype=dtype, param_dtype=param_dtype)
         if cross:
             self.q_proj = Linear(d_model, inner, init_std=init_std, sharding=("embed", "heads"),
                                  role="cross_attn.q_proj", **common)
@@ -118,11 +122,11 @@ class MultiHeadAttention(nnx.Module):
         y = y.reshape(*y.shape[:-1], self.n_heads, n, self.d_head)
         return tuple(constrain(y[..., i, :], _QKV_NAMES) for i in range(n))
 
-    def context_kv(self, context: jax.Array) -> dict:
+    def context_kv(self, context: jax.Array, *, rng: Optional[jax.Array] = None) -> dict:
         """Keys and values of a cross-attention ``context`` (a reusable cache)."""
         if not self.cross:
             raise ValueError("context_kv is for cross attention.")
-        k, v = self._split(self.kv_proj(context), 2)
+        k, v = self._split(self.kv_proj(context, rng=rng), 2)
         return {"k": k, "v": v}
 
     def __call__(self, x: jax.Array, *, context: Optional[jax.Array] = None,
@@ -136,7 +140,7 @@ class MultiHeadAttention(nnx.Module):
           context: ``[batch, ctx_len, d_context]`` (cross attention, unless ``cache`` holds
             its keys and values).
           mask: boolean, broadcastable to ``[batch, heads, q_len, kv_len]``, True = attend.
-          rng: PRNG key for attention dropout.
+          rng: PRNG key for attention dropout (and stochastic-rounding policies).
           cache: KV cache (see the class docstring).
           cache_index: position of ``x``'s first token in the cache (self attention).
           positions: RoPE positions ``[batch, q_len]`` (default ``cache_index + arange``).
@@ -147,9 +151,10 @@ class MultiHeadAttention(nnx.Module):
         """
         q_len = x.shape[1]
         start = 0 if cache_index is None else cache_index
+        keys = jax.random.split(rng, 6) if rng is not None else (None,) * 6
         is_causal, scale_causal = self.causal, None
         if self.cross:
-            q, = self._split(self.q_proj(x), 1)
+            q, = self._split(self.q_proj(x, rng=keys[0]), 1)
             if cache is not None:
                 k, v = cache["k"], cache["v"]
             elif context is None:
@@ -157,10 +162,10 @@ class MultiHeadAttention(nnx.Module):
             else:
                 if context.shape[0] != x.shape[0]:
                     raise ValueError(f"cross attention: context batch {context.shape[0]} != query batch {x.shape[0]}.")
-                k, v = self._split(self.kv_proj(context), 2)
+                k, v = self._split(self.kv_proj(context, rng=keys[1]), 2)
             new_cache = cache
         else:
-            q, k, v = self._split(self.qkv_proj(x), 3)
+            q, k, v = self._split(self.qkv_proj(x, rng=keys[0]), 3)
             if self.use_rope:
                 if positions is None:
                     positions = (start + jnp.arange(q_len))[None, :]
@@ -182,16 +187,16 @@ class MultiHeadAttention(nnx.Module):
                 is_causal, scale_causal = False, self.causal
                 if scale_seq_len is None:
                     scale_seq_len = k.shape[1]
-        q = tap(f"{self.role}.q", apply_precision(self.precision, q, f"{self.role}.q"))
-        k = tap(f"{self.role}.k", apply_precision(self.precision, k, f"{self.role}.k"))
-        v = tap(f"{self.role}.v", apply_precision(self.precision, v, f"{self.role}.v"))
+        q, k, v = (tap(f"{self.role}.{n}", t) for n, t in zip("qkv", (q, k, v)))
+        q, k, v = hooks.attention_inputs(self.precision, q, k, v, layer=self.layer, rng=keys[2])
         rate = 0.0 if self.deterministic else self.dropout
         if rate > 0.0 and rng is None:
             raise ValueError("attention dropout is on (dropout > 0, not deterministic): pass rng=, "
                              "or call model.eval() for deterministic evaluation.")
         out = _maths.attention(
             q, k, v, self.parametrization, mask=mask, is_causal=is_causal, mult=self.mult,
-            dropout_rate=rate, rng=rng, scale_seq_len=scale_seq_len, scale_is_causal=scale_causal)
+            dropout_rate=rate, rng=keys[3], scale_seq_len=scale_seq_len, scale_is_causal=scale_causal)
+        out = hooks.attention_output(self.precision, out, layer=self.layer, rng=keys[4])
         out = tap(f"{self.role}.out", constrain(out, _QKV_NAMES))
-        y = tap(f"{self.role}.proj", self.out_proj(out.reshape(*out.shape[:2], -1)))
+        y = tap(f"{self.role}.proj", self.out_proj(out.reshape(*out.shape[:2], -1), rng=keys[5]))
         return y if cache is None else (y, new_cache)

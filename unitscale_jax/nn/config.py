@@ -69,9 +69,10 @@ class TransformerConfig:
       remat: rematerialise each layer in the backward pass (``jax.checkpoint``).
       n_decoder_layers: decoder depth of an encoder-decoder (default ``n_layers``).
       norm_eps: epsilon of the norms.
-      precision: optional low-precision policy with ``fwd(x, role)`` and ``bwd(x, role)``
-        methods applied to every matmul input, weight and to q, k, v (see
-        ``unitscale_jax.nn.hooks``); must be hashable. None: no-op.
+      precision: optional low-precision policy (``unitscale_jax.precision.PrecisionPolicy``
+        or any hashable object with its ``linear``, ``dot``, ``attention_inputs`` and
+        ``attention_output`` methods, see ``unitscale_jax.nn.hooks``) applied to every
+        projection and to q, k, v. None: no-op.
     """
 
     vocab_size: int
@@ -148,16 +149,11 @@ class TransformerConfig:
             fail(f"n_decoder_layers must be a positive int or None, got {self.n_decoder_layers!r}.")
         object.__setattr__(self, "dtype", _dtype(self.dtype, "dtype"))
         object.__setattr__(self, "param_dtype", _dtype(self.param_dtype, "param_dtype"))
-        if self.precision is not None:
-            for method in ("fwd", "bwd"):
-                if not callable(getattr(self.precision, method, None)):
-                    fail(f"precision must have callable fwd(x, role) and bwd(x, role) methods; "
-                         f"{self.precision!r} lacks {method}.")
-            try:
-                hash(self.precision)
-            except TypeError as e:
-                raise ValueError("TransformerConfig: precision policy must be hashable (e.g. a "
-                                 "frozen dataclass): it is static model structure.") from e
+        from unitscale_jax.nn.hooks import check_policy
+        try:
+            check_policy(self.precision)
+        except ValueError as e:
+            fail(str(e))
 
     @property
     def head_dim(self) -> int:

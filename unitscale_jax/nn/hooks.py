@@ -2,20 +2,23 @@
 
 Precision policy
 ----------------
-Every matmul input and weight of ``Linear`` / ``LinearReadout`` and the q, k, v of attention
-pass through ``apply_precision(policy, x, role)``, the single place where a low-precision
-policy (``unitscale_jax.precision``) plugs in. A policy is any hashable object with
+Every projection (``Linear`` / ``LinearReadout``) and attention core routes its operands
+through this module, the single place where a low-precision policy
+(``unitscale_jax.precision.PrecisionPolicy``) plugs in. A policy is any hashable object with
 
-    fwd(x, role) -> x'   # e.g. quantise the value (forward format)
-    bwd(x, role) -> x'   # identity forward; e.g. quantise the gradient flowing into x
+    linear(x, kernel, bias, *, role, layer, constraint, rng)   # unit-scaled ops.linear /
+                                                               # ops.linear_readout (role
+                                                               # "readout") on cast operands
+    dot(x, kernel, role, *, layer, rng)                        # plain x @ kernel (SP / muP)
+    attention_inputs(q, k, v, *, layer, rng) -> (q, k, v)      # forward format on q, k, v
+    attention_output(out, *, layer, rng)                       # backward format on its grad
 
-and ``apply_precision`` returns ``policy.bwd(policy.fwd(x, role), role)``; ``None`` is a no-op.
-Roles are ``"<module role>.input"`` and ``"<module role>.kernel"`` for projections and
-``"<attention role>.q"`` / ``.k`` / ``.v`` for attention, where the module roles are
-``attn.qkv_proj``, ``attn.out_proj``, ``cross_attn.q_proj``, ``cross_attn.kv_proj``,
-``cross_attn.out_proj``, ``mlp.up_proj``, ``mlp.gate_proj``, ``mlp.down_proj``, ``readout``,
-``cls_head`` and ``token_head``; attention roles are ``attn`` and ``cross_attn``. A policy can
-make per-layer exceptions by matching on the role (e.g. keep ``*.out_proj.*`` in bf16).
+``policy=None`` (the default) is a no-op: the modules call the ops directly. Roles passed to
+the policy: ``attn_qkv`` (fused q/k/v and cross-attention q and k/v projections),
+``attn_out``, ``ffn_up``, ``ffn_gate``, ``ffn_down`` and ``readout`` (LM readout and the
+classification heads). ``layer`` is the layer index in unrolled stacks
+(``scan_layers=False``) and None elsewhere (scanned layers share one traced body, so
+per-layer exceptions need ``scan_layers=False``).
 
 Taps
 ----
@@ -36,28 +39,83 @@ from typing import Any, Iterator, Optional
 import jax
 import jax.numpy as jnp
 
-PROJECTION_ROLES = (
-    "attn.qkv_proj", "attn.out_proj", "cross_attn.q_proj", "cross_attn.kv_proj",
-    "cross_attn.out_proj", "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj", "readout",
-    "cls_head", "token_head",
-)
-ATTENTION_ROLES = ("attn", "cross_attn")
+from unitscale_jax.nn import _maths
+
+POLICY_METHODS = ("linear", "dot", "attention_inputs", "attention_output")
+
+# module role -> policy role
+POLICY_ROLES = {
+    "attn.qkv_proj": "attn_qkv", "cross_attn.q_proj": "attn_qkv", "cross_attn.kv_proj": "attn_qkv",
+    "attn.out_proj": "attn_out", "cross_attn.out_proj": "attn_out",
+    "mlp.up_proj": "ffn_up", "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down",
+    "readout": "readout", "cls_head": "readout", "token_head": "readout",
+}
 
 
-def apply_precision(policy: Any, x: jax.Array, role: str) -> jax.Array:
-    """Applies a low-precision policy to a matmul operand (no-op for ``policy=None``).
+def check_policy(policy: Any) -> None:
+    """Raises unless ``policy`` is None or a hashable object with the policy methods."""
+    if policy is None:
+        return
+    missing = [m for m in POLICY_METHODS if not callable(getattr(policy, m, None))]
+    if missing:
+        raise ValueError(f"precision policy {policy!r} lacks method(s) {missing}; expected an "
+                         f"object like unitscale_jax.precision.PrecisionPolicy.")
+    try:
+        hash(policy)
+    except TypeError as e:
+        raise ValueError("precision policy must be hashable (e.g. a frozen dataclass): it is "
+                         "static model structure.") from e
+
+
+def project(policy: Any, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], *,
+            role: str, parametrization: str, constraint: Optional[str], readout: bool,
+            layer: Optional[int] = None, rng: Optional[jax.Array] = None) -> jax.Array:
+    """A projection ``x @ kernel (+ bias)`` in the module's parametrization, under ``policy``.
 
     Args:
-      policy: None, or an object with ``fwd(x, role)`` and ``bwd(x, role)``.
-      x: the operand (activation, weight, or attention q/k/v).
-      role: where it is used, e.g. ``"mlp.down_proj.kernel"`` or ``"attn.q"``.
-
-    Returns:
-      ``policy.bwd(policy.fwd(x, role), role)``, or ``x`` when ``policy`` is None.
+      policy: None or a precision policy.
+      x, kernel, bias: operands (kernel ``[fan_in, fan_out]``).
+      role: the module role (e.g. ``"mlp.down_proj"``), mapped to the policy's role.
+      parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
+      constraint: u-muP constraint (ignored by the readout).
+      readout: a readout (``linear_readout``; muP's ``1/fan_in``).
+      layer: layer index for per-layer policy exceptions.
+      rng: key for stochastic rounding.
     """
     if policy is None:
-        return x
-    return policy.bwd(policy.fwd(x, role), role)
+        if readout:
+            return _maths.readout(x, kernel, bias, parametrization)
+        return _maths.linear(x, kernel, bias, parametrization, constraint)
+    prole = POLICY_ROLES.get(role, "linear")
+    if parametrization == "umup":
+        return policy.linear(x, kernel, bias, role="readout" if readout else prole, layer=layer,
+                             constraint=None if readout else constraint, rng=rng)
+    y = policy.dot(x, kernel, "readout" if readout else prole, layer=layer, rng=rng)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    if readout and parametrization == "mup":
+        y = y * (1.0 / kernel.shape[0])
+    return y
+
+
+def attention_inputs(policy: Any, q, k, v, *, layer: Optional[int] = None, rng=None):
+    """q, k, v under the policy's forward format (identity for ``policy=None``)."""
+    if policy is None:
+        return q, k, v
+    return policy.attention_inputs(q, k, v, layer=layer, rng=rng)
+
+
+def attention_output(policy: Any, out, *, layer: Optional[int] = None, rng=None):
+    """The attention core's output, gradient under the policy's backward format."""
+    if policy is None:
+        return out
+    return policy.attention_output(out, layer=layer, rng=rng)
+
+
+def set_precision(model: Any, policy: Any) -> None:
+    """Sets the precision policy of every module of ``model`` (static: re-jit afterwards)."""
+    check_policy(policy)
+    model.set_attributes(precision=policy, raise_if_not_found=False)
 
 
 class _TapState(threading.local):

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unitscale_jax.nn import _maths
-from unitscale_jax.nn.hooks import apply_precision
+from unitscale_jax.nn import _maths, hooks
 from unitscale_jax.nn.params import umup_param
 from unitscale_jax.nn.sharding import param_metadata
 
@@ -67,6 +66,7 @@ class Linear(nnx.Module):
       sharding: logical axis names of the kernel ``(in, out)``.
       precision: low-precision policy (see ``unitscale_jax.nn.hooks``), or None.
       role: this projection's role for the precision policy (e.g. ``"mlp.down_proj"``).
+      layer: layer index for per-layer precision exceptions (None in scanned stacks).
       dtype: compute dtype (None: the input's).
       param_dtype: storage dtype of the parameters.
     """
@@ -76,14 +76,17 @@ class Linear(nnx.Module):
                  depth: Optional[int] = None, parametrization: str = "umup",
                  init_std: Optional[float] = None,
                  sharding: Sequence[Optional[str]] = (None, None), precision: Any = None,
-                 role: str = "linear", dtype: Any = None, param_dtype: Any = jnp.float32,
-                 param_type: str = "weight"):
+                 role: str = "linear", layer: Optional[int] = None, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, param_type: str = "weight"):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.constraint = constraint
         self.parametrization = parametrization
         self.precision = precision
         self.role = role
+        self.layer = layer
+        self.readout = param_type == "output"
         self.dtype = dtype
+        hooks.check_policy(precision)
         std = initial_std(parametrization, param_type, self.in_features, init_std)
         self.kernel = umup_param(
             _normal(rngs, (self.in_features, self.out_features), std, param_dtype),
@@ -92,17 +95,14 @@ class Linear(nnx.Module):
                                 self.out_features, depth, **param_metadata((sharding[1],)))
                      if bias else None)
 
-    def _operands(self, x):
-        kernel = _cast(self.kernel[...], self.dtype or x.dtype)
-        bias = _cast(None if self.bias is None else self.bias[...], self.dtype or x.dtype)
-        x = _cast(x, self.dtype)
-        x = apply_precision(self.precision, x, f"{self.role}.input")
-        kernel = apply_precision(self.precision, kernel, f"{self.role}.kernel")
-        return x, kernel, bias
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias = self._operands(x)
-        return _maths.linear(x, kernel, bias, self.parametrization, self.constraint)
+    def __call__(self, x: jax.Array, *, rng: Optional[jax.Array] = None) -> jax.Array:
+        """Projects ``x[..., in_features]``; ``rng`` only for stochastic-rounding policies."""
+        dtype = self.dtype or x.dtype
+        kernel = _cast(self.kernel[...], dtype)
+        bias = _cast(None if self.bias is None else self.bias[...], dtype)
+        return hooks.project(self.precision, _cast(x, self.dtype), kernel, bias, role=self.role,
+                             parametrization=self.parametrization, constraint=self.constraint,
+                             readout=self.readout, layer=self.layer, rng=rng)
 
 
 class LinearReadout(Linear):
@@ -122,10 +122,6 @@ class LinearReadout(Linear):
                          depth=depth, parametrization=parametrization, init_std=init_std,
                          sharding=sharding, precision=precision, role=role, dtype=dtype,
                          param_dtype=param_dtype, param_type="output")
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias = self._operands(x)
-        return _maths.readout(x, kernel, bias, self.parametrization)
 
 
 class Embedding(nnx.Module):

@@ -36,6 +36,7 @@ class MLP(nnx.Module):
       init_std: SP std of the up / gate projections.
       out_init_std: SP std of the down projection.
       precision: low-precision policy, or None.
+      layer: layer index for per-layer precision exceptions.
       dtype: compute dtype.
       param_dtype: storage dtype.
     """
@@ -44,15 +45,15 @@ class MLP(nnx.Module):
                  act_mult: float = 1.0, bias: bool = False, depth: Optional[int] = None,
                  parametrization: str = "umup", init_std: Optional[float] = None,
                  out_init_std: Optional[float] = None, precision: Any = None,
-                 dtype: Any = None, param_dtype: Any = jnp.float32):
+                 layer: Optional[int] = None, dtype: Any = None, param_dtype: Any = jnp.float32):
         if kind not in MLP_KINDS:
             raise ValueError(f"MLP kind must be one of {MLP_KINDS}, got {kind!r}.")
         self.kind = kind
         self.act_mult = float(act_mult)
         self.parametrization = parametrization
         common = dict(rngs=rngs, bias=bias, constraint=None, depth=depth,
-                      parametrization=parametrization, precision=precision, dtype=dtype,
-                      param_dtype=param_dtype)
+                      parametrization=parametrization, precision=precision, layer=layer,
+                      dtype=dtype, param_dtype=param_dtype)
         self.up_proj = Linear(d_model, d_ff, init_std=init_std, sharding=("embed", "mlp"),
                               role="mlp.up_proj", **common)
         self.gate_proj = (Linear(d_model, d_ff, init_std=init_std, sharding=("embed", "mlp"),
@@ -60,14 +61,16 @@ class MLP(nnx.Module):
         self.down_proj = Linear(d_ff, d_model, init_std=out_init_std, sharding=("mlp", "embed"),
                                 role="mlp.down_proj", **common)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        up = tap("mlp.up", self.up_proj(x))
+    def __call__(self, x: jax.Array, *, rng: Optional[jax.Array] = None) -> jax.Array:
+        """``[..., d_model] -> [..., d_model]``; ``rng`` only for stochastic rounding."""
+        k = jax.random.split(rng, 3) if rng is not None else (None, None, None)
+        up = tap("mlp.up", self.up_proj(x, rng=k[0]))
         if self.gate_proj is not None:
-            gate = tap("mlp.gate", self.gate_proj(x))
+            gate = tap("mlp.gate", self.gate_proj(x, rng=k[1]))
             h = _maths.silu_glu(up, gate, self.parametrization, self.act_mult)
         else:
             h = _maths.gelu(up, self.parametrization, self.act_mult)
         if h.ndim == 3:
             h = constrain(h, ("batch", "sequence", "mlp"))
         h = tap("mlp.act", h)
-        return tap("mlp.out", self.down_proj(h))
+        return tap("mlp.out", self.down_proj(h, rng=k[2]))

@@ -85,10 +85,11 @@ class TransformerLayer(nnx.Module):
       causal: causal self attention.
       cross_attention: add a cross-attention branch (encoder-decoder's decoder).
       depth: number of layers of the stack (parameter metadata).
+      layer: this layer's index (for per-layer precision exceptions; None when scanned).
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs, causal: bool,
-                 cross_attention: bool = False, depth: int = 1):
+                 cross_attention: bool = False, depth: int = 1, layer: Optional[int] = None):
         c = config
         self.parametrization = c.parametrization
         self.dropout = float(c.dropout)
@@ -97,7 +98,7 @@ class TransformerLayer(nnx.Module):
         attn_kw = dict(rngs=rngs, d_head=c.head_dim, bias=c.bias, mult=c.attn_mult,
                        dropout=c.dropout, depth=depth, parametrization=c.parametrization,
                        init_std=in_std, out_init_std=out_std, precision=c.precision,
-                       dtype=c.dtype, param_dtype=c.param_dtype)
+                       layer=layer, dtype=c.dtype, param_dtype=c.param_dtype)
         self.attn_norm = make_norm(c, depth=depth)
         self.attn = MultiHeadAttention(c.d_model, c.n_heads, causal=causal, use_rope=c.rope,
                                        rope_theta=c.rope_theta, **attn_kw)
@@ -110,7 +111,7 @@ class TransformerLayer(nnx.Module):
         self.mlp = MLP(c.d_model, c.ffn_dim, rngs=rngs, kind=c.mlp, act_mult=c.act_mult,
                        bias=c.bias, depth=depth, parametrization=c.parametrization,
                        init_std=in_std, out_init_std=out_std, precision=c.precision,
-                       dtype=c.dtype, param_dtype=c.param_dtype)
+                       layer=layer, dtype=c.dtype, param_dtype=c.param_dtype)
 
     @property
     def n_branches(self) -> int:
@@ -154,7 +155,8 @@ class TransformerLayer(nnx.Module):
         Returns:
           The new stream, or ``(stream, new_cache)`` when ``cache`` is given.
         """
-        keys = list(jax.random.split(rng, 2 * self.n_branches)) if rng is not None else [None] * 6
+        n = self.n_branches
+        keys = list(jax.random.split(rng, 2 * n)) if rng is not None else [None] * (2 * n)
         new_cache = {} if cache is not None else None
 
         def self_attn(h):
@@ -174,7 +176,8 @@ class TransformerLayer(nnx.Module):
                 y, new_cache["cross"] = y
                 return y
             x = self._branch(x, taus[1], self.cross_norm, cross_attn, keys[3], "cross_attn")
-        x = self._branch(x, taus[-1], self.mlp_norm, self.mlp, keys[-1], "mlp")
+        x = self._branch(x, taus[-1], self.mlp_norm, lambda h: self.mlp(h, rng=keys[-2]),
+                         keys[-1], "mlp")
         return x if cache is None else (x, new_cache)
 
 
@@ -201,17 +204,17 @@ class TransformerStack(nnx.Module):
         flat = branch_taus(kinds, config.residual_mult, config.residual_attn_ratio)
         self.taus = tuple(tuple(flat[l * per:(l + 1) * per]) for l in range(self.n_layers))
 
-        def make(r):
-            return TransformerLayer(config, rngs=r, causal=causal,
+        def make(r, layer):
+            return TransformerLayer(config, rngs=r, causal=causal, layer=layer,
                                     cross_attention=cross_attention, depth=self.n_layers)
 
         if self.scan:
-            make = nnx.split_rngs(splits=self.n_layers)(
-                nnx.vmap(make, in_axes=(0,), out_axes=0,
+            stacked = nnx.split_rngs(splits=self.n_layers)(
+                nnx.vmap(lambda r: make(r, None), in_axes=(0,), out_axes=0,
                          transform_metadata={nnx.PARTITION_NAME: "layers"}))
-            self.layers = make(rngs)
+            self.layers = stacked(rngs)
         else:
-            self.layers = nnx.List([make(rngs) for _ in range(self.n_layers)])
+            self.layers = nnx.List([make(rngs, l) for l in range(self.n_layers)])
 
     def map_layers(self, fn):
         """Applies ``fn(layer) -> pytree`` to each layer; results stacked on axis 0."""
