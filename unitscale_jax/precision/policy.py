@@ -238,23 +238,22 @@ class PrecisionPolicy:
                constraint=_UNSET, rng=None) -> jax.Array:
         """``ops.linear`` (``ops.linear_readout`` for role ``"readout"``) under the policy.
 
-        Same values and gradients as the op on the rounded operands. ``constraint`` defaults
-        to the op's own default (``"to_output_scale"``; None for the readout).
+        The op's scaling rule around ``dot`` (``scaled_linear``): forward values are the op on
+        the rounded input and weight; the output gradient is rounded to the backward format
+        before the two backward matmuls. The bias gradient uses the unrounded gradient, as
+        real FP8 kernels compute it (the reference's simulator rounds it too). ``constraint``
+        defaults to the op's own default (``"to_output_scale"``; None for the readout).
         """
         _check_role(role, "PrecisionPolicy.linear")
         readout = role == "readout"
         if constraint is _UNSET:
             constraint = None if readout else "to_output_scale"
-        fwd, bwd = self.formats(role, layer)
         bias = self.cast_compute(bias)
-        if self.mode == "real" and (fwd is not None or bwd is not None):
-            dot = lambda a, b: self.dot(a, b, role, layer=layer)  # noqa: E731
-            return scaled_linear(x, kernel, bias, dot=dot, constraint=constraint, readout=readout)
-        rx, rw, ry = self._split(rng, 3)
-        x = self.cast_input(x, role, layer=layer, rng=rx)
-        kernel = self.cast_weight(kernel, role, layer=layer, rng=rw)
-        op = ops.linear_readout if readout else ops.linear
-        return self.cast_output(op(x, kernel, bias, constraint=constraint), role, layer=layer, rng=ry)
+        if self.mode == "none":
+            op = ops.linear_readout if readout else ops.linear
+            return op(self.cast_compute(x), self.cast_compute(kernel), bias, constraint=constraint)
+        dot = lambda a, b: self.dot(a, b, role, layer=layer, rng=rng)  # noqa: E731
+        return scaled_linear(x, kernel, bias, dot=dot, constraint=constraint, readout=readout)
 
     def attention_inputs(self, q, k, v, *, layer=None, rng=None):
         """``(q, k, v)`` rounded to the forward formats of roles ``"q"``, ``"k"``, ``"v"``."""

@@ -120,6 +120,7 @@ def simulate(
     return _simulate(x, fmt, rounding, rng)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))  # one fused kernel, also when called eagerly
 def _round(x, fmt: FloatFormat, rounding: str, rng) -> jax.Array:
     m = fmt.mantissa_bits
     shift = 23 - m
