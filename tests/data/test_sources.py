@@ -221,3 +221,19 @@ def test_tinyshakespeare(data_dir):
     text = open(path, encoding="utf-8").read()
     row = data.ByteTokenizer().decode(batch["inputs"][0][:64])
     assert row in text and row in "".join(src.documents("validation"))
+
+
+def test_builtin_corpus_in_a_clean_process_without_tf_or_importlib_resources(tmp_path):
+    """The main command's default path on a fresh machine: no TensorFlow, and without the
+    importlib_resources package that tfds 4.9.10 needs but does not declare."""
+    import subprocess
+    code = (
+        "import sys; sys.modules['importlib_resources'] = None\n"
+        "from unitscale_jax import data\n"
+        f"src = data.resolve_source(None, data_dir={str(tmp_path)!r})\n"
+        "b = next(data.make_lm_iterator(src, 'train', 64, 2))\n"
+        "print(sorted(src.splits), b['inputs'].shape, 'tensorflow' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "['train', 'validation'] (2, 64) False"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import io
 import os
 import sys
 
@@ -154,8 +155,9 @@ def _check(validation_fraction: float, chunk_chars: int) -> None:
 
 @contextlib.contextmanager
 def quiet_tfds(quiet: bool = True):
-    """Hides tfds' progress bars and its info/warning logs (e.g. "Using custom data
-    configuration") inside the block when ``quiet``; restores both afterwards."""
+    """Hides tfds' progress bars, its info/warning logs (e.g. "Using custom data
+    configuration") and its prints to stdout ("Downloading and preparing ...") inside the block
+    when ``quiet``; restores all three afterwards. Errors still raise."""
     if not quiet:
         yield
         return
@@ -165,7 +167,8 @@ def quiet_tfds(quiet: bool = True):
     tfds.display_progress_bar(False)
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         tfds.display_progress_bar(bars)
         absl_logging.set_verbosity(verbosity)
