@@ -100,13 +100,25 @@ def test_resume_with_remainder_in_packing_state(source):
     for _ in range(50):
         next(it)
         state = it.get_state()
-        if state["remainder_slices"]["tokens"][0] > 0:
+        if state["grain"]["remainder_slices"]["tokens"][0] > 0:
             break
-    assert state["remainder_slices"]["tokens"][0] > 0
+    assert state["grain"]["remainder_slices"]["tokens"][0] > 0
     expected = _take(it, 10)
     again = data.make_lm_iterator(source, "train", 8, 1, seed=3)
     again.set_state(json.loads(json.dumps(state)))
     _assert_same(_take(again, 10), expected)
+
+
+def test_state_from_other_settings_is_refused(source):
+    it = data.make_lm_iterator(source, "train", 16, 2, seed=0)
+    next(it)
+    state = it.get_state()
+    other = data.make_lm_iterator(source, "train", 32, 2, seed=1)
+    with pytest.raises(ValueError, match=r"other settings.*'seed': \(0, 1\).*'seq_len': "
+                                         r"\(16, 32\)"):
+        other.set_state(state)
+    with pytest.raises(ValueError, match="not a data-pipeline state"):
+        other.set_state({"next_index": 3})
 
 
 def test_crop_rows(source):

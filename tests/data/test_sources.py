@@ -123,6 +123,9 @@ def test_builtin_corpus(data_dir):
     total = sum(len(t.encode()) for _, t in corpus.builtin_documents())
     assert stats["train"].bytes + stats["validation"].bytes == total > 100_000
     assert 0.03 < stats["validation"].bytes / total < 0.08
+    line = data.describe_corpus(src, stats)
+    assert line.startswith("builtin:pydoc_data.topics: train ")
+    assert f"{stats['train'].tokens:,} tokens; validation" in line and " kB, " in line
     assert any("if_stmt" in t for t in src.documents("train"))
     # It is also a registered tfds dataset, loadable by name with tfds' own loader.
     assert "unitscale_pydoc_topics" in tfds.list_builders(with_community_datasets=False)

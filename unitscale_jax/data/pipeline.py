@@ -34,7 +34,8 @@ from unitscale_jax.data import objectives
 from unitscale_jax.data.sources import TextSource
 from unitscale_jax.data.tokenizers import ByteTokenizer, Tokenizer
 
-__all__ = ["TASKS", "DataIterator", "EpochShuffle", "make_iterator", "make_lm_iterator", "check_corpus_length"]
+__all__ = ["TASKS", "DataIterator", "EpochShuffle", "make_iterator", "make_lm_iterator",
+           "check_corpus_length"]
 
 TASKS = ("lm", "mlm", "seq2seq")
 _MAX_SEED = 2**32
@@ -163,15 +164,17 @@ class DataIterator:
     Attributes:
       task, split, seq_len, batch_size, tokenizer: as given to ``make_iterator``.
       tokens_per_batch: ``batch_size * seq_len``, positions per batch (scored or not).
+      config: the arguments that determine the batches (saved with the state and checked when
+        it is restored).
     """
 
     def __init__(self, dataset: grain.IterDataset, *, task: str, split: str, seq_len: int,
-                 batch_size: int, tokenizer: Tokenizer):
-        self._dataset = dataset
+                 batch_size: int, tokenizer: Tokenizer, config: Mapping[str, Any]):
         self._it = iter(dataset)
         self.task, self.split, self.seq_len = task, split, seq_len
         self.batch_size, self.tokenizer = batch_size, tokenizer
         self.tokens_per_batch = batch_size * seq_len
+        self.config = json.loads(json.dumps(dict(config)))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -180,12 +183,27 @@ class DataIterator:
         return next(self._it)
 
     def get_state(self) -> dict[str, Any]:
-        """The pipeline position: a JSON-serialisable dict (store it in the checkpoint)."""
-        return json.loads(json.dumps(self._it.get_state()))
+        """The pipeline position, JSON-serialisable: ``{"grain": grain's iterator state,
+        "config": self.config}``. Store it in the checkpoint."""
+        return {"grain": json.loads(json.dumps(self._it.get_state())), "config": self.config}
 
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        """Restores a position from ``get_state`` (also after a JSON round trip)."""
-        self._it.set_state(_tuples(dict(state)))
+    def set_state(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
+        """Restores a position from ``get_state`` (also after a JSON round trip).
+
+        Raises:
+          ValueError: (``strict``) the state was saved by a pipeline with other arguments, whose
+            position would not mean the same batches here; the message lists the differences.
+        """
+        if not isinstance(state, Mapping) or "grain" not in state:
+            raise ValueError("not a data-pipeline state (expected the dict from get_state()).")
+        saved = state.get("config", {})
+        if strict and saved != self.config:
+            diff = {k: (saved.get(k), self.config.get(k))
+                    for k in sorted(set(saved) | set(self.config))
+                    if saved.get(k) != self.config.get(k)}
+            raise ValueError("the data-pipeline state was saved with other settings "
+                             f"(saved, now): {diff}; resume with the same data settings.")
+        self._it.set_state(_tuples(dict(state["grain"])))
 
     def __repr__(self) -> str:
         return (f"DataIterator(task={self.task}, split={self.split}, seq_len={self.seq_len}, "
@@ -305,8 +323,17 @@ def make_iterator(source: TextSource, split: str = "train", *, seq_len: int, bat
         it = it.map(objective)
     else:
         it = it.random_map(objective, seed=(seed + 2) % _MAX_SEED)
+    config = dict(source=source.name, split=split, task=task, seq_len=seq_len,
+                  batch_size=batch_size, seed=seed, packing=packing, shuffle=shuffle,
+                  num_epochs=num_epochs, drop_remainder=drop_remainder, shard=[shard_index,
+                  shard_count], tokenizer=repr(tokenizer), vocab_size=tokenizer.vocab_size,
+                  records=len(source.split(split)))
+    if task == "mlm":
+        config["mask_prob"] = mask_prob
+    if task == "seq2seq":
+        config.update(noise_density=noise_density, mean_span=mean_span)
     return DataIterator(it, task=task, split=split, seq_len=seq_len, batch_size=batch_size,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, config=config)
 
 
 def make_lm_iterator(source: TextSource, split: str, seq_len: int, batch_size: int,

@@ -23,7 +23,7 @@ import numpy as np
 from unitscale_jax.data import builders, corpus
 from unitscale_jax.data.tokenizers import ByteTokenizer, Tokenizer
 
-__all__ = ["TextSource", "resolve_source", "SplitStats", "corpus_stats"]
+__all__ = ["TextSource", "resolve_source", "SplitStats", "corpus_stats", "describe_corpus"]
 
 _VALIDATION_NAMES = ("validation", "valid", "dev", "test")
 
@@ -203,3 +203,18 @@ def corpus_stats(source: TextSource, tokenizer: Tokenizer | None = None,
             n_tokens += len(tokenizer.encode(text))
         out[split] = SplitStats(docs, n_bytes, n_tokens)
     return out
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+def describe_corpus(source: TextSource, stats: Mapping[str, SplitStats]) -> str:
+    """One line for the trainer's log, e.g. ``builtin:pydoc_data.topics: train 159 records,
+    439.9 kB, 439,904 tokens; validation 8 records, 26.2 kB, 26,213 tokens``."""
+    parts = [f"{split} {s.documents:,} records, {_size(s.bytes)}, {s.tokens:,} tokens"
+             for split, s in stats.items()]
+    return f"{source.name}: " + "; ".join(parts)
