@@ -1,0 +1,230 @@
+"""unit_scale(): RMS-1 outputs, exact loss-scale invariance, pass-through leaves, composition."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from optim_helpers import TinyLM, lm_loss
+from unitscale_jax import checks
+from unitscale_jax.optim import UnitScaleState, unit_scale
+
+
+def _grads(scales=(1e-3, 1.0, 1e4)):
+    keys = jax.random.split(jax.random.key(0), len(scales))
+    return {f"g{i}": s * jax.random.normal(k, (8, 5 + i)) for i, (s, k) in enumerate(zip(scales, keys))}
+
+
+def _reference(grad_steps, decay):
+    """numpy float64 reference: EMA of the mean square, bias-corrected."""
+    ms, outs = {}, []
+    for t, g in enumerate(grad_steps, start=1):
+        out = {}
+        for k, v in g.items():
+            v = np.asarray(v, np.float64)
+            ms[k] = decay * ms.get(k, 0.0) + (1 - decay) * np.mean(v * v)
+            out[k] = v / np.sqrt(ms[k] / (1 - decay ** t))
+        outs.append(out)
+    return outs
+
+
+def test_step_one_output_has_rms_exactly_one():
+    for decay in (0.0, 0.9, 0.999):
+        tx = unit_scale(decay=decay)
+        u, state = jax.jit(tx.update)(_grads(), tx.init(_grads()))
+        checks.assert_unit_rms(u, rtol=2e-7)
+        assert isinstance(state, UnitScaleState) and int(state.count) == 1
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9])
+def test_matches_float64_reference_over_steps(decay):
+    steps = [_grads((10.0 ** -t, 2.0 ** t, 3.0)) for t in range(5)]
+    tx = unit_scale(decay=decay)
+    state, update = tx.init(steps[0]), jax.jit(tx.update)
+    for g, ref in zip(steps, _reference(steps, decay)):
+        u, state = update(g, state)
+        chex.assert_trees_all_close(u, ref, rtol=2e-6)
+        if decay == 0.0:
+            checks.assert_unit_rms(u)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state.rms, {k: jnp.zeros(()) for k in steps[0]})
+
+
+def test_later_steps_rms_within_tolerance_for_slow_drift():
+    tx = unit_scale(decay=0.9)
+    g = _grads()
+    state, update = tx.init(g), jax.jit(tx.update)
+    for t in range(20):  # gradients shrink 1% per step
+        u, state = update(jax.tree.map(lambda x: x * 0.99 ** t, g), state)
+        checks.assert_unit_rms(u, rtol=0.3)
+    with pytest.raises(AssertionError):
+        checks.assert_unit_rms(u)  # not exact any more: the estimate lags the drift
+
+
+def test_zero_leaves_stay_zero_and_none_masked_pass_through():
+    g = {"a": jnp.zeros((3, 4)), "b": jnp.ones((2,)) * 1e-3, "c": None, "d": optax.MaskedNode()}
+    tx = unit_scale(decay=0.9)
+    state = tx.init(g)
+    assert state.rms["c"] is None and isinstance(state.rms["d"], optax.MaskedNode)
+    for _ in range(3):
+        u, state = tx.update(g, state)
+        np.testing.assert_array_equal(u["a"], 0.0)
+        np.testing.assert_allclose(u["b"], 1.0, rtol=1e-6)
+        assert u["c"] is None and isinstance(u["d"], optax.MaskedNode)
+    # a leaf that becomes zero after being non-zero also stays zero (estimate > 0, 0 / r = 0)
+    u, state = tx.update({**g, "b": jnp.zeros((2,))}, state)
+    np.testing.assert_array_equal(u["b"], 0.0)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.99])
+def test_loss_scale_invariance_is_bit_exact(decay):
+    # gradients spanning 1e-30 .. 1e30: naive mean squares would underflow/overflow fp32
+    g = _grads((1e-30, 1e-12, 1.0, 1e15, 1e30))
+    params = jax.tree.map(jnp.zeros_like, g)
+    checks.assert_loss_scale_invariant(unit_scale(decay=decay), g, params, num_steps=2, rtol=0.0)
+    # and the RMS is right at these extremes
+    u, _ = unit_scale().update(g, unit_scale().init(g))
+    checks.assert_unit_rms(u)
+
+
+def test_loss_scale_invariance_with_real_scaled_loss(tiny_lm, tiny_batch):
+    """Gradients of 2^k * loss (autodiff, not synthetic) give identical unit-scaled updates."""
+    tx = unit_scale()
+
+    @nnx.jit
+    def scaled_step(model, scale, ids):
+        grads = nnx.grad(lambda m: scale * lm_loss(m, ids))(model)
+        grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+        return tx.update(grads, tx.init(grads))[0]
+
+    outs = [scaled_step(tiny_lm, jnp.float32(2.0 ** k), tiny_batch) for k in (-20, -7, 0, 11, 20)]
+    for o in outs[1:]:
+        chex.assert_trees_all_equal(o, outs[0])
+
+
+def test_positive_eps_trades_invariance_for_bounded_amplification():
+    g = {"tiny": jnp.full((4,), 1e-12), "big": jnp.full((4,), 1.0)}
+    u, _ = unit_scale(eps=1e-6).update(g, unit_scale(eps=1e-6).init(g))
+    assert float(jnp.max(u["tiny"])) < 1e-5
+    np.testing.assert_allclose(u["big"], 1.0 / (1.0 + 1e-6), rtol=1e-7)
+
+
+def test_dtype_preserved_and_finite():
+    g = {"h": jnp.full((4, 4), 3e-3, jnp.bfloat16), "f": jnp.arange(6.0)}
+    tx = unit_scale()
+    u, _ = tx.update(g, tx.init(g))
+    assert u["h"].dtype == jnp.bfloat16 and u["f"].dtype == jnp.float32
+    checks.assert_finite_updates(g, u)
+    checks.assert_unit_rms(u, rtol=1e-2)
+
+
+def test_nan_gradients_propagate_and_finite_check_skips_them():
+    g = {"a": jnp.array([1.0, jnp.nan])}
+    u, _ = unit_scale().update(g, unit_scale().init(g))
+    assert not bool(jnp.all(jnp.isfinite(u["a"])))
+    checks.assert_finite_updates(g, u)  # grads not finite: nothing is claimed
+
+
+def test_invalid_decay_is_a_clear_error():
+    with pytest.raises(ValueError, match="decay must be in"):
+        unit_scale(decay=1.0)
+
+
+def test_works_on_nnx_state_of_variables_and_nnx_optimizer():
+    model = TinyLM(rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(1), (4, 9), 0, 32)
+    params = nnx.state(model, nnx.Param)          # leaves are nnx.Param wrappers
+    grads = nnx.grad(lm_loss)(model, ids)
+    tx = unit_scale()
+    u, _ = tx.update(nnx.state(grads, nnx.Param), tx.init(params))
+    leaves = jax.tree.leaves(u, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert all(isinstance(v, nnx.Param) for v in leaves)
+    assert leaves[0].get_metadata() == jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0].get_metadata()
+    checks.assert_unit_rms(u)
+    # inside nnx.Optimizer (init sees Variables, update sees pure arrays)
+    opt = nnx.Optimizer(model, optax.chain(unit_scale(), optax.sgd(0.1)), wrt=nnx.Param)
+    loss0 = lm_loss(model, ids)
+
+    @nnx.jit
+    def train_step(model, opt, ids):
+        opt.update(model, nnx.grad(lm_loss)(model, ids))
+
+    for _ in range(5):
+        train_step(model, opt, ids)
+    assert float(lm_loss(model, ids)) < float(loss0)
+
+
+def test_under_jit_with_chexify():
+    g = _grads()
+    tx = unit_scale(decay=0.9)
+
+    @chex.chexify
+    @jax.jit
+    def step(g, state):
+        u, state = tx.update(g, state)
+        checks.assert_unit_rms(u)
+        checks.assert_finite_updates(g, u)
+        return u, state
+
+    u, state = step(g, tx.init(g))
+    chex.block_until_chexify_assertions_complete()
+    bad = chex.chexify(jax.jit(checks.assert_unit_rms))
+    with pytest.raises(AssertionError, match="assert_trees_all_close"):
+        bad({"x": jnp.full((3,), 2.0)})
+        chex.block_until_chexify_assertions_complete()
+
+
+# ---- composition ------------------------------------------------------------------------------
+
+def test_chain_with_schedule_matches_manual():
+    g = _grads()
+    sched = optax.linear_schedule(1.0, 0.5, 4)
+    tx = optax.chain(unit_scale(), optax.sgd(sched))
+    state = tx.init(g)
+    for t in range(3):
+        u, state = tx.update(g, state)
+        normed, _ = unit_scale().update(g, unit_scale().init(g))
+        chex.assert_trees_all_close(u, jax.tree.map(lambda x: -float(sched(t)) * x, normed), rtol=1e-6)
+
+
+def test_inject_hyperparams_can_change_decay():
+    g = _grads()
+    tx = optax.inject_hyperparams(unit_scale)(decay=0.0)
+    state = tx.init(g)
+    u, state = tx.update(g, state)
+    state.hyperparams["decay"] = jnp.asarray(0.5)
+    u2, state = tx.update(jax.tree.map(lambda x: 2 * x, g), state)
+    # step 2 with decay 0.5: ms_hat = (0.5 * 0.5 * ms + 0.5 * 4 ms) / 0.75 = 3 ms -> out = 2g / sqrt(3 ms)
+    ref = _reference([g, jax.tree.map(lambda x: 2 * x, g)], 0.5)[1]
+    chex.assert_trees_all_close(u2, ref, rtol=2e-6)
+
+
+def test_multisteps_normalises_the_accumulated_gradient():
+    g1, g2 = _grads(), _grads((5.0, 5.0, 5.0))
+    tx = optax.MultiSteps(unit_scale(), every_k_schedule=2)
+    state = tx.init(g1)
+    u, state = tx.update(g1, state)
+    chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, g1))
+    u, state = tx.update(g2, state)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+    ref, _ = unit_scale().update(mean, unit_scale().init(mean))
+    chex.assert_trees_all_close(u, ref, rtol=1e-6)
+
+
+def test_masked_and_partition():
+    g = _grads()
+    mask = {"g0": True, "g1": False, "g2": True}
+    u, _ = optax.masked(unit_scale(), mask).update(g, optax.masked(unit_scale(), mask).init(g))
+    np.testing.assert_array_equal(u["g1"], g["g1"])
+    checks.assert_unit_rms({"g0": u["g0"], "g2": u["g2"]})
+
+    tx = optax.partition({"us": unit_scale(), "id": optax.identity()},
+                         {"g0": "us", "g1": "id", "g2": "us"})
+    state = tx.init(g)
+    u, state = tx.update(g, state)
+    np.testing.assert_array_equal(u["g1"], g["g1"])
+    checks.assert_unit_rms({"g0": u["g0"], "g2": u["g2"]})
+    assert isinstance(state.inner_states["us"].inner_state.rms["g1"], optax.MaskedNode)

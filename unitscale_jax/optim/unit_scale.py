@@ -1,0 +1,125 @@
+"""``unit_scale()``: an Optax transform that unit-scales the gradient stream.
+
+Unit scaling (Blake, Orr & Luschi, ICML 2023, arXiv 2303.11257) keeps every tensor of a model
+near RMS 1 so that low-precision formats represent it well. This transform applies the same idea
+to the gradients that reach an optimizer: each leaf is divided by a running estimate of its RMS,
+so whatever follows in the chain receives tensors of RMS ~ 1, whatever the loss scale and however
+the gradient magnitudes drift during training.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from unitscale_jax.optim import _pow2
+from unitscale_jax.optim._tree import is_leaf, is_passthrough, map_arrays, value_of
+
+
+class UnitScaleState(NamedTuple):
+    """State of ``unit_scale``.
+
+    Attributes:
+      count: number of updates seen (int32 scalar).
+      rms: one float32 scalar per leaf: the bias-corrected running RMS estimate
+        ``sqrt(ms_hat_t)`` (see ``unit_scale``); ``None`` / ``MaskedNode`` leaves are kept.
+    """
+
+    count: jax.Array
+    rms: Any
+
+
+def _check_decay(decay: Any) -> None:
+    if isinstance(decay, (int, float)) and not 0.0 <= decay < 1.0:
+        raise ValueError(
+            f"unit_scale: decay must be in [0, 1) (0 = exact per-step normalisation), got {decay}.")
+
+
+def unit_scale(decay: float = 0.0, eps: float = 0.0) -> optax.GradientTransformationExtraArgs:
+    """Divides each gradient leaf by a running estimate of its RMS.
+
+    For a leaf ``g_t`` with ``n`` elements, step ``t = 1, 2, ...``::
+
+        x_t    = mean(g_t^2)                                     # mean square of the leaf
+        ms_t   = decay * ms_{t-1} + (1 - decay) * x_t,  ms_0 = 0  # EMA of the mean square
+        ms_hat = ms_t / (1 - decay^t)                            # bias correction (as in Adam)
+        out_t  = g_t / (sqrt(ms_hat) + eps)
+
+    ``decay = 0`` is exact per-step normalisation: every non-zero leaf leaves with RMS 1. With
+    ``decay > 0`` the output RMS is 1 at step 1 and follows the drift of gradient magnitudes
+    smoothly afterwards. The state holds one float32 scalar per leaf (``sqrt(ms_hat)``, stored
+    bias-corrected through the equivalent recursion
+    ``ms_hat_t = w_t ms_hat_{t-1} + (1 - w_t) x_t``, ``w_t = decay (1 - decay^(t-1)) / (1 - decay^t)``)
+    and a step count.
+
+    Loss-scale invariance: the mean square is computed after normalising the leaf by the power
+    of two just above its max-abs (``unitscale_jax.optim._pow2``), and the state is kept as an
+    RMS (not a mean square), so no square underflows or overflows float32 and, for gradients
+    multiplied by any 2^k that stay finite and normal, the outputs are bit-for-bit identical
+    (with the default ``eps = 0``). Zero leaves stay zero (no 0/0). ``None`` and
+    ``optax.MaskedNode`` leaves pass through, ``nnx.Variable`` leaves keep their wrappers.
+
+    Why put it in front of an optimizer:
+
+    * Adam (and Adafactor, Lion, sign-SGD ...) normalises each coordinate by its own second-moment
+      estimate, so multiplying a whole tensor's gradient stream by a positive constant ``c``
+      multiplies ``m`` by ``c`` and ``sqrt(v)`` by ``c``: the update direction and size are
+      unchanged (up to Adam's ``eps``). With ``decay = 0`` the per-step factor varies from step to
+      step, which reweights the history in Adam's moments by the inverse RMS of each step; with
+      ``decay`` close to Adam's ``b2`` the factor is nearly constant over Adam's window and
+      Adam's direction is unchanged. In either case what changes is the *representation*: ``m``
+      and ``v`` now hold values near 1 and 1 instead of, say, 1e-6 and 1e-12, so they can be
+      stored in bfloat16/float16/float8 without underflow, and Adam's ``eps`` acts at a known
+      relative size instead of one that depends on the loss scale.
+    * SGD's update is proportional to the gradient, so its effective learning rate is the
+      gradient scale times the learning rate: unit-scaled gradients give SGD a learning rate
+      that means the same thing for every tensor, every loss scale and every stage of training,
+      which is what u-muP's SGD rules (``scale_by_umup(..., optimizer="sgd")``) assume.
+
+    Args:
+      decay: EMA decay of the mean square, in [0, 1). 0 (default) normalises every step exactly.
+      eps: added to the RMS estimate in the denominator. The default 0 keeps the transform exactly
+        invariant to power-of-two loss scales; a positive value bounds the amplification of
+        leaves whose gradients are tiny in absolute terms, at the price of that invariance for
+        leaves with RMS near or below ``eps``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (extra args are accepted and ignored).
+    """
+    _check_decay(decay)
+
+    def init_fn(params):
+        rms = jax.tree_util.tree_map(
+            lambda p: p if is_passthrough(p) else jnp.zeros((), jnp.float32), params,
+            is_leaf=is_leaf)
+        return UnitScaleState(count=jnp.zeros((), jnp.int32), rms=rms)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        count = optax.safe_increment(state.count)
+        d = jnp.asarray(decay, jnp.float32)
+        t = count.astype(jnp.float32)
+        # Weight of the previous bias-corrected estimate; exactly 0 at t = 1 and for decay = 0.
+        w = d * (1.0 - d ** (t - 1.0)) / (1.0 - d ** t)
+        w = jnp.where((count <= 1) | (d == 0), 0.0, w)
+
+        def new_rms(key, g, r):
+            x = _pow2.rms(g)
+            return jnp.where(w == 0, x, _pow2.weighted_rms(r, x, w))
+
+        rms = jax.tree_util.tree_map(
+            lambda g, r: g if is_passthrough(g) else new_rms(None, value_of(g), r),
+            updates, state.rms, is_leaf=is_leaf)
+
+        def scale(key, g, r):
+            denom = r + jnp.asarray(eps, jnp.float32)
+            # denom == 0 only for an all-zero leaf; NaN/inf gradients propagate.
+            out = g.astype(jnp.float32) / jnp.where(denom == 0, 1.0, denom)
+            return jnp.where(denom == 0, 0.0, out).astype(g.dtype)
+
+        return map_arrays(scale, updates, rms), UnitScaleState(count=count, rms=rms)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
