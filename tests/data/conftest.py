@@ -2,7 +2,7 @@
 
 import pytest
 
-LINES = ["Ünïcödé line {i}: the quick brown fox jumps over the lazy dog — ✓ 日本語 {i}\n"]
+LINE = "Ünïcödé line {i}: the quick brown fox jumps over the lazy dog — ✓ 日本語 {i}\n"
 
 
 def write_corpus(directory, n_files=3, lines_per_file=40):
@@ -10,7 +10,7 @@ def write_corpus(directory, n_files=3, lines_per_file=40):
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for f in range(n_files):
-        text = "".join(LINES[0].format(i=f * 1000 + i) for i in range(lines_per_file))
+        text = "".join(LINE.format(i=f * 1000 + i) for i in range(lines_per_file))
         path = directory / f"part{f}.txt"
         path.write_text(text, encoding="utf-8")
         paths.append(path)

@@ -220,3 +220,20 @@ def test_epoch_shuffle_is_a_new_permutation_each_epoch():
     assert [again[i] for i in range(30)] == order
     other = data.pipeline.EpochShuffle(grain.MapDataset.range(10), seed=6)
     assert [other[i] for i in range(10)] != epochs[0]
+
+
+def test_state_round_trips_through_an_orbax_checkpoint(source, tmp_path):
+    """What the trainer does: save get_state() with orbax's JsonSave, restore, resume."""
+    import orbax.checkpoint as ocp
+    kw = dict(seq_len=16, batch_size=2, seed=4, task="mlm")
+    it = data.make_iterator(source, "train", **kw)
+    _take(it, 7)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(7, args=ocp.args.Composite(data=ocp.args.JsonSave(it.get_state())))
+        mngr.wait_until_finished()
+    expected = _take(it, 5)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        restored = mngr.restore(7, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+    again = data.make_iterator(source, "train", **kw)
+    again.set_state(restored["data"])
+    _assert_same(_take(again, 5), expected)

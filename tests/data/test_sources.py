@@ -240,3 +240,13 @@ def test_builtin_corpus_in_a_clean_process_without_tf_or_importlib_resources(tmp
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "['train', 'validation'] (2, 64) False"
+
+
+def test_tfds_missing_package_is_one_clear_error(data_dir, monkeypatch):
+    def prepare(self, **kwargs):
+        import tensorflow  # noqa: F401  (not installed here: the dataset "needs" it)
+
+    monkeypatch.setattr(UnitscaleTestTrainOnly, "download_and_prepare", prepare)
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    with pytest.raises(RuntimeError, match=r"needs the Python package 'tensorflow'.*pip install"):
+        data.resolve_source("tfds:unitscale_test_train_only", data_dir=data_dir)

@@ -44,7 +44,8 @@ def mask_tokens(ids_BxL: np.ndarray, rng: np.random.Generator, tokenizer: Tokeni
     """
     if not 0 < mask_prob < 1 or mask_token_prob + random_token_prob > 1:
         raise ValueError(f"bad masking probabilities: mask_prob={mask_prob}, "
-                         f"mask_token_prob={mask_token_prob}, random_token_prob={random_token_prob}")
+                         f"mask_token_prob={mask_token_prob}, "
+                         f"random_token_prob={random_token_prob}")
     labels = np.asarray(ids_BxL, np.int32)
     regular = regular_ids(tokenizer)
     candidates = ~np.isin(labels, special_ids(tokenizer))

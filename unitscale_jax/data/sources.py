@@ -14,6 +14,7 @@ field.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 from typing import Any, Iterator, Mapping, Sequence
@@ -112,9 +113,11 @@ def _tfds_source(name: str, *, data_dir, text_key, validation_fraction, download
                  quiet) -> TextSource:
     import tensorflow_datasets as tfds
     if not name:
-        raise ValueError("empty tfds dataset name; use --data tfds:NAME, e.g. tfds:tiny_shakespeare.")
+        raise ValueError("empty tfds dataset name; use --data tfds:NAME, e.g. "
+                         "tfds:tiny_shakespeare.")
     try:
-        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        with _missing_package_hint(name):
+            builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError:
         base = name.split("/")[0].split(":")[0]
         close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False),
@@ -125,16 +128,9 @@ def _tfds_source(name: str, *, data_dir, text_key, validation_fraction, download
     key = _text_key(builder.info.features, text_key, name)
     if download:
         try:
-            with builders.quiet_tfds(quiet):
+            with builders.quiet_tfds(quiet), _missing_package_hint(name):
                 builder.download_and_prepare(file_format="array_record")
-        except ModuleNotFoundError as e:
-            if e.name != "importlib_resources":
-                raise
-            raise RuntimeError("tensorflow-datasets needs the importlib_resources package to "
-                               "prepare this dataset (an undeclared dependency, "
-                               "tensorflow/datasets#11212): pip install importlib_resources"
-                               ) from None
-        except (OSError, ConnectionError) as e:
+        except OSError as e:  # includes requests' ConnectionError
             raise RuntimeError(f"could not download or prepare tfds dataset {name!r} into "
                                f"{builder.data_dir} ({type(e).__name__}: {e}); it needs the "
                                "internet, or pass a local corpus with --data PATH.") from None
@@ -158,6 +154,18 @@ def _tfds_source(name: str, *, data_dir, text_key, validation_fraction, download
         names = {"train": "train"}
     splits = {k: builder.as_data_source(split=v) for k, v in names.items()}
     return TextSource(f"tfds:{name}", splits, key)
+
+
+@contextlib.contextmanager
+def _missing_package_hint(name: str):
+    """Turns a missing optional package (e.g. tensorflow for a dataset whose generation needs
+    it, or importlib_resources, which tfds 4.9.10 uses but does not declare:
+    tensorflow/datasets#11212) into one clear RuntimeError."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        raise RuntimeError(f"tfds dataset {name!r} needs the Python package {e.name!r}, which is "
+                           f"not installed (pip install {e.name}).") from None
 
 
 def _text_key(features, text_key: str | None, name: str) -> str:

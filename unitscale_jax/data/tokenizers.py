@@ -46,7 +46,7 @@ def regular_ids(tok: Tokenizer) -> np.ndarray:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens: ids 0..255 are the byte values, then pad=256, bos=257, eos=258, mask=259.
+    """UTF-8 bytes as tokens: ids 0..255 are the bytes; pad=256, bos=257, eos=258, mask=259.
 
     The vocabulary is exactly 260. It is not rounded up to a multiple of 8 or 64: ids that never
     occur would still take part in the softmax (changing the loss at init and u-muP's
