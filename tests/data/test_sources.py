@@ -186,6 +186,10 @@ def test_bad_local_paths(tmp_path, data_dir):
         data.resolve_source(str(tmp_path / "latin1.txt"), data_dir=data_dir)
     with pytest.raises(ValueError, match="is a directory"):
         data.resolve_source(str(tmp_path), data_dir=data_dir)
+    (tmp_path / "tiny.txt").write_text("tiny corpus\n")
+    with pytest.raises(ValueError, match=r"has 12 characters, which make 1 chunk\(s\) of up to "
+                                         r"256: too few.*validation_fraction=0"):
+        data.resolve_source(str(tmp_path / "tiny.txt"), data_dir=data_dir)
     with pytest.raises(ValueError, match="no data path"):
         data.resolve_source([], data_dir=data_dir)
 

@@ -98,7 +98,8 @@ def chunk_text(text: str, chunk_chars: int) -> list[str]:
     """Cuts ``text`` into pieces of at most ``chunk_chars`` characters, preferably at line breaks.
 
     A window is cut after its last ``\\n`` if that lies in the window's second half, else at
-    ``chunk_chars``. Concatenating the pieces gives back ``text``; blank pieces are dropped.
+    ``chunk_chars``. Concatenating the pieces gives back ``text``, except that whitespace-only
+    pieces are dropped.
     """
     if chunk_chars < 1:
         raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}.")
@@ -150,5 +151,9 @@ def iter_chunks(documents: Sequence[tuple[str, str]], chunk_chars: int,
     size = effective_chunk_chars(total, chunk_chars, validation_fraction)
     chunks = [(name, i, piece) for name, text in documents
               for i, piece in enumerate(chunk_text(text, size))]
+    if validation_fraction > 0 and len(chunks) < 2:
+        raise ValueError(f"the corpus has {total} characters, which make {len(chunks)} chunk(s) "
+                         f"of up to {size}: too few to hold out a validation split; pass more "
+                         f"than {size} characters of text or validation_fraction=0.")
     for split, (name, i, piece) in zip(split_chunks(len(chunks), validation_fraction), chunks):
         yield split, name, i, piece
