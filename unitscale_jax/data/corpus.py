@@ -36,7 +36,7 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
     out: list[str] = []
     for p in map(os.fspath, paths):
         p = os.path.expanduser(p)
-        if glob.has_magic(p):
+        if any(c in p for c in "*?["):  # a glob pattern
             files = sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
             if not files:
                 raise FileNotFoundError(f"the glob {p!r} matches no file.")
