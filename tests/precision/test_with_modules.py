@@ -1,0 +1,52 @@
+"""The policy plugged into unitscale_jax.nn's decoder through its precision hook."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unitscale_jax.nn import TransformerDecoder
+from unitscale_jax.precision import UMUP_LARGE_RUN_OVERRIDES, get_policy
+
+CFG = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, scan_layers=False)
+IDS = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+
+
+def _loss_and_grads(policy, **kw):
+    model = TransformerDecoder(**CFG, **kw, precision=policy, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        return nnx.merge(graphdef, p, rest).loss(IDS)
+
+    fn = jax.jit(jax.value_and_grad(loss))
+    return fn(params), fn.lower(params).as_text()
+
+
+def test_fp32_policy_is_a_no_op():
+    (l0, g0), _ = _loss_and_grads(None)
+    (l1, g1), _ = _loss_and_grads(get_policy("fp32"))
+    chex.assert_trees_all_equal((l0, g0), (l1, g1))
+
+
+def test_fp8_real_matches_fp8_sim_in_a_decoder():
+    (ls, gs), sim_text = _loss_and_grads(get_policy("fp8-sim"))
+    (lr, gr), real_text = _loss_and_grads(get_policy("fp8", compute_dtype=jnp.float32))
+    np.testing.assert_allclose(float(lr), float(ls), rtol=1e-5)
+    chex.assert_trees_all_close(gr, gs, rtol=1e-3, atol=1e-4)
+    (l32, _), _ = _loss_and_grads(None)
+    assert float(lr) != float(l32) and abs(float(lr) - float(l32)) < 0.05 * float(l32)
+    dots = [ln for ln in real_text.splitlines() if "stablehlo.dot_general" in ln]
+    # (qkv, out, up, gate, down) + readout = 6 projections, 3 matmuls each.
+    assert sum("f8E4M3FN>" in ln for ln in dots) == 18
+    assert sum("f8E5M2>" in ln for ln in dots) == 12
+    assert "f8E4M3FN" not in sim_text
+
+
+def test_bf16_fp8_preset_with_large_run_overrides():
+    (loss, grads), text = _loss_and_grads(get_policy("fp8", overrides=UMUP_LARGE_RUN_OVERRIDES))
+    assert bool(jnp.isfinite(loss)) and all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    dots = [ln for ln in text.splitlines() if "stablehlo.dot_general" in ln]
+    # attn_out and ffn_down now run in bf16: 4 projections in float8.
+    assert sum("f8E4M3FN>" in ln for ln in dots) == 12
