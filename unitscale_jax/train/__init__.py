@@ -1,0 +1,31 @@
+"""The training pipeline: ``unitscale-jax train`` / ``python -m unitscale_jax.train``.
+
+Python API (what the experiment scripts call in-process)::
+
+    from unitscale_jax import train
+    cfg = train.get_preset("tiny").replace(model={"parametrization": "sp"},
+                                           optimizer={"lr": 2**-8},
+                                           training={"steps": 100, "run_dir": "runs/x"})
+    summary = train.run(cfg)            # dict: losses, tokens/s, paths, history
+    model = train.build_model(cfg, vocab_size=260)
+    tx, schedule = train.build_optimizer(train.resolve(cfg), unitscale_jax.nn.param_info(model))
+"""
+
+from unitscale_jax.train.build import (TASKS, build_model, build_optimizer, build_schedule,
+                                       transformer_config)
+from unitscale_jax.train.config import (Config, DataConfig, ModelConfig, OptimizerConfig,
+                                        TrainingConfig, default_lr, resolve, validate)
+from unitscale_jax.train.errors import TrainingStopped, UsageError
+from unitscale_jax.train.loop import format_summary, run
+from unitscale_jax.train.metrics import loss_curve, read_metrics
+from unitscale_jax.train.presets import PRESETS, get_preset
+from unitscale_jax.train.precision import PRECISIONS, precision_setup
+from unitscale_jax.train.sample import generate_text, load_run, sample
+
+__all__ = [
+    "TASKS", "build_model", "build_optimizer", "build_schedule", "transformer_config",
+    "Config", "DataConfig", "ModelConfig", "OptimizerConfig", "TrainingConfig", "default_lr",
+    "resolve", "validate", "TrainingStopped", "UsageError", "format_summary", "run",
+    "loss_curve", "read_metrics", "PRESETS", "get_preset", "PRECISIONS", "precision_setup",
+    "generate_text", "load_run", "sample",
+]

@@ -1,0 +1,168 @@
+"""Checkpoints: an orbax ``CheckpointManager`` (async saves, keep the latest N) plus checks.
+
+A checkpoint at step ``s`` (the state after ``s`` optimizer steps) is one directory
+``<run_dir>/checkpoints/<s>`` with three items:
+
+- ``state``: the train state pytree (model parameters, optimizer state, step, PRNG key data),
+  restored straight into the run's shardings;
+- ``data``: the data pipeline's position (``DataIterator.get_state()``, JSON);
+- ``meta``: JSON with the step and a SHA-256 digest of every state array.
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
+run killed during a save leaves a ``*.orbax-checkpoint-tmp*`` directory: it is reported and
+removed, never read. A complete checkpoint whose restore fails or whose digest does not
+match (a corrupt file) is reported, moved to ``<run_dir>/corrupt_checkpoints`` and skipped;
+the previous one is tried. The digest is computed on the host and so needs fully addressable
+arrays (one process); multi-process runs skip it and rely on orbax's own checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
+KILL_DURING_SAVE_ENV = "UNITSCALE_JAX_TEST_KILL_DURING_SAVE"
+
+
+def state_digest(state: Any) -> Optional[str]:
+    """SHA-256 over the bytes, dtypes and shapes of every leaf (None if not addressable)."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for _, x in leaves):
+        return None
+    h = hashlib.sha256()
+    for path, x in leaves:
+        a = np.asarray(jax.device_get(x))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _install_kill_during_save(step: int) -> None:
+    """Test hook: SIGKILL this process when orbax is about to commit checkpoint ``step``
+    (every file written, the rename to the final name not done): a deterministic crash in
+    the middle of a save."""
+    from orbax.checkpoint._src.path import atomicity
+
+    for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+        original = cls.finalize
+
+        async def finalize(self, *args, _original=original, **kwargs):
+            if self.get_final().name == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return await _original(self, *args, **kwargs)
+
+        cls.finalize = finalize
+
+
+class Checkpoints:
+    """Saves and restores train state + data state under ``directory``.
+
+    Args:
+      directory: the checkpoint root (created if missing).
+      keep: how many of the latest checkpoints to keep (orbax ``LatestN`` preservation).
+      async_save: write in a background thread (``enable_async_checkpointing``).
+      log: function receiving one-line reports (partial / corrupt checkpoints).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
+                 log: Callable[[str], None] = print):
+        self.directory = Path(directory).absolute()
+        self.log = log
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._report_partial()
+        if os.environ.get(KILL_DURING_SAVE_ENV):
+            _install_kill_during_save(int(os.environ[KILL_DURING_SAVE_ENV]))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "meta"))
+
+    def _report_partial(self) -> None:
+        if jax.process_index() != 0:
+            return
+        for p in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
+            self.log(f"checkpoint: ignoring incomplete checkpoint {p.name} (the run stopped "
+                     "while saving it); removing it.")
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
+        """Starts saving ``state`` at ``step`` (returns at once when async)."""
+        meta = {"step": int(step), "digest": state_digest(state), "time": time.time()}
+        return self.manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)), force=force)
+
+    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        state, meta = out["state"], out["meta"]
+        if not isinstance(meta, dict) or meta.get("step") != step:
+            raise ValueError(f"metadata is missing or names another step ({meta!r})")
+        if int(jax.device_get(state["step"])) != step:
+            raise ValueError(f"state holds step {int(jax.device_get(state['step']))}")
+        digest = meta.get("digest")
+        if digest is not None:
+            got = state_digest(state)
+            if got is not None and got != digest:
+                raise ValueError("array contents do not match the digest written at save time")
+        if out["data"] is None:
+            raise ValueError("the data-pipeline state is missing")
+        return state, out["data"]
+
+    def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
+        """The newest checkpoint that restores and verifies, as ``(step, state, data_state)``.
+
+        Checkpoints that fail are reported, moved to ``../corrupt_checkpoints`` and skipped.
+        Returns None when there is none.
+        """
+        bad = []
+        result = None
+        for step in reversed(self.steps()):
+            try:
+                state, data = self._restore(step, abstract_state)
+            except Exception as e:  # any failure means: do not use this checkpoint
+                reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                self.log(f"checkpoint: step {step} in {self.directory} is corrupt or "
+                         f"incomplete ({type(e).__name__}: {reason}); skipping it.")
+                bad.append(step)
+                continue
+            result = (step, state, data)
+            break
+        if bad:
+            self._quarantine(bad)
+        return result
+
+    def _quarantine(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            dest = self.directory.parent / "corrupt_checkpoints"
+            dest.mkdir(exist_ok=True)
+            for step in steps:
+                src = self.directory / str(step)
+                target = dest / f"{step}-{int(time.time())}"
+                if src.exists():
+                    shutil.move(str(src), str(target))
+                    self.log(f"checkpoint: moved step {step} to {target}.")
+        self.manager.reload()
+
+    def wait(self) -> None:
+        """Blocks until a background save has finished."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,318 @@
+"""The trainer's typed configuration: four dataclasses, JSON round trip, validation.
+
+``Config`` holds ``model`` (``ModelConfig``), ``data`` (``DataConfig``), ``optimizer``
+(``OptimizerConfig``) and ``training`` (``TrainingConfig``). Every field becomes a command-line
+flag (``unitscale_jax.train.flags``): the flag is ``--`` plus the field name with ``-`` for
+``_``, except where a field's metadata names another (``ModelConfig.kind`` is ``--model``,
+``OptimizerConfig.name`` is ``--optimizer``). A run saves its config as ``config.json``.
+
+``None`` in a field means "the default for the rest of the config", resolved by
+``resolve`` (e.g. ``lr=None`` -> 1.0 for u-muP Adam, 1e-3 for SP Adam).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from typing import Any, Optional
+
+from unitscale_jax.train.errors import UsageError
+
+MODEL_KINDS = ("decoder", "encoder", "encdec")
+PARAMETRIZATIONS = ("umup", "sp")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "warmup_cosine", "exponential", "plateau")
+SHARDINGS = ("dp", "fsdp", "tp", "fsdp_tp")
+DISTRIBUTED = ("auto", "on", "off")
+
+
+def _f(default: Any, help: str, *, flag: Optional[str] = None,
+       choices: Optional[tuple] = None) -> Any:
+    meta = {"help": help}
+    if flag:
+        meta["flag"] = flag
+    if choices:
+        meta["choices"] = choices
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The model: which Transformer, its parametrization and its shape (see
+    ``unitscale_jax.nn.TransformerConfig`` for the meaning of each field)."""
+
+    kind: str = _f("decoder", "decoder (causal LM), encoder (masked LM) or encdec (span "
+                   "corruption)", flag="--model", choices=MODEL_KINDS)
+    parametrization: str = _f("umup", "umup (unit-scaled muP) or sp (standard)",
+                              choices=PARAMETRIZATIONS)
+    d_model: int = _f(64, "width of the residual stream")
+    n_layers: int = _f(2, "number of layers (of the encoder, for encdec)")
+    n_heads: int = _f(4, "attention heads")
+    d_head: Optional[int] = _f(None, "head width (default d_model / n_heads)")
+    ffn_mult: float = _f(4.0, "MLP hidden width as a multiple of d_model")
+    mlp: str = _f("swiglu", "MLP kind", choices=("swiglu", "gelu"))
+    norm: str = _f("rms", "norm kind", choices=("rms", "layer"))
+    parametric_norm: bool = _f(False, "learnable norm gains")
+    bias: bool = _f(False, "biases in linear layers")
+    dropout: float = _f(0.0, "dropout rate")
+    rope: Optional[bool] = _f(None, "rotary positions (default: off for decoder, on otherwise)")
+    attn_mult: float = _f(1.0, "u-muP alpha_attn-softmax")
+    act_mult: float = _f(1.0, "u-muP alpha_ffn-act")
+    residual_mult: float = _f(1.0, "u-muP alpha_res")
+    residual_attn_ratio: float = _f(1.0, "u-muP alpha_res-attn-ratio")
+    loss_mult: float = _f(1.0, "u-muP alpha_loss-softmax")
+    sp_init_std: Optional[float] = _f(0.02, "SP init std of weights (None: fan_in^-1/2)")
+    n_decoder_layers: Optional[int] = _f(None, "decoder depth of encdec (default n_layers)")
+    scan_layers: bool = _f(True, "run the layer stack with jax.lax.scan")
+    remat: bool = _f(False, "rematerialise layers in the backward pass")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """The data: source, tokenizer, sequence length and objective parameters."""
+
+    data: Optional[str] = _f(None, "text file or glob (comma-separated for several), or "
+                             "tfds:NAME; default: the built-in corpus (pydoc_data.topics)")
+    tokenizer: str = _f("bytes", "tokenizer name (see unitscale_jax.data.get_tokenizer)")
+    seq_len: int = _f(64, "tokens per sequence")
+    packing: str = _f("pack", "pack documents into rows, or crop one per row",
+                      choices=("pack", "crop"))
+    validation_fraction: float = _f(0.05, "share of local text held out for validation")
+    data_dir: Optional[str] = _f(None, "tfds data directory (default: tfds' own)")
+    text_key: Optional[str] = _f(None, "text feature of a tfds dataset")
+    mask_prob: float = _f(0.15, "masked-LM selection probability (encoder)")
+    noise_density: float = _f(0.15, "span-corruption noise density (encdec)")
+    mean_span: float = _f(3.0, "span-corruption mean span length (encdec)")
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """The optimizer and learning-rate schedule."""
+
+    name: str = _f("adamw", "optimizer (u-muP runs use unitscale_jax.optim's, SP runs optax's)",
+                   flag="--optimizer", choices=OPTIMIZERS)
+    lr: Optional[float] = _f(None, "peak learning rate (default: 1.0 for u-muP Adam(W), 0.5 "
+                             "for u-muP SGD; 1e-3 for SP Adam(W), 0.1 for SP SGD)", flag="--lr")
+    schedule: str = _f("warmup_cosine", "learning-rate schedule", choices=SCHEDULES)
+    warmup_steps: Optional[int] = _f(None, "warmup steps (default: 10%% of steps, at most 1000)")
+    end_lr_fraction: float = _f(0.1, "final / peak learning rate (warmup_cosine, exponential)")
+    plateau_factor: float = _f(0.5, "reduce_on_plateau: factor per plateau")
+    plateau_patience: int = _f(5, "reduce_on_plateau: evaluations without improvement")
+    plateau_accumulation: int = _f(10, "reduce_on_plateau: training losses averaged per "
+                                   "evaluation")
+    weight_decay: Optional[float] = _f(None, "weight decay (default: adamw 1e-4 u-muP "
+                                       "(independent) / 0.01 SP (decoupled); else 0)")
+    b1: float = _f(0.9, "Adam beta1")
+    b2: float = _f(0.999, "Adam beta2")
+    eps: float = _f(1e-8, "Adam epsilon")
+    momentum: Optional[float] = _f(0.9, "SGD momentum (None: plain SGD)")
+    grad_clip: Optional[float] = _f(None, "clip gradients to this global norm")
+    unit_scale_grads: bool = _f(False, "chain unitscale_jax.optim.unit_scale() first")
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """The run: steps, batch, evaluation, checkpoints, precision, sharding, outputs."""
+
+    steps: int = _f(200, "training steps")
+    batch_size: int = _f(16, "global batch size (sequences per step, over all devices)")
+    eval_every: int = _f(50, "evaluate every this many steps (0: only at the end)")
+    eval_batches: int = _f(4, "validation batches per evaluation")
+    log_every: int = _f(1, "write training metrics every this many steps")
+    checkpoint_every: Optional[int] = _f(None, "save a checkpoint every this many steps "
+                                         "(default eval_every; 0: only at the end)")
+    checkpoint: bool = _f(True, "write checkpoints (needed to resume)")
+    keep_checkpoints: int = _f(3, "latest checkpoints kept (older ones are deleted)")
+    async_checkpointing: bool = _f(True, "write checkpoints in the background")
+    seed: int = _f(0, "seed of the initialisation, data order and dropout")
+    run_dir: Optional[str] = _f(None, "output directory (default runs/<preset>-<model>-"
+                                "<parametrization>); rerunning resumes from its checkpoint")
+    precision: str = _f("fp32", "number format policy (see unitscale_jax.train.precision)")
+    sharding: str = _f("dp", "dp (data parallel), fsdp, tp (tensor parallel) or fsdp_tp",
+                       choices=SHARDINGS)
+    tensor_parallel: Optional[int] = _f(None, "devices per tensor-parallel group (tp: all, "
+                                        "fsdp_tp: 2)")
+    distributed: str = _f("auto", "jax.distributed.initialize: auto (when a cluster "
+                          "environment is detected), on or off", choices=DISTRIBUTED)
+    progress: bool = _f(True, "show a progress bar")
+    tensorboard: bool = _f(True, "write TensorBoard event files")
+    plot: bool = _f(True, "write a PNG of the loss curves at the end")
+    overwrite: bool = _f(False, "delete an existing run in run_dir instead of resuming it")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
+            "training": TrainingConfig}
+
+# Fields that may change between a run and its resumption (they do not change what the
+# checkpointed state means).
+RESUMABLE_CHANGES = {("training", f) for f in (
+    "steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "keep_checkpoints",
+    "async_checkpointing", "run_dir", "progress", "tensorboard", "plot", "overwrite",
+    "distributed")}
+
+
+@dataclasses.dataclass
+class Config:
+    """A complete training configuration (``preset`` records which preset it started from)."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    preset: str = "tiny"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Builds a config from ``to_dict`` output; unknown keys are an error."""
+        unknown = set(d) - set(SECTIONS) - {"preset"}
+        if unknown:
+            raise UsageError(f"config has unknown section(s) {sorted(unknown)}; expected "
+                             f"{sorted(SECTIONS)} and 'preset'.")
+        parts = {}
+        for name, klass in SECTIONS.items():
+            values = dict(d.get(name, {}))
+            known = {f.name for f in dataclasses.fields(klass)}
+            bad = set(values) - known
+            if bad:
+                raise UsageError(f"config section {name!r} has unknown field(s) {sorted(bad)}.")
+            parts[name] = klass(**values)
+        return cls(**parts, preset=d.get("preset", "tiny"))
+
+    def replace(self, **sections: dict) -> "Config":
+        """A copy with fields of some sections changed: ``cfg.replace(training={"steps": 5})``."""
+        d = self.to_dict()
+        for name, values in sections.items():
+            if name == "preset":
+                d["preset"] = values
+                continue
+            if name not in SECTIONS:
+                raise UsageError(f"unknown config section {name!r}; use one of {sorted(SECTIONS)}.")
+            d[name].update(values)
+        return Config.from_dict(d)
+
+
+def field_type(klass, field: dataclasses.Field) -> tuple[type, bool]:
+    """``(base type, optional)`` of a dataclass field (``Optional[int]`` -> ``(int, True)``)."""
+    hint = typing.get_type_hints(klass)[field.name]
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def validate(cfg: Config) -> None:
+    """Checks types, choices and ranges of every field.
+
+    Raises:
+      UsageError: with the field's flag name, the bad value and what is allowed.
+    """
+    from unitscale_jax.train.precision import PRECISIONS
+    for section, klass in SECTIONS.items():
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(klass):
+            value = getattr(obj, f.name)
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            base, optional = field_type(klass, f)
+            if value is None:
+                if not optional:
+                    raise UsageError(f"{flag} needs a value (it cannot be None).")
+                continue
+            ok = (isinstance(value, bool) if base is bool else
+                  isinstance(value, int) and not isinstance(value, bool) if base is int else
+                  isinstance(value, (int, float)) and not isinstance(value, bool)
+                  if base is float else isinstance(value, base))
+            if not ok:
+                raise UsageError(f"{flag} must be a {base.__name__}, got {value!r}.")
+            if base is float and not math.isfinite(value):
+                raise UsageError(f"{flag} must be finite, got {value!r}.")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise UsageError(f"{flag} must be one of {', '.join(choices)}; got {value!r}.")
+    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.training
+    positive = [("--d-model", m.d_model), ("--n-layers", m.n_layers), ("--n-heads", m.n_heads),
+                ("--seq-len", d.seq_len), ("--steps", t.steps), ("--batch-size", t.batch_size),
+                ("--eval-batches", t.eval_batches), ("--log-every", t.log_every),
+                ("--keep-checkpoints", t.keep_checkpoints),
+                ("--plateau-patience", o.plateau_patience),
+                ("--plateau-accumulation", o.plateau_accumulation)]
+    for flag, v in positive:
+        if v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}.")
+    if d.seq_len < 2:
+        raise UsageError(f"--seq-len must be >= 2, got {d.seq_len}.")
+    for flag, v in [("--eval-every", t.eval_every), ("--checkpoint-every", t.checkpoint_every),
+                    ("--warmup-steps", o.warmup_steps), ("--seed", t.seed)]:
+        if v is not None and v < 0:
+            raise UsageError(f"{flag} must be >= 0, got {v}.")
+    if not 0 <= t.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {t.seed}.")
+    if o.lr is not None and not o.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {o.lr}.")
+    if not 0 <= m.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {m.dropout}.")
+    if not 0 < d.validation_fraction <= 0.5:
+        raise UsageError(f"--validation-fraction must be in (0, 0.5], got {d.validation_fraction}.")
+    if not 0 < o.end_lr_fraction <= 1:
+        raise UsageError(f"--end-lr-fraction must be in (0, 1], got {o.end_lr_fraction}.")
+    if m.d_head is None and m.d_model % m.n_heads:
+        raise UsageError(f"--d-model ({m.d_model}) is not divisible by --n-heads ({m.n_heads}); "
+                         "change one of them or set --d-head.")
+    if t.precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}; got "
+                         f"{t.precision!r}.")
+    if t.tensor_parallel is not None and t.tensor_parallel < 1:
+        raise UsageError(f"--tensor-parallel must be >= 1, got {t.tensor_parallel}.")
+
+
+def default_lr(parametrization: str, optimizer: str) -> float:
+    """Default peak learning rate: u-muP's optimum sits near 2^0 for Adam at any width (u-muP
+    paper, fig. 1); SP's moves with width, 1e-3 is a common middle for small models."""
+    if parametrization == "umup":
+        return 1.0 if optimizer in ("adam", "adamw") else 0.5
+    return 1e-3 if optimizer in ("adam", "adamw") else 0.1
+
+
+def resolve(cfg: Config) -> Config:
+    """Fills every ``None`` that has a config-dependent default; validates the result."""
+    validate(cfg)
+    m, o, t = cfg.model, cfg.optimizer, cfg.training
+    model = {"rope": m.kind != "decoder"} if m.rope is None else {}
+    opt = {}
+    if o.lr is None:
+        opt["lr"] = default_lr(m.parametrization, o.name)
+    if o.warmup_steps is None:
+        opt["warmup_steps"] = min(1000, t.steps // 10)
+    if o.weight_decay is None:
+        opt["weight_decay"] = ((1e-4 if m.parametrization == "umup" else 0.01)
+                               if o.name == "adamw" else 0.0)
+    train = {}
+    if t.checkpoint_every is None:
+        train["checkpoint_every"] = t.eval_every
+    if t.run_dir is None:
+        train["run_dir"] = f"runs/{cfg.preset}-{m.kind}-{m.parametrization}"
+    out = cfg.replace(model=model, optimizer=opt, training=train)
+    if out.optimizer.schedule == "warmup_cosine" and out.optimizer.warmup_steps >= t.steps:
+        raise UsageError(f"--warmup-steps ({out.optimizer.warmup_steps}) must be smaller than "
+                         f"--steps ({t.steps}).")
+    return out
+
+
+def differences(old: Config, new: Config) -> list[str]:
+    """Fields (``section.field: old -> new``) that differ and may not change on resumption."""
+    out = []
+    a, b = old.to_dict(), new.to_dict()
+    for section in SECTIONS:
+        for k in a[section]:
+            if (section, k) in RESUMABLE_CHANGES:
+                continue
+            if a[section][k] != b[section].get(k):
+                out.append(f"{section}.{k}: {a[section][k]!r} -> {b[section].get(k)!r}")
+    return out

@@ -1,0 +1,170 @@
+"""Command-line flags generated from the config dataclasses.
+
+Every field of ``ModelConfig``, ``DataConfig``, ``OptimizerConfig`` and ``TrainingConfig``
+becomes ``--field-name`` (or the ``flag`` in its metadata), with the preset's value as its
+default: booleans get ``--x`` / ``--no-x``; optional fields accept ``none``; floats also accept
+powers of two such as ``2^-3``. ``--preset NAME`` picks the starting values and ``--config
+FILE.json`` (a saved ``config.json``) replaces them. Parse errors raise ``UsageError`` (one line
+with a close match), never print a usage block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from unitscale_jax.train.config import SECTIONS, Config, field_type
+from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.precision import PRECISIONS
+from unitscale_jax.train.presets import PRESETS, get_preset
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are ``UsageError`` (one line)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+    def parse_all(self, argv: Sequence[str]) -> argparse.Namespace:
+        ns, extra = self.parse_known_args(argv)
+        if extra:
+            known = [o for a in self._actions for o in a.option_strings]
+            hints = []
+            for e in extra:
+                close = difflib.get_close_matches(e.split("=")[0], known, n=1)
+                hints.append(f"{e}" + (f" (did you mean {close[0]}?)" if close else ""))
+            raise UsageError(f"unknown option(s): {', '.join(hints)} "
+                             f"(see {self.prog} --help)")
+        return ns
+
+
+def _number(base: type, optional: bool, flag: str):
+    def parse(text: str):
+        t = text.strip().lower()
+        if optional and t in ("none", "null", ""):
+            return None
+        try:
+            if base is int:
+                return int(t)
+            if "^" in t or "**" in t:
+                a, b = t.replace("**", "^").split("^")
+                return float(a) ** float(b)
+            return float(t)
+        except ValueError:
+            kind = "an integer" if base is int else "a number"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {kind}" + (" (or 'none')" if optional else "")) from None
+    parse.__name__ = base.__name__
+    return parse
+
+
+def _string(optional: bool):
+    def parse(text: str):
+        return None if optional and text.strip().lower() in ("none", "null") else text
+    parse.__name__ = "str"
+    return parse
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+
+
+def add_config_flags(parser: argparse.ArgumentParser, base: Config) -> None:
+    """Adds one flag per config field (defaults from ``base``), grouped by section."""
+    seen = set()
+    for section, klass in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        obj = getattr(base, section)
+        for f in dataclasses.fields(klass):
+            flag = flag_name(f)
+            assert flag not in seen, f"duplicate flag {flag}"
+            seen.add(flag)
+            dest = f"{section}.{f.name}"
+            default = getattr(obj, f.name)
+            typ, optional = field_type(klass, f)
+            help_ = f.metadata.get("help", "") + " (default: %(default)s)"
+            choices = f.metadata.get("choices")
+            if f.name == "precision":
+                choices = tuple(PRECISIONS)
+            if typ is bool and not optional:
+                group.add_argument(flag, dest=dest, default=default,
+                                   action=argparse.BooleanOptionalAction, help=help_)
+            elif typ is bool:
+                group.add_argument(flag, dest=dest, default=default, help=help_,
+                                   type=lambda s: None if s.lower() == "none" else
+                                   s.lower() in ("1", "true", "yes", "on"))
+            elif typ in (int, float):
+                group.add_argument(flag, dest=dest, default=default, help=help_,
+                                   type=_number(typ, optional, flag), metavar=typ.__name__.upper())
+            else:
+                group.add_argument(flag, dest=dest, default=default, help=help_,
+                                   type=_string(optional), choices=choices,
+                                   metavar=("{" + ",".join(choices) + "}") if choices else "STR")
+
+
+def _base_config(argv: Sequence[str], prog: str) -> tuple[Config, list[str]]:
+    pre = Parser(prog=prog, add_help=False)
+    pre.add_argument("--preset", default="tiny")
+    pre.add_argument("--config", default=None)
+    ns, rest = pre.parse_known_args(argv)
+    if ns.config:
+        path = Path(ns.config)
+        if not path.is_file():
+            raise UsageError(f"--config {path}: no such file.")
+        try:
+            base = Config.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise UsageError(f"--config {path}: not a valid config file ({e}).") from None
+    else:
+        base = get_preset(ns.preset)
+    return base, rest
+
+
+def train_parser(base: Config, prog: str = "unitscale-jax train") -> Parser:
+    p = Parser(prog=prog, description="Train a unit-scaled / u-muP Transformer. Every config "
+               "field is a flag; rerunning the same command resumes from the last checkpoint.")
+    p.add_argument("--preset", default=base.preset, choices=tuple(PRESETS),
+                   help="starting configuration (default: %(default)s)")
+    p.add_argument("--config", default=None, help="a saved config.json to start from")
+    add_config_flags(p, base)
+    return p
+
+
+def parse_train_args(argv: Sequence[str], prog: str = "unitscale-jax train") -> Config:
+    """``Config`` from command-line arguments (preset, then config file, then flags)."""
+    base, _ = _base_config(argv, prog)
+    ns = train_parser(base, prog).parse_all(argv)
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in vars(ns).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            values[section][name] = value
+    return Config.from_dict({**values, "preset": ns.preset if not ns.config else base.preset})
+
+
+def sample_parser(prog: str = "unitscale-jax sample") -> Parser:
+    p = Parser(prog=prog, description="Generate text with a trained decoder run.")
+    p.add_argument("--run-dir", required=True, help="the run directory (with config.json)")
+    p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    p.add_argument("--max-new-tokens", type=_number(int, False, "--max-new-tokens"),
+                   default=200, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=_number(float, False, "--temperature"), default=0.8,
+                   help="softmax temperature, 0 for greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=_number(int, True, "--top-k"), default=40,
+                   help="sample among the k most likely tokens, none for all "
+                        "(default: %(default)s)")
+    p.add_argument("--num-samples", type=_number(int, False, "--num-samples"), default=1,
+                   help="independent continuations (default: %(default)s)")
+    p.add_argument("--seed", type=_number(int, False, "--seed"), default=0,
+                   help="sampling seed (default: %(default)s)")
+    p.add_argument("--step", type=_number(int, True, "--step"), default=None,
+                   help="checkpoint step to load (default: the latest valid one)")
+    return p

@@ -1,0 +1,55 @@
+"""Named starting configurations: ``tiny``, ``small``, ``base``.
+
+``tiny`` trains in about a minute on a laptop CPU (2 cores), ``small`` in a few minutes,
+``base`` is sized for one accelerator. Command-line flags override any field of a preset.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from unitscale_jax.train.config import (Config, DataConfig, ModelConfig, OptimizerConfig,
+                                        TrainingConfig)
+from unitscale_jax.train.errors import UsageError
+
+
+def _tiny() -> Config:
+    return Config(ModelConfig(d_model=64, n_layers=2, n_heads=4),
+                  DataConfig(seq_len=64),
+                  OptimizerConfig(),
+                  TrainingConfig(steps=300, batch_size=16, eval_every=100, eval_batches=4),
+                  preset="tiny")
+
+
+def _small() -> Config:
+    return Config(ModelConfig(d_model=128, n_layers=4, n_heads=4),
+                  DataConfig(seq_len=128),
+                  OptimizerConfig(),
+                  TrainingConfig(steps=600, batch_size=32, eval_every=200, eval_batches=8,
+                                 log_every=5),
+                  preset="small")
+
+
+def _base() -> Config:
+    return Config(ModelConfig(d_model=512, n_layers=8, n_heads=8),
+                  DataConfig(seq_len=256),
+                  OptimizerConfig(),
+                  TrainingConfig(steps=5000, batch_size=64, eval_every=500, eval_batches=16,
+                                 log_every=10, checkpoint_every=1000),
+                  preset="base")
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "base": _base}
+
+
+def get_preset(name: str) -> Config:
+    """A fresh copy of preset ``name``.
+
+    Raises:
+      UsageError: unknown name (with the closest known one).
+    """
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"unknown preset {name!r}{hint}; choose one of {', '.join(PRESETS)}.")
+    return PRESETS[name]()

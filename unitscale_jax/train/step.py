@@ -1,0 +1,225 @@
+"""The sharded train and eval steps: one ``jax.jit`` each over a ``Mesh`` of every device.
+
+The mesh has axes ``("data", "fsdp", "tensor")``; ``--sharding`` picks their sizes and the
+logical-axis rule table of ``unitscale_jax.nn.sharding``:
+
+====================  ====================  =================================================
+``--sharding``        mesh (data, fsdp, tp)  parameters
+====================  ====================  =================================================
+``dp`` (default)      (N, 1, 1)             replicated; batch split over ``data``
+``fsdp``              (1, N, 1)             ``embed`` axis split over ``fsdp``; batch too
+``tp``                (N/t, 1, t)           ``heads``/``mlp``/``vocab`` split over ``tensor``
+``fsdp_tp``           (1, N/t, t)           both
+====================  ====================  =================================================
+
+Parameters, optimizer state and batches are placed with ``NamedSharding``; the model's
+activation annotations (``nn.constrain``) take effect because the steps are traced under
+``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(rules)`` (``Parallel.context``). The
+train state is a plain pytree ``{"params", "opt_state", "step", "rng"}`` (``params`` is the
+model's ``nnx.Param`` state as a pure dict; ``rng`` is raw PRNG key data, so the state is
+checkpointable as is).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from unitscale_jax import nn
+from unitscale_jax.train.build import Task, plateau_scale
+from unitscale_jax.train.errors import UsageError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass
+class Parallel:
+    """The device mesh, rule table and the shardings every run needs.
+
+    Attributes:
+      mesh: ``Mesh`` with axes ``("data", "fsdp", "tensor")``.
+      rules: logical -> mesh axis rules (``nn.logical_rules(kind, mesh)``).
+      batch: ``NamedSharding`` of ``[batch, length]`` arrays.
+      replicated: fully replicated ``NamedSharding``.
+      batch_shards: how many ways the batch axis is split.
+    """
+
+    kind: str
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    batch: NamedSharding
+    replicated: NamedSharding
+    batch_shards: int
+
+    @contextlib.contextmanager
+    def context(self):
+        """Mesh and logical rules active: trace and run the steps inside this."""
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            yield
+
+    def describe(self) -> str:
+        shape = dict(zip(self.mesh.axis_names, self.mesh.devices.shape))
+        kinds = {d.platform for d in self.mesh.devices.flat}
+        return (f"{self.mesh.devices.size} {'/'.join(sorted(kinds))} device(s), sharding "
+                f"{self.kind}, mesh {shape}")
+
+
+def _default_tensor(n: int, divisible: tuple[int, ...]) -> int:
+    return max(t for t in range(1, n + 1) if n % t == 0 and all(d % t == 0 for d in divisible))
+
+
+def make_parallel(kind: str = "dp", *, tensor_parallel: Optional[int] = None,
+                  tensor_dims: tuple[int, ...] = (), devices=None) -> Parallel:
+    """Builds the mesh for ``--sharding kind``.
+
+    Args:
+      kind: ``dp``, ``fsdp``, ``tp`` or ``fsdp_tp``.
+      tensor_parallel: size of the ``tensor`` axis (tp kinds); default: for ``tp`` the
+        largest divisor of the device count that divides every ``tensor_dims`` entry, for
+        ``fsdp_tp`` the same capped at 2.
+      tensor_dims: sizes split over ``tensor`` (heads, MLP width, vocabulary).
+      devices: default ``jax.devices()`` (every device of every process).
+
+    Raises:
+      UsageError: a tensor-parallel size that does not divide the devices or the dims.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if kind in ("dp", "fsdp"):
+        if tensor_parallel not in (None, 1):
+            raise UsageError(f"--tensor-parallel {tensor_parallel} needs --sharding tp or "
+                             f"fsdp_tp (got --sharding {kind}).")
+        t = 1
+    else:
+        t = tensor_parallel or _default_tensor(n, tensor_dims)
+        if kind == "fsdp_tp" and not tensor_parallel:
+            t = _default_tensor(math.gcd(n, 2), tensor_dims)
+        if n % t:
+            raise UsageError(f"--tensor-parallel {t} does not divide the {n} devices.")
+        bad = [d for d in tensor_dims if d % t]
+        if bad:
+            raise UsageError(f"--tensor-parallel {t} does not divide the tensor-parallel "
+                             f"dimension(s) {bad} (heads, MLP width, vocabulary); choose a "
+                             "divisor of all of them.")
+    rest = n // t
+    shape = (rest, 1, t) if kind in ("dp", "tp") else (1, rest, t)
+    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
+    rules = nn.logical_rules(kind, mesh)
+    spec = nn.logical_to_spec(("batch", None), rules)
+    axes = spec[0] if spec and spec[0] is not None else ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    return Parallel(kind, mesh, rules, NamedSharding(mesh, spec), NamedSharding(mesh, P()),
+                    shards)
+
+
+# --------------------------------------------------------------------------- shardings
+
+def _fits(spec: P, shape, mesh) -> P:
+    """``spec`` with mesh axes dropped from dimensions they do not divide."""
+    out = []
+    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        size = int(np.prod([mesh.shape[a] for a in flat])) if flat else 1
+        out.append(axes if shape[i] % size == 0 else None)
+    return P(*out)
+
+
+def param_shardings(abstract_params: nnx.State, par: Parallel) -> dict:
+    """``NamedSharding`` of each parameter (pure dict) from its logical axis names."""
+    specs = nnx.to_pure_dict(nn.partition_specs(abstract_params, par.rules))
+    shapes = nnx.to_pure_dict(abstract_params)
+    return jax.tree.map(lambda s, a: NamedSharding(par.mesh, _fits(s, a.shape, par.mesh)),
+                        specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def _key(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def state_shardings(abstract_state: dict, p_shardings: dict, par: Parallel) -> dict:
+    """Shardings of the whole train state: optimizer-state leaves that mirror a parameter
+    (Adam's moments, momentum) take its sharding; everything else is replicated."""
+    by_path = {}
+    for path, a in jax.tree_util.tree_flatten_with_path(abstract_state["params"])[0]:
+        by_path[tuple(_key(k) for k in path)] = a.shape
+    shard_of = {tuple(_key(k) for k in path): s
+                for path, s in jax.tree_util.tree_flatten_with_path(p_shardings)[0]}
+
+    def opt_leaf(path, a):
+        keys = tuple(_key(k) for k in path)
+        for i in range(len(keys)):
+            if keys[i:] in by_path and by_path[keys[i:]] == getattr(a, "shape", None):
+                return shard_of[keys[i:]]
+        return par.replicated
+
+    opt = jax.tree_util.tree_map_with_path(opt_leaf, abstract_state["opt_state"])
+    return {"params": p_shardings, "opt_state": opt, "step": par.replicated,
+            "rng": par.replicated}
+
+
+# --------------------------------------------------------------------------- steps
+
+def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
+                    schedule: Callable, *, use_value: bool) -> Callable:
+    """``train_step(state, batch) -> (state, metrics)`` (not jitted)."""
+
+    def train_step(state, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+        def loss_fn(params):
+            return task.loss(nnx.merge(graphdef, params), batch, key)
+
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        extra = {"value": loss} if use_value else {}
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"], **extra)
+        params = optax.apply_updates(state["params"], updates)
+        lr = jnp.asarray(schedule(state["step"]), jnp.float32) * plateau_scale(opt_state)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr,
+                   "scored_tokens": count}
+        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+               "rng": state["rng"]}
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, task: Task) -> Callable:
+    """``eval_step(params, batch) -> (summed loss, scored tokens)`` in eval mode."""
+
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef, params)
+        model.eval()
+        loss, count = task.loss(model, batch, None)
+        return loss * count, count
+
+    return eval_step
+
+
+def jit_steps(train_step, eval_step, shardings: dict, par: Parallel, *, donate: bool):
+    """The two steps under ``jax.jit`` with explicit in/out shardings."""
+    train = jax.jit(train_step, in_shardings=(shardings, par.batch),
+                    out_shardings=(shardings, par.replicated),
+                    donate_argnums=(0,) if donate else ())
+    evaluate = jax.jit(eval_step, in_shardings=(shardings["params"], par.batch),
+                       out_shardings=par.replicated)
+    return train, evaluate
+
+
+def put_batch(batch: dict, par: Parallel) -> dict:
+    """This process's rows of a batch -> global arrays sharded over the batch axis."""
+    return {k: jax.make_array_from_process_local_data(par.batch, np.asarray(v))
+            for k, v in batch.items()}
