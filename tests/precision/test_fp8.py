@@ -85,6 +85,10 @@ def test_vmap_and_2d():
     x, w, _ = _data((3, 16), 8)
     batched = jax.vmap(lambda r: fp8_dot(r, w))(x)
     chex.assert_trees_all_close(batched, fp8_dot(x, w), rtol=1e-6)
+    grad = jax.grad(lambda r, v: jnp.sum(fp8_dot(r, v) ** 2), argnums=(0, 1))
+    dx_rows, dw_rows = jax.vmap(grad, in_axes=(0, None))(x, w)
+    dx, dw = grad(x, w)
+    chex.assert_trees_all_close((dx_rows, dw_rows.sum(0)), (dx, dw), rtol=1e-5, atol=1e-5)
 
 
 def test_errors():

@@ -140,6 +140,8 @@ def test_stochastic_seeded_and_reproducible():
     c = simulate(x, E4M3, rounding="stochastic", rng=jax.random.key(8))
     chex.assert_trees_all_equal(a, b)
     assert not np.array_equal(np.asarray(a), np.asarray(c))
+    legacy = simulate(x, E4M3, rounding="stochastic", rng=jax.random.PRNGKey(7))  # raw uint32 key
+    chex.assert_trees_all_equal(legacy, simulate(legacy, E4M3))
     # Stochastic rounding saturates too.
     big = simulate(jnp.array([1e6, -1e6]), E4M3, rounding="stochastic", rng=jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(big), [448.0, -448.0])
