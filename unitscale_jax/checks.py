@@ -43,6 +43,12 @@ def tree_rms(tree: Any) -> Any:
         tree, is_leaf=is_leaf)
 
 
+def nonzero_rms(x: jax.Array) -> jax.Array:
+    """RMS over the non-zero elements of ``x`` (0 if there are none)."""
+    nnz = jnp.sum(x != 0).astype(jnp.float32)
+    return jnp.where(nnz > 0, _pow2.rms(x) * jnp.sqrt(x.size / jnp.maximum(nnz, 1.0)), 0.0)
+
+
 def _arrays(tree: Any) -> list:
     return [getattr(x, "get_value", lambda: x)()
             for x in jax.tree_util.tree_leaves(tree, is_leaf=is_leaf) if not is_passthrough(x)]
@@ -82,10 +88,11 @@ def assert_umup_first_step(updates: Any, param_info: Any, learning_rate: float, 
     """Asserts ``RMS(update) = learning_rate * factor`` for every tensor.
 
     Holds for the first update of u-muP Adam/AdamW without weight decay and with ``eps`` far
-    below the gradients (``eps -> 0``): Adam's first step is ``sign(g)``, RMS 1 when no gradient
-    element is exactly zero, so each update is ``-eta * factor * sign(g)``.
+    below the gradients (``eps -> 0``): Adam's first step is ``sign(g)``, so each update is
+    ``-eta * factor * sign(g)``. Elements whose gradient is exactly zero (e.g. embedding rows of
+    tokens absent from the batch) get no update and are left out of the RMS.
     """
-    got = [_pow2.rms(u) for u in _arrays(updates)]
+    got = [nonzero_rms(u) for u in _arrays(updates)]
     want = [jnp.float32(w) for w in expected_first_step_rms(
         updates, param_info, learning_rate, optimizer=optimizer,
         readout_constraint=readout_constraint, **lookup_kwargs)]
@@ -154,5 +161,5 @@ def assert_loss_scale_invariant(tx: optax.GradientTransformation, grads: Any, pa
 __all__ = [
     "DEFAULT_EXPONENTS", "assert_finite_updates", "assert_loss_scale_invariant",
     "assert_umup_first_step", "assert_unit_rms", "expected_first_step_rms",
-    "loss_scaled_updates", "tree_rms",
+    "loss_scaled_updates", "nonzero_rms", "tree_rms",
 ]

@@ -22,5 +22,5 @@ def tiny_batch():
 def tiny_grads(tiny_lm, tiny_batch):
     """(params, grads, info) of TinyLM as pure nnx.States."""
     params = nnx.state(tiny_lm, nnx.Param)
-    grads = nnx.grad(lm_loss)(tiny_lm, tiny_batch)
+    grads = nnx.jit(nnx.grad(lm_loss))(tiny_lm, tiny_batch)
     return nnx.as_pure(params), nnx.as_pure(nnx.state(grads, nnx.Param)), param_info(tiny_lm)
