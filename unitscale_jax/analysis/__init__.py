@@ -1,0 +1,20 @@
+"""Scale analysis for unit-scaled and standard models (``unitscale_jax.analysis``).
+
+- ``track_scales(model, batch)``: std, RMS, mean |x|, max |x| and FP16 / E4M3 / E5M2
+  underflow and saturation fractions of every op output, the gradient flowing into it,
+  every weight and every weight gradient, for one forward and backward pass (jitted);
+  ``scale_stats`` is the traceable core.
+- ``plot_scales(records, path)``: the standard figure (one row per op, log2 x axis).
+- ``coord_check(...)``: activation RMS per layer after 0..k training steps across widths,
+  u-muP against SP; ``plot_coord_check``.
+- ``write_csv`` / ``read_csv``: the record tables as CSV.
+- ``cli.analyse_main(argv)``: ``unitscale-jax analyse``.
+"""
+
+from unitscale_jax.analysis.stats import FORMATS, SCALE_STATS, stat_names, tensor_stats
+from unitscale_jax.analysis.tracking import KINDS, default_loss, scale_stats, to_records, track_scales, unroll
+
+__all__ = [
+    "FORMATS", "KINDS", "SCALE_STATS", "default_loss", "scale_stats", "stat_names",
+    "tensor_stats", "to_records", "track_scales", "unroll",
+]
