@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,12 +94,14 @@ def _evaluate(eval_step, params, batches: list, par) -> tuple[float, int]:
     return total / max(count, 1), count
 
 
-def run(config: Config | dict, *, quiet: bool = False) -> dict[str, Any]:
+def run(config: Config | dict, *, quiet: bool = False,
+        devices: Optional[Sequence[Any]] = None) -> dict[str, Any]:
     """Trains (or resumes) the run described by ``config``.
 
     Args:
       config: a ``Config`` (or its ``to_dict()``); ``None`` fields take their defaults.
       quiet: no progress bar or reports (the metrics files are still written).
+      devices: the devices of the mesh (default every device of every process).
 
     Returns:
       A summary dict: ``run_dir``, ``steps``, ``start_step`` (> 0 when resumed),
@@ -125,7 +127,8 @@ def run(config: Config | dict, *, quiet: bool = False) -> dict[str, Any]:
     task = build.get_task(cfg.model.kind)
     tcfg = build.transformer_config(cfg, data.vocab_size)
     par = steplib.make_parallel(t.sharding, tensor_parallel=t.tensor_parallel,
-                                tensor_dims=(tcfg.n_heads, tcfg.ffn_dim, tcfg.vocab_size))
+                                tensor_dims=(tcfg.n_heads, tcfg.ffn_dim, tcfg.vocab_size),
+                                devices=devices)
     n_proc = jax.process_count()
     if t.batch_size % par.batch_shards or t.batch_size % n_proc:
         raise UsageError(f"--batch-size {t.batch_size} is not divisible by the {par.batch_shards} "
@@ -192,6 +195,8 @@ def run(config: Config | dict, *, quiet: bool = False) -> dict[str, Any]:
 
     def check_finite(s, m):
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            if ckpt is not None:
+                ckpt.wait()
             good = max(ckpt.steps(), default=None) if ckpt is not None else None
             where = (f"the last good checkpoint is step {good} in {ckpt.directory}" if good
                      is not None else "no checkpoint was written")

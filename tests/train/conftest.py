@@ -1,0 +1,59 @@
+"""Helpers for the trainer tests: small model flags, a shared tfds directory and JAX
+compilation cache for subprocesses, and running the command in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A model small enough that a step takes milliseconds on one CPU core.
+SMALL = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "32",
+         "--batch-size", "8", "--eval-batches", "2", "--no-progress", "--no-tensorboard",
+         "--no-plot"]
+
+
+@pytest.fixture(scope="session")
+def shared_dirs(tmp_path_factory):
+    """(tfds data dir, compilation cache dir) shared by the tests of one worker."""
+    base = tmp_path_factory.mktemp("train_shared")
+    return str(base / "tfds"), str(base / "jax_cache")
+
+
+def subprocess_env(cache_dir, devices=None):
+    env = dict(os.environ)
+    env.update({"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache_dir,
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+    if devices:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={devices}").strip()
+    return env
+
+
+def train_cmd(*args):
+    return [sys.executable, "-m", "unitscale_jax.train", *map(str, args)]
+
+
+def run_train(args, cache_dir, *, env_extra=None, timeout=300):
+    env = subprocess_env(cache_dir)
+    env.update(env_extra or {})
+    return subprocess.run(train_cmd(*args), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_rows(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def curves(run_dir):
+    """The exact loss curves of a run: train losses and validation losses by step."""
+    rows = read_rows(run_dir)
+    return ([(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in rows
+             if r["split"] == "train"],
+            [(r["step"], r["loss"]) for r in rows if r["split"] == "validation"])
