@@ -154,14 +154,14 @@ class MultiHeadAttention(nnx.Module):
         keys = jax.random.split(rng, 6) if rng is not None else (None,) * 6
         is_causal, scale_causal = self.causal, None
         if self.cross:
+            if cache is None and context is None:
+                raise ValueError("cross attention needs a context (or a cache of its keys/values).")
+            if cache is None and context.shape[0] != x.shape[0]:
+                raise ValueError(f"cross attention: context batch {context.shape[0]} != query batch {x.shape[0]}.")
             q, = self._split(self.q_proj(x, rng=keys[0]), 1)
             if cache is not None:
                 k, v = cache["k"], cache["v"]
-            elif context is None:
-                raise ValueError("cross attention needs a context (or a cache of its keys/values).")
             else:
-                if context.shape[0] != x.shape[0]:
-                    raise ValueError(f"cross attention: context batch {context.shape[0]} != query batch {x.shape[0]}.")
                 k, v = self._split(self.kv_proj(context, rng=keys[1]), 2)
             new_cache = cache
         else:

@@ -86,8 +86,9 @@ class TransformerDecoder(nnx.Module):
         Args:
           ids: ``[batch, seq]``; position ``t`` predicts ``ids[:, t + 1]``.
           where: optional boolean ``[batch, seq]``: which tokens count as targets (e.g.
-            False on padding); the mean is over counted targets.
-          mask: attention padding mask (see ``__call__``).
+            False on a prompt); the mean is over counted targets.
+          mask: attention mask (see ``__call__``). A ``[batch, seq]`` padding mask also
+            drops targets that are padding or are predicted from a padding position.
           rng: PRNG key for dropout.
 
         Returns:
@@ -98,9 +99,12 @@ class TransformerDecoder(nnx.Module):
         where = _common.check_where(where, ids.shape, "TransformerDecoder.loss")
         if ids.shape[1] < 2:
             raise ValueError("TransformerDecoder.loss needs sequences of length >= 2.")
-        return _maths.cross_entropy(
-            logits[:, :-1], ids[:, 1:], c.parametrization, mult=c.loss_mult,
-            where=None if where is None else where[:, 1:])
+        targets = None if where is None else where[:, 1:]
+        if mask is not None and jnp.ndim(mask) == 2:
+            real = jnp.logical_and(mask[:, 1:], mask[:, :-1])
+            targets = real if targets is None else jnp.logical_and(targets, real)
+        return _maths.cross_entropy(logits[:, :-1], ids[:, 1:], c.parametrization,
+                                    mult=c.loss_mult, where=targets)
 
     def init_cache(self, batch: int, length: int) -> dict:
         """An empty KV cache for ``batch`` sequences of up to ``length`` tokens."""

@@ -183,3 +183,31 @@ def tap(name: str, x: jax.Array) -> jax.Array:
 def zeros_like_captured(values: dict) -> dict:
     """Zero perturbations matching captured activations."""
     return {k: jnp.zeros(v.shape, v.dtype) for k, v in values.items()}
+
+
+def activation_stats(fn: Any, model: Any, *args: Any) -> dict:
+    """Std of every tapped activation and of the gradient of ``fn`` with respect to it.
+
+    Args:
+      fn: ``fn(model, *args) -> scalar`` (e.g. ``lambda m, ids: m.loss(ids)``).
+      model: an ``nnx.Module`` (layers must not be scanned for per-layer taps).
+      *args: arrays passed to ``fn``.
+
+    Returns:
+      ``{name: (std of the activation, std of its gradient)}`` as Python floats, in call
+      order. Runs under ``jax.jit``.
+    """
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    def run(perts, state, *args):
+        with capture_activations(perts) as cap:
+            out = fn(nnx.merge(graphdef, state), *args)
+        return out, cap.values
+
+    shapes = jax.eval_shape(lambda s, *a: run(None, s, *a)[1], state, *args)
+    perts = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+    (_, values), grads = jax.jit(jax.value_and_grad(run, has_aux=True))(perts, state, *args)
+    return {k: (float(jnp.std(values[k].astype(jnp.float32))),
+                float(jnp.std(grads[k].astype(jnp.float32)))) for k in sorted(values)}
