@@ -107,7 +107,8 @@ def run(config: Config | dict, *, quiet: bool = False,
       A summary dict: ``run_dir``, ``steps``, ``start_step`` (> 0 when resumed),
       ``final_train_loss``, ``final_val_loss``, ``final_bits_per_byte``, ``tokens_per_s``,
       ``time_to_first_step_s`` (includes compilation), ``startup_s``, ``train_s``,
-      ``n_params``, ``devices``, the output paths (``metrics``, ``tensorboard``, ``plot``,
+      ``n_params``, ``devices``, ``sharded_params`` (parameter arrays split over devices),
+      the output paths (``metrics``, ``tensorboard``, ``plot``,
       ``checkpoint``, ``config``) and ``history`` (this call's metric rows).
 
     Raises:
@@ -142,8 +143,9 @@ def run(config: Config | dict, *, quiet: bool = False,
     tx, schedule = build.build_optimizer(cfg, info)
     init = init_state_fn(cfg, data.vocab_size, tx)
     abstract_state = jax.eval_shape(init)
-    shardings = steplib.state_shardings(
-        abstract_state, steplib.param_shardings(abstract_params, par), par)
+    p_shardings = steplib.param_shardings(abstract_params, par)
+    shardings = steplib.state_shardings(abstract_state, p_shardings, par)
+    n_sharded = sum(not s.is_fully_replicated for s in jax.tree.leaves(p_shardings))
     log(f"model: {cfg.model.kind}, {cfg.model.parametrization}, {n_params / 1e6:.2f}M params "
         f"(d_model {tcfg.d_model}, {tcfg.n_layers} layers, {tcfg.n_heads} heads), "
         f"{cfg.optimizer.name} lr {cfg.optimizer.lr:g} {cfg.optimizer.schedule}, precision "
@@ -279,7 +281,7 @@ def run(config: Config | dict, *, quiet: bool = False,
                                 if last["validation"] else None),
         "tokens_per_s": tps, "time_to_first_step_s": timing["first_step_s"],
         "startup_s": startup_s, "train_s": time.perf_counter() - t_loop, "n_params": n_params,
-        "devices": int(par.mesh.devices.size),
+        "devices": int(par.mesh.devices.size), "sharded_params": n_sharded,
         "metrics": str(metrics_path),
         "tensorboard": str(writer.tb_dir) if t.tensorboard else None,
         "plot": str(plot_path) if plot_path else None,

@@ -1,0 +1,108 @@
+"""Killing a run (SIGKILL mid-training, mid-save) or corrupting its newest checkpoint, then
+rerunning the same command, reproduces the uninterrupted run's curves exactly (CPU)."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.train.conftest import (ROOT, SMALL, curves, read_rows, run_train, subprocess_env,
+                                  train_cmd)
+from unitscale_jax.train.checkpoint import KILL_DURING_SAVE_ENV, TMP_MARKER
+
+STEPS = 60
+
+
+def _args(tfds_dir, run_dir):
+    return [*SMALL, "--data-dir", tfds_dir, "--steps", STEPS, "--eval-every", "10",
+            "--checkpoint-every", "10", "--keep-checkpoints", "3", "--run-dir", run_dir]
+
+
+def _ckpt_steps(run_dir):
+    return sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").iterdir()
+                  if p.name.isdigit())
+
+
+def _resumed_at(stdout):
+    m = re.search(r"resumed from the checkpoint at step (\d+)", stdout)
+    assert m, stdout
+    return int(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shared_dirs):
+    """The uninterrupted run."""
+    run_dir = tmp_path_factory.mktemp("resume") / "ref"
+    p = run_train(_args(shared_dirs[0], run_dir), shared_dirs[1])
+    assert p.returncode == 0, p.stderr
+    train_curve, val_curve = curves(run_dir)
+    assert [s for s, *_ in train_curve] == list(range(1, STEPS + 1))
+    assert [s for s, _ in val_curve] == list(range(0, STEPS + 1, 10))
+    return run_dir, (train_curve, val_curve)
+
+
+def test_sigkill_mid_training_then_rerun_matches(reference, tmp_path, shared_dirs):
+    tfds_dir, cache = shared_dirs
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(*_args(tfds_dir, run_dir)), cwd=ROOT,
+                            env=subprocess_env(cache), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(r["step"] >= 25 for r in read_rows(metrics.parent)
+                                    if r["split"] == "train"):
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    done = max(r["step"] for r in read_rows(run_dir))
+    assert 25 <= done < STEPS, done  # really killed in the middle
+
+    p = run_train(_args(tfds_dir, run_dir), cache)
+    assert p.returncode == 0, p.stderr
+    assert 10 <= _resumed_at(p.stdout) <= done  # checkpoint 20 may still have been in flight
+    assert curves(run_dir) == reference[1]
+
+
+def test_sigkill_mid_save_then_rerun_matches(reference, tmp_path, shared_dirs):
+    tfds_dir, cache = shared_dirs
+    run_dir = tmp_path / "killed_saving"
+    p = run_train(_args(tfds_dir, run_dir), cache, env_extra={KILL_DURING_SAVE_ENV: "30"})
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
+    assert _ckpt_steps(run_dir) == [10, 20]
+    partial = list((run_dir / "checkpoints").glob(f"30{TMP_MARKER}*"))
+    assert partial and any(partial[0].rglob("*"))  # written, never committed
+
+    p = run_train(_args(tfds_dir, run_dir), cache)
+    assert p.returncode == 0, p.stderr
+    assert "ignoring incomplete checkpoint 30" in p.stdout
+    assert _resumed_at(p.stdout) == 20
+    assert not list((run_dir / "checkpoints").glob(f"*{TMP_MARKER}*"))
+    assert curves(run_dir) == reference[1]
+
+
+def test_corrupt_checkpoint_is_skipped_never_loaded(reference, tmp_path, shared_dirs):
+    tfds_dir, cache = shared_dirs
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(reference[0], run_dir)
+    assert _ckpt_steps(run_dir) == [40, 50, 60]
+    files = [f for f in (run_dir / "checkpoints" / "60" / "state").rglob("*") if f.is_file()]
+    biggest = max(files, key=lambda f: f.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 64):
+        data[i] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+
+    p = run_train(_args(tfds_dir, run_dir), cache)
+    assert p.returncode == 0, p.stderr
+    assert "step 60" in p.stdout and "corrupt" in p.stdout and "skipping" in p.stdout
+    assert _resumed_at(p.stdout) == 50
+    assert list((run_dir / "corrupt_checkpoints").iterdir())
+    assert _ckpt_steps(run_dir) == [40, 50, 60]
+    assert curves(run_dir) == reference[1]
