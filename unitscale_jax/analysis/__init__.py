@@ -12,9 +12,12 @@
 """
 
 from unitscale_jax.analysis.stats import FORMATS, SCALE_STATS, stat_names, tensor_stats
-from unitscale_jax.analysis.tracking import KINDS, default_loss, scale_stats, to_records, track_scales, unroll
+from unitscale_jax.analysis.tracking import (
+    KINDS, default_loss, forward_backward, scale_stats, stats_of, to_records, track_scales, unroll,
+)
 
 __all__ = [
-    "FORMATS", "KINDS", "SCALE_STATS", "default_loss", "scale_stats", "stat_names",
+    "FORMATS", "KINDS", "SCALE_STATS", "default_loss", "forward_backward", "scale_stats",
+    "stat_names", "stats_of",
     "tensor_stats", "to_records", "track_scales", "unroll",
 ]

@@ -5,9 +5,10 @@ of ``unitscale_jax.nn.hooks`` switched on. A tap at an op's output adds a zero
 "perturbation" ``p``: ``y' = y + p``; the gradient of the loss with respect to ``p`` is the
 gradient flowing into ``y`` in the backward pass (for a u-muP model, the *scaled* gradient
 that unit scaling keeps near 1). Weight gradients are the gradients of the same loss with
-respect to the ``nnx.Param`` s. All statistics (``analysis.stats.tensor_stats``) are computed
-inside the traced function, so ``scale_stats`` works under ``jax.jit`` / ``nnx.jit`` and only
-scalars leave it.
+respect to the ``nnx.Param`` s. ``scale_stats`` computes all statistics
+(``analysis.stats.tensor_stats``) inside one traceable function, so it works under
+``jax.jit`` / ``nnx.jit`` and only scalars leave it; ``track_scales`` runs it as two jitted
+programs (the pass, then the statistics), which XLA compiles several times faster.
 
 Taps inside ``jax.lax.scan`` are skipped, so models built with ``scan_layers=True`` are first
 copied into an unrolled model with the same parameter values (``unroll``).
@@ -73,22 +74,14 @@ def _scanned_value(src: dict, path: tuple) -> Optional[jax.Array]:
     return None
 
 
-def scale_stats(model: nnx.Module, batch: Any, loss_fn: LossFn = default_loss,
-                formats=FORMATS) -> tuple[jax.Array, dict]:
-    """Loss and statistics of one forward and backward pass (traceable; taps must be active).
-
-    Pass an unrolled model (see ``unroll``): taps inside a scanned stack record nothing.
-
-    Args:
-      model: an ``nnx.Module`` whose forward pass calls ``unitscale_jax.nn.tap``.
-      batch: the loss function's input.
-      loss_fn: ``(model, batch) -> scalar loss`` (default ``model.loss(batch)``).
-      formats: formats whose underflow / saturation fractions are measured.
+def forward_backward(model: nnx.Module, batch: Any, loss_fn: LossFn = default_loss
+                     ) -> tuple[jax.Array, dict, dict, nnx.State, nnx.State]:
+    """One forward and backward pass with taps on (traceable).
 
     Returns:
-      ``(loss, stats)`` with ``stats[kind][name] = tensor_stats(...)`` for ``kind`` in
-      ``KINDS``: ``fwd`` / ``bwd`` keyed by tap key (``"<order>.<tap>"``), ``weight`` /
-      ``weight_grad`` keyed by ``"."``-joined parameter path.
+      ``(loss, activations, activation_grads, params, param_grads)``: the first two are dicts
+      keyed by tap key (``"<order>.<tap>"``), the gradients being those flowing into each
+      tapped op output; the last two are ``nnx.State`` s of the ``nnx.Param`` s.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -104,19 +97,45 @@ def scale_stats(model: nnx.Module, batch: Any, loss_fn: LossFn = default_loss,
                          "unitscale_jax.nn.tap outside jax.lax.scan (use unroll(model)).")
     perts = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
     (loss, acts), (g_params, g_acts) = jax.value_and_grad(run, argnums=(0, 1), has_aux=True)(params, perts)
+    return loss, acts, g_acts, params, g_params
 
-    def stats_of(tree):
+
+def stats_of(acts: dict, g_acts: dict, params: nnx.State, g_params: nnx.State,
+             formats=FORMATS) -> dict:
+    """``tensor_stats`` of ``forward_backward``'s tensors: ``{kind: {name: stats}}``."""
+
+    def of_state(tree):
         return {".".join(map(str, path)): tensor_stats(v.get_value(), formats)
                 for path, v in nnx.to_flat_state(tree)
                 if jnp.issubdtype(v.get_value().dtype, jnp.floating)}
 
-    stats = {
+    return {
         "fwd": {k: tensor_stats(v, formats) for k, v in acts.items()},
         "bwd": {k: tensor_stats(v, formats) for k, v in g_acts.items()},
-        "weight": stats_of(params),
-        "weight_grad": stats_of(g_params),
+        "weight": of_state(params),
+        "weight_grad": of_state(g_params),
     }
-    return loss, stats
+
+
+def scale_stats(model: nnx.Module, batch: Any, loss_fn: LossFn = default_loss,
+                formats=FORMATS) -> tuple[jax.Array, dict]:
+    """Loss and statistics of one forward and backward pass (traceable: use under ``jit``).
+
+    Pass an unrolled model (see ``unroll``): taps inside a scanned stack record nothing.
+
+    Args:
+      model: an ``nnx.Module`` whose forward pass calls ``unitscale_jax.nn.tap``.
+      batch: the loss function's input.
+      loss_fn: ``(model, batch) -> scalar loss`` (default ``model.loss(batch)``).
+      formats: formats whose underflow / saturation fractions are measured.
+
+    Returns:
+      ``(loss, stats)`` with ``stats[kind][name] = tensor_stats(...)`` for ``kind`` in
+      ``KINDS``: ``fwd`` / ``bwd`` keyed by tap key (``"<order>.<tap>"``), ``weight`` /
+      ``weight_grad`` keyed by ``"."``-joined parameter path.
+    """
+    loss, acts, g_acts, params, g_params = forward_backward(model, batch, loss_fn)
+    return loss, stats_of(acts, g_acts, params, g_params, formats)
 
 
 def to_records(stats: dict, formats=FORMATS) -> list[dict]:
@@ -167,10 +186,16 @@ def track_scales(model: nnx.Module, batch: Any, loss_fn: LossFn = default_loss, 
     model = unroll(model)
     graphdef, state = nnx.split(model)
 
-    def pure(state, batch):
-        return scale_stats(nnx.merge(graphdef, state), batch, loss_fn, formats)
+    def fwd_bwd(state, batch):
+        return forward_backward(nnx.merge(graphdef, state), batch, loss_fn)
 
-    loss, stats = (jax.jit(pure) if jit else pure)(state, batch)
+    def stats(loss, *tensors):
+        return loss, stats_of(*tensors, formats=formats)
+
+    # two programs: XLA compiles them several times faster than the fused one
+    if jit:
+        fwd_bwd, stats = jax.jit(fwd_bwd), jax.jit(stats)
+    loss, stats = stats(*fwd_bwd(state, batch))
     records = to_records(jax.device_get(stats), formats)
     for r in records:
         r["loss"] = float(loss)
