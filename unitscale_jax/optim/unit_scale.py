@@ -9,14 +9,15 @@ the gradient magnitudes drift during training.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from unitscale_jax.optim import _pow2
-from unitscale_jax.optim._tree import is_leaf, is_passthrough, map_arrays, value_of
+from unitscale_jax.optim._tree import is_leaf, is_passthrough, value_of
 
 
 class UnitScaleState(NamedTuple):
@@ -24,12 +25,16 @@ class UnitScaleState(NamedTuple):
 
     Attributes:
       count: number of updates seen (int32 scalar).
-      rms: one float32 scalar per leaf: the bias-corrected running RMS estimate
-        ``sqrt(ms_hat_t)`` (see ``unit_scale``); ``None`` / ``MaskedNode`` leaves are kept.
+      rms: float32 vector with one entry per array leaf of the parameters (in flattening order,
+        ``None`` / ``MaskedNode`` leaves skipped): the bias-corrected running RMS estimate
+        ``sqrt(ms_hat_t)`` (see ``unit_scale``). One vector rather than a tree parallel to the
+        parameters, so that tools which find the parameter-shaped parts of an optimizer state
+        by structure (``optax.tree.map_params``, used to derive state shardings) treat it as the
+        small non-parameter state it is.
     """
 
     count: jax.Array
-    rms: Any
+    rms: jax.Array
 
 
 def _check_decay(decay: Any) -> None:
@@ -91,35 +96,43 @@ def unit_scale(decay: float = 0.0, eps: float = 0.0) -> optax.GradientTransforma
     """
     _check_decay(decay)
 
+    def arrays(tree):
+        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_leaf)
+        return leaves, treedef, [i for i, x in enumerate(leaves) if not is_passthrough(x)]
+
     def init_fn(params):
-        rms = jax.tree_util.tree_map(
-            lambda p: p if is_passthrough(p) else jnp.zeros((), jnp.float32), params,
-            is_leaf=is_leaf)
-        return UnitScaleState(count=jnp.zeros((), jnp.int32), rms=rms)
+        _, _, idx = arrays(params)
+        return UnitScaleState(count=jnp.zeros((), jnp.int32),
+                              rms=jnp.zeros((len(idx),), jnp.float32))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
+        leaves, treedef, idx = arrays(updates)
+        if len(idx) != state.rms.shape[0]:
+            raise ValueError(
+                f"unit_scale: the updates have {len(idx)} array leaves but the state was "
+                f"initialised for {state.rms.shape[0]}; call init with a tree of the same structure.")
         count = optax.safe_increment(state.count)
         d = jnp.asarray(decay, jnp.float32)
         t = count.astype(jnp.float32)
         # Weight of the previous bias-corrected estimate; exactly 0 at t = 1 and for decay = 0.
         w = d * (1.0 - d ** (t - 1.0)) / (1.0 - d ** t)
         w = jnp.where((count <= 1) | (d == 0), 0.0, w)
+        e = jnp.asarray(eps, jnp.float32)
 
-        def new_rms(key, g, r):
+        new_rms, out = [], list(leaves)
+        for j, i in enumerate(idx):
+            r_old = state.rms[j]
+            g = value_of(leaves[i])
             x = _pow2.rms(g)
-            return jnp.where(w == 0, x, _pow2.weighted_rms(r, x, w))
-
-        rms = jax.tree_util.tree_map(
-            lambda g, r: g if is_passthrough(g) else new_rms(None, value_of(g), r),
-            updates, state.rms, is_leaf=is_leaf)
-
-        def scale(key, g, r):
-            denom = r + jnp.asarray(eps, jnp.float32)
+            r = jnp.where(w == 0, x, _pow2.weighted_rms(r_old, x, w))
+            denom = r + e
             # denom == 0 only for an all-zero leaf; NaN/inf gradients propagate.
-            out = g.astype(jnp.float32) / jnp.where(denom == 0, 1.0, denom)
-            return jnp.where(denom == 0, 0.0, out).astype(g.dtype)
-
-        return map_arrays(scale, updates, rms), UnitScaleState(count=count, rms=rms)
+            u = g.astype(jnp.float32) / jnp.where(denom == 0, 1.0, denom)
+            u = jnp.where(denom == 0, 0.0, u).astype(g.dtype)
+            out[i] = leaves[i].replace(u) if isinstance(leaves[i], nnx.Variable) else u
+            new_rms.append(r)
+        return (jax.tree_util.tree_unflatten(treedef, out),
+                UnitScaleState(count=count, rms=jnp.stack(new_rms) if new_rms else state.rms))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
