@@ -16,6 +16,8 @@ from unitscale_jax.nn.mlp import MLP
 from unitscale_jax.nn.attention import MultiHeadAttention, rope
 from unitscale_jax.nn.transformer import TransformerLayer, TransformerStack, branch_taus
 from unitscale_jax.nn.decoder import TransformerDecoder
+from unitscale_jax.nn.encoder import TransformerEncoder
+from unitscale_jax.nn.encoder_decoder import TransformerEncoderDecoder
 
 __all__ = [
     "PARAM_TYPES", "ParamInfo", "info_of", "param_info", "umup_param",
@@ -25,5 +27,5 @@ __all__ = [
     "partition_specs",
     "Embedding", "LayerNorm", "Linear", "LinearReadout", "RMSNorm", "MLP",
     "MultiHeadAttention", "rope", "TransformerLayer", "TransformerStack", "branch_taus",
-    "TransformerDecoder",
+    "TransformerDecoder", "TransformerEncoder", "TransformerEncoderDecoder",
 ]
