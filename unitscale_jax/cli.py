@@ -82,6 +82,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
     except TrainingStopped as e:
         print(f"{prog}: stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Helpers for the trainer tests: small model flags, a shared tfds directory and JAX
 compilation cache for subprocesses, and running the command in a subprocess."""
 
-import json
 import os
 import subprocess
 import sys
@@ -47,8 +46,9 @@ def run_train(args, cache_dir, *, env_extra=None, timeout=300):
 
 
 def read_rows(run_dir):
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """Rows of metrics.jsonl (a line being written while we read is skipped)."""
+    from unitscale_jax.train.metrics import read_metrics
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
 
 
 def curves(run_dir):

@@ -34,6 +34,18 @@ def _resumed_at(stdout):
     return int(m.group(1))
 
 
+def _wait_for_step(proc, run_dir, step, timeout=240):
+    """Polls metrics.jsonl until a training row of ``step`` or later appears."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(r["step"] >= step for r in read_rows(run_dir)
+                                    if r["split"] == "train"):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run never reached step {step} (exit {proc.poll()})")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, shared_dirs):
     """The uninterrupted run."""
@@ -52,13 +64,7 @@ def test_sigkill_mid_training_then_rerun_matches(reference, tmp_path, shared_dir
     proc = subprocess.Popen(train_cmd(*_args(tfds_dir, run_dir)), cwd=ROOT,
                             env=subprocess_env(cache), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(r["step"] >= 25 for r in read_rows(metrics.parent)
-                                    if r["split"] == "train"):
-            break
-        time.sleep(0.01)
+    _wait_for_step(proc, run_dir, 25)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     done = max(r["step"] for r in read_rows(run_dir))
@@ -67,6 +73,29 @@ def test_sigkill_mid_training_then_rerun_matches(reference, tmp_path, shared_dir
     p = run_train(_args(tfds_dir, run_dir), cache)
     assert p.returncode == 0, p.stderr
     assert 10 <= _resumed_at(p.stdout) <= done  # checkpoint 20 may still have been in flight
+    assert curves(run_dir) == reference[1]
+
+
+def test_sigterm_saves_a_checkpoint_and_rerun_matches(reference, tmp_path, shared_dirs):
+    """SIGTERM (a preemption notice) finishes the step, checkpoints it and exits 1."""
+    tfds_dir, cache = shared_dirs
+    run_dir = tmp_path / "terminated"
+    proc = subprocess.Popen(train_cmd(*_args(tfds_dir, run_dir)), cwd=ROOT,
+                            env=subprocess_env(cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, run_dir, 15)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    m = re.fullmatch(r".*stopped: SIGTERM received at step (\d+): checkpoint saved at step "
+                     r"\1; rerun the same command to resume\.", err.strip())
+    assert m, err
+    stopped = int(m.group(1))
+    assert 15 <= stopped < STEPS and stopped in _ckpt_steps(run_dir)
+
+    p = run_train(_args(tfds_dir, run_dir), cache)
+    assert p.returncode == 0, p.stderr
+    assert _resumed_at(p.stdout) == stopped
     assert curves(run_dir) == reference[1]
 
 

@@ -58,6 +58,24 @@ def _lm_loss(model, batch, rng):
     return loss, jnp.sum(where)
 
 
+def _mlm_loss(model, batch, rng):
+    """Masked-LM cross-entropy over the selected positions (``TransformerEncoder.mlm_loss``)."""
+    loss = model.mlm_loss(batch["ids"], batch["labels"], batch["where"], mask=batch["valid"],
+                          rng=rng)
+    return loss, jnp.sum(batch["where"])
+
+
+def _seq2seq_loss(model, batch, rng):
+    """Span-corruption cross-entropy of the decoder targets given the corrupted source."""
+    c = model.config
+    logits = model(batch["encoder_ids"], batch["decoder_input_ids"],
+                   src_mask=batch["encoder_mask"], rng=rng)
+    where = batch["decoder_where"]
+    loss = _maths.cross_entropy(logits, batch["decoder_target_ids"], c.parametrization,
+                                mult=c.loss_mult, where=where)
+    return loss, jnp.sum(where)
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """A model kind's data objective (``make_iterator(task=...)``) and loss.
@@ -82,6 +100,8 @@ def _model_class(name: str) -> Callable[[], type]:
 
 TASKS: dict[str, Task] = {
     "decoder": Task("lm", _lm_loss, _model_class("TransformerDecoder")),
+    "encoder": Task("mlm", _mlm_loss, _model_class("TransformerEncoder")),
+    "encdec": Task("seq2seq", _seq2seq_loss, _model_class("TransformerEncoderDecoder")),
 }
 
 

@@ -130,6 +130,9 @@ class TrainingConfig:
     run_dir: Optional[str] = _f(None, "output directory (default runs/<preset>-<model>-"
                                 "<parametrization>); rerunning resumes from its checkpoint")
     precision: str = _f("fp32", "number format policy (see unitscale_jax.train.precision)")
+    loss_scale: Optional[float] = _f(None, "static loss scale S (e.g. 2^10) for SP runs in "
+                                     "fp16/fp8: differentiate S*loss, divide the gradients by "
+                                     "S; overflowing steps are skipped (None: no scaling)")
     sharding: str = _f("dp", "dp (data parallel), fsdp, tp (tensor parallel) or fsdp_tp",
                        choices=SHARDINGS)
     tensor_parallel: Optional[int] = _f(None, "devices per tensor-parallel group (tp: all, "
@@ -268,6 +271,8 @@ def validate(cfg: Config) -> None:
     if t.precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}; got "
                          f"{t.precision!r}.")
+    if t.loss_scale is not None and not t.loss_scale > 0:
+        raise UsageError(f"--loss-scale must be > 0 (e.g. 1024 or 2^10), got {t.loss_scale}.")
     if t.tensor_parallel is not None and t.tensor_parallel < 1:
         raise UsageError(f"--tensor-parallel must be >= 1, got {t.tensor_parallel}.")
 

@@ -12,7 +12,9 @@ import itertools
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -28,7 +30,7 @@ from unitscale_jax.train.checkpoint import Checkpoints
 from unitscale_jax.train.config import Config, differences, resolve
 from unitscale_jax.train.data import RunData, load_data
 from unitscale_jax.train.errors import TrainingStopped, UsageError
-from unitscale_jax.train.metrics import MetricsWriter, truncate
+from unitscale_jax.train.metrics import MetricsWriter, read_metrics, truncate
 from unitscale_jax.train.plotting import plot_losses
 
 
@@ -71,6 +73,29 @@ def _prepare_run_dir(cfg: Config, given: Config) -> Path:
                              "another --run-dir.")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM (Ctrl-C, a cluster's preemption notice) end the run cleanly: the loop
+    finishes its step, saves a checkpoint and stops. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._old = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
 
 
 def init_state_fn(cfg: Config, vocab_size: int, tx) -> Callable[[], dict]:
@@ -184,6 +209,8 @@ def run(config: Config | dict, *, quiet: bool = False,
     history: list[dict] = []
     tokens_per_step = t.batch_size * cfg.data.seq_len
     last = {"train": None, "validation": None}
+    for row in read_metrics(metrics_path) if restored is not None else ():
+        last[row["split"]] = row  # resumed: the latest rows already written
     timing = {"first_step_s": None, "train_s": 0.0, "steps_timed": 0}
 
     def evaluate(s):
@@ -206,6 +233,7 @@ def run(config: Config | dict, *, quiet: bool = False,
                                   f"{m['grad_norm']}) at step {s}; stopped, {where}. Lower --lr "
                                   "or change --precision.")
 
+    stop = _StopSignals()
     from tqdm.auto import tqdm
     bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not (t.progress and primary and not quiet), desc="train")
@@ -251,15 +279,25 @@ def run(config: Config | dict, *, quiet: bool = False,
                 if ckpt_now:
                     ckpt.save(s, state, train_it.get_state())
                 bar.update(1)
+                if stop.received:
+                    saved = ""
+                    if ckpt is not None:
+                        if s not in ckpt.steps():
+                            ckpt.save(s, state, train_it.get_state(), force=True)
+                        ckpt.wait()
+                        saved = f"checkpoint saved at step {s}; "
+                    raise TrainingStopped(f"{stop.received} received at step {s}: {saved}rerun "
+                                          "the same command to resume.")
             if last["validation"] is None or last["validation"]["step"] != t.steps:
                 evaluate(t.steps)
             if ckpt is not None and t.steps not in ckpt.steps():
                 ckpt.save(t.steps, state, train_it.get_state(), force=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the step loop
         bar.close()
         raise TrainingStopped("interrupted; the last complete checkpoint is kept; rerun the same "
                               "command to resume.") from None
     finally:
+        stop.restore()
         bar.close()
         log.bar = None
         if ckpt is not None:

@@ -25,7 +25,7 @@ def _small() -> Config:
     return Config(ModelConfig(d_model=128, n_layers=4, n_heads=4),
                   DataConfig(seq_len=128),
                   OptimizerConfig(),
-                  TrainingConfig(steps=600, batch_size=32, eval_every=200, eval_batches=8,
+                  TrainingConfig(steps=400, batch_size=16, eval_every=100, eval_batches=8,
                                  log_every=5),
                   preset="small")
 

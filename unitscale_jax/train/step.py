@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from unitscale_jax import nn
 from unitscale_jax.train.build import Task, plateau_scale
 from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train import precision
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -174,8 +175,14 @@ def state_shardings(abstract_state: dict, p_shardings: dict, par: Parallel) -> d
 # --------------------------------------------------------------------------- steps
 
 def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
-                    schedule: Callable, *, use_value: bool) -> Callable:
-    """``train_step(state, batch) -> (state, metrics)`` (not jitted)."""
+                    schedule: Callable, *, use_value: bool,
+                    loss_scale: Optional[float] = None) -> Callable:
+    """``train_step(state, batch) -> (state, metrics)`` (not jitted).
+
+    With ``loss_scale`` S the step differentiates ``S * loss`` and divides the gradients by
+    S (``unitscale_jax.train.precision``); ``tx`` must then come from ``build_optimizer``
+    (which skips steps with non-finite gradients) and the metrics carry ``skipped_steps``.
+    """
 
     def train_step(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -183,13 +190,17 @@ def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
         def loss_fn(params):
             return task.loss(nnx.merge(graphdef, params), batch, key)
 
-        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        scaled = precision.scale_loss(loss_fn, loss_scale)
+        (_, (loss, count)), grads = jax.value_and_grad(scaled, has_aux=True)(state["params"])
+        grads = precision.unscale_grads(grads, loss_scale)
         extra = {"value": loss} if use_value else {}
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"], **extra)
         params = optax.apply_updates(state["params"], updates)
         lr = jnp.asarray(schedule(state["step"]), jnp.float32) * plateau_scale(opt_state)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr,
                    "scored_tokens": count}
+        if loss_scale is not None:
+            metrics["skipped_steps"] = precision.skipped_steps(opt_state)
         new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                "rng": state["rng"]}
         return new, metrics
