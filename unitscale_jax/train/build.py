@@ -21,7 +21,7 @@ from unitscale_jax import nn, optim
 from unitscale_jax.nn import _maths
 from unitscale_jax.train.config import Config
 from unitscale_jax.train.errors import UsageError
-from unitscale_jax.train.precision import precision_setup
+from unitscale_jax.train.precision import guard_optimizer, precision_setup
 
 
 def transformer_config(cfg: Config, vocab_size: int) -> nn.TransformerConfig:
@@ -164,7 +164,8 @@ def build_optimizer(cfg: Config, param_info: Any) -> tuple[optax.GradientTransfo
 
     Returns:
       ``(tx, schedule)``. ``tx.update`` needs ``value=loss`` when the schedule is
-      ``plateau`` (``needs_value(cfg)``).
+      ``plateau`` (``needs_value(cfg)``). With ``--loss-scale`` the whole chain skips steps
+      whose gradients are not finite (``train.precision.guard_optimizer``).
     """
     o, umup = cfg.optimizer, cfg.model.parametrization == "umup"
     schedule = build_schedule(cfg)
@@ -192,7 +193,7 @@ def build_optimizer(cfg: Config, param_info: Any) -> tuple[optax.GradientTransfo
     if o.schedule == "plateau":
         parts.append(optim.reduce_on_plateau(o.plateau_factor, o.plateau_patience,
                                              accumulation_size=o.plateau_accumulation))
-    return optax.chain(*parts), schedule
+    return guard_optimizer(optax.chain(*parts), cfg.training.loss_scale), schedule
 
 
 def needs_value(cfg: Config) -> bool:

@@ -200,7 +200,8 @@ def run(config: Config | dict, *, quiet: bool = False,
         (run_dir / "config.json").write_text(given.to_json() + "\n")
 
     train_step, eval_step = steplib.jit_steps(
-        steplib.make_train_step(graphdef, task, tx, schedule, use_value=build.needs_value(cfg)),
+        steplib.make_train_step(graphdef, task, tx, schedule, use_value=build.needs_value(cfg),
+                                loss_scale=t.loss_scale),
         steplib.make_eval_step(graphdef, task), shardings, par,
         donate=jax.default_backend() != "cpu")
     eval_batches = data.eval_batches(cfg, t.eval_batches)
@@ -223,7 +224,9 @@ def run(config: Config | dict, *, quiet: bool = False,
         return row
 
     def check_finite(s, m):
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+        # with --loss-scale, overflowing gradients skip the step (train.precision)
+        grads_ok = math.isfinite(m["grad_norm"]) or t.loss_scale is not None
+        if not (math.isfinite(m["loss"]) and grads_ok):
             if ckpt is not None:
                 ckpt.wait()
             good = max(ckpt.steps(), default=None) if ckpt is not None else None
@@ -231,7 +234,8 @@ def run(config: Config | dict, *, quiet: bool = False,
                      is not None else "no checkpoint was written")
             raise TrainingStopped(f"non-finite training loss ({m['loss']}, gradient norm "
                                   f"{m['grad_norm']}) at step {s}; stopped, {where}. Lower --lr "
-                                  "or change --precision.")
+                                  + ("or --loss-scale " if t.loss_scale is not None else "")
+                                  + "or change --precision.")
 
     stop = _StopSignals()
     from tqdm.auto import tqdm
@@ -267,6 +271,8 @@ def run(config: Config | dict, *, quiet: bool = False,
                     tick, tick_step = now, s
                     check_finite(s, m)
                     values = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"]}
+                    if "skipped_steps" in m:
+                        values["skipped_steps"] = int(m["skipped_steps"])
                     if math.isfinite(tps):  # not on the step that compiled
                         values["tokens_per_s"] = tps
                     row = writer.write(s, "train", {**values, "elapsed_s": now - t_start})
@@ -325,6 +331,7 @@ def run(config: Config | dict, *, quiet: bool = False,
         "plot": str(plot_path) if plot_path else None,
         "checkpoint": str(ckpt.directory / str(t.steps)) if ckpt is not None else None,
         "config": str(run_dir / "config.json"),
+        "skipped_steps": (last["train"] or {}).get("skipped_steps", 0),
     }
     if primary:
         (run_dir / "summary.json").write_text(

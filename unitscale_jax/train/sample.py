@@ -27,14 +27,14 @@ from unitscale_jax.train.errors import UsageError
 
 
 def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
-    """The config, tokenizer and model (parameters restored) of a run.
+    """The config, tokenizer and model (parameters restored) of a decoder run.
 
     Args:
       run_dir: the run directory.
       step: the checkpoint to load; default the newest one that verifies.
 
     Raises:
-      UsageError: no run, no (valid) checkpoint, or the requested step is missing.
+      UsageError: no run, not a decoder, no (valid) checkpoint, or no such step.
     """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
@@ -42,6 +42,9 @@ def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
         raise UsageError(f"--run-dir {run_dir}: no config.json there; train a run first "
                          "(unitscale-jax train --run-dir ...).")
     cfg = resolve(Config.from_dict(json.loads(cfg_path.read_text())))
+    if cfg.model.kind != "decoder":
+        raise UsageError(f"sample needs a decoder run; {run_dir} trained a {cfg.model.kind} "
+                         "(train one with --model decoder).")
     try:
         tokenizer = datalib.get_tokenizer(cfg.data.tokenizer)
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -116,9 +119,6 @@ def sample(run_dir: str, prompt: str = "", *, max_new_tokens: int = 200,
            num_samples: int = 1, step: Optional[int] = None, log=print) -> list[str]:
     """Loads ``run_dir`` and returns ``num_samples`` continuations of ``prompt``."""
     cfg, tokenizer, model, at = load_run(run_dir, step=step, log=log)
-    if cfg.model.kind != "decoder":
-        raise UsageError(f"sample needs a decoder run; {run_dir} trained a {cfg.model.kind} "
-                         "(--model decoder).")
     log(f"sampling from {run_dir} at step {at}")
     return generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
                          seq_len=cfg.data.seq_len, temperature=temperature, top_k=top_k,
