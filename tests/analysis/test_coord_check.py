@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from unitscale_jax.analysis.coord_check import coord_check, plot_coord_check, width_slopes
+from unitscale_jax.analysis.coord import coord_check, plot_coord_check, width_slopes
 from unitscale_jax.analysis.records import read_csv, write_csv
 from unitscale_jax.nn import TransformerConfig
 

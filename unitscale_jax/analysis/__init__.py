@@ -6,18 +6,21 @@
   ``scale_stats`` is the traceable core.
 - ``plot_scales(records, path)``: the standard figure (one row per op, log2 x axis).
 - ``coord_check(...)``: activation RMS per layer after 0..k training steps across widths,
-  u-muP against SP; ``plot_coord_check``.
+  u-muP against SP; ``width_slopes`` (growth with width), ``plot_coord_check``.
 - ``write_csv`` / ``read_csv``: the record tables as CSV.
 - ``cli.analyse_main(argv)``: ``unitscale-jax analyse``.
 """
 
+from unitscale_jax.analysis.coord import coord_check, plot_coord_check, width_slopes
+from unitscale_jax.analysis.plot import plot_scales
+from unitscale_jax.analysis.records import read_csv, write_csv
 from unitscale_jax.analysis.stats import FORMATS, SCALE_STATS, stat_names, tensor_stats
 from unitscale_jax.analysis.tracking import (
     KINDS, default_loss, forward_backward, scale_stats, stats_of, to_records, track_scales, unroll,
 )
 
 __all__ = [
-    "FORMATS", "KINDS", "SCALE_STATS", "default_loss", "forward_backward", "scale_stats",
-    "stat_names", "stats_of",
-    "tensor_stats", "to_records", "track_scales", "unroll",
+    "FORMATS", "KINDS", "SCALE_STATS", "coord_check", "default_loss", "forward_backward",
+    "plot_coord_check", "plot_scales", "read_csv", "scale_stats", "stat_names", "stats_of",
+    "tensor_stats", "to_records", "track_scales", "unroll", "width_slopes", "write_csv",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 from unitscale_jax.analysis.stats import FORMATS
 from unitscale_jax.precision.formats import FloatFormat
