@@ -7,6 +7,9 @@ and, wrapped in ``chex.chexify``, inside ``jax.jit`` at run time::
     check(updates)
     chex.block_until_chexify_assertions_complete()
 
+or, synchronously and with every failure raised as ``AssertionError``,
+``unitscale_jax.checks.jit_checked(assert_unit_rms)(updates)``.
+
 The invariants (issue 4):
 
 * after ``unit_scale()`` every non-zero leaf has RMS 1 (``assert_unit_rms``);
@@ -19,7 +22,7 @@ The invariants (issue 4):
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import chex
 import jax
@@ -31,6 +34,28 @@ from unitscale_jax.optim._tree import InfoLookup, array_keys, is_leaf, is_passth
 from unitscale_jax.optim.umup import umup_factor
 
 DEFAULT_EXPONENTS = tuple(range(-20, 21))
+
+
+def jit_checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
+    """``fn`` jitted with its chex assertions live (``chex.chexify``), checked synchronously.
+
+    Failures raise ``AssertionError``. (chex converts checkify's error to ``AssertionError``
+    only for single-line messages; a failing array comparison prints a multi-line message and
+    would otherwise surface as a checkify ``FailedCheckError``.)
+    """
+    checked = chex.chexify(jax.jit(fn, **jit_kwargs), async_check=False)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return checked(*args, **kwargs)
+        except AssertionError:
+            raise
+        except Exception as exc:  # checkify's FailedCheckError
+            if "[Chex]" in str(exc):
+                raise AssertionError(str(exc)) from exc
+            raise
+
+    return run
 
 
 def tree_rms(tree: Any) -> Any:
@@ -157,6 +182,10 @@ def assert_loss_scale_invariant(tx: optax.GradientTransformation, grads: Any, pa
     scaled gradients. Arguments as in ``loss_scaled_updates``. All scales run in one batched
     computation and are compared with its ``k = 0`` member (added if absent), so that the
     comparison sees only the effect of the scale, not differences between compilations.
+
+    ``rtol = 0`` (bit-for-bit) is safe when this runs eagerly. Inside a jitted program (e.g.
+    through ``chex.chexify``) XLA may fuse the comparison with a recomputed copy of the
+    updates whose rounding differs by an ulp, so keep the default few-ulp ``rtol`` there.
     """
     exponents = list(exponents)
     if 0 not in exponents:
@@ -170,7 +199,7 @@ def assert_loss_scale_invariant(tx: optax.GradientTransformation, grads: Any, pa
 
 
 __all__ = [
-    "DEFAULT_EXPONENTS", "assert_finite_updates", "assert_loss_scale_invariant",
+    "DEFAULT_EXPONENTS", "jit_checked", "assert_finite_updates", "assert_loss_scale_invariant",
     "assert_umup_first_step", "assert_unit_rms", "expected_first_step_rms",
     "loss_scaled_updates", "nonzero_rms", "tree_rms",
 ]
