@@ -1,6 +1,7 @@
 """The encoder (masked LM) and encoder-decoder (span corruption) train end to end."""
 
 import pytest
+from flax import nnx
 
 from unitscale_jax import nn, train
 from unitscale_jax.cli import main
@@ -15,7 +16,8 @@ def test_model_kind_loss_falls_in_50_steps(kind, cls, tmp_path, shared_dirs, cap
         training={"steps": 50, "batch_size": 8, "eval_every": 50, "eval_batches": 2,
                   "run_dir": str(tmp_path / kind), "progress": False, "tensorboard": False,
                   "plot": False})
-    assert isinstance(train.build_model(train.resolve(cfg), 260), getattr(nn, cls))
+    model = nnx.eval_shape(lambda: train.build_model(train.resolve(cfg), 260))
+    assert isinstance(model, getattr(nn, cls))
     s = train.run(cfg, quiet=True)
     val = [r["loss"] for r in s["history"] if r["split"] == "validation"]
     assert [r["step"] for r in s["history"] if r["split"] == "validation"] == [0, 50]
