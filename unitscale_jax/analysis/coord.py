@@ -179,6 +179,12 @@ def width_slopes(records: Sequence[dict]) -> list[dict]:
     return out
 
 
+def _pow2_label(x) -> str:
+    if isinstance(x, (int, float)) and x > 0 and math.log2(x).is_integer():
+        return f"2^{int(math.log2(x))}"
+    return f"{x:g}" if isinstance(x, (int, float)) else str(x)
+
+
 DEFAULT_PLOTTED = ("embed", "attn.proj", "mlp.act", "mlp.out", "mlp.resid", "logits")
 
 
@@ -249,7 +255,7 @@ def plot_coord_check(records: Sequence[dict], path: str, *, names: Optional[Sequ
                 ax.set_title(f"step {t}", fontsize=10)
             if j == 0:
                 lr = next(r.get("learning_rate") for r in records if r["parametrization"] == p)
-                ax.set_ylabel(f"{p} (lr {lr:g})\nactivation RMS", fontsize=9)
+                ax.set_ylabel(f"{p} (lr {_pow2_label(lr)})\nactivation RMS", fontsize=9)
             if i == len(params) - 1:
                 ax.set_xlabel("width")
     fig.legend([lines[n] for n in names if n in lines], [n for n in names if n in lines],

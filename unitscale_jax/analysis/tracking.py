@@ -57,7 +57,7 @@ def unroll(model: nnx.Module) -> nnx.Module:
                              f"{'.'.join(map(str, path))}; build it with scan_layers=False instead.")
         flat.append((path, var.replace(value)))
     nnx.update(new, nnx.from_flat_state(flat))
-    flags = [m.deterministic for _, m in model.iter_modules() if hasattr(m, "deterministic")]
+    flags = [m.deterministic for _, m in nnx.iter_modules(model) if hasattr(m, "deterministic")]
     if flags and all(flags):
         new.eval()
     return new
