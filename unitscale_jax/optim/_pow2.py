@@ -46,7 +46,9 @@ def rms(x: jax.Array) -> jax.Array:
         return jnp.zeros((), jnp.float32)
     m = jnp.max(jnp.abs(x))
     e = exponent(m)
-    y = scale_pow2(x, -e)
+    # One exact factor 2^-e (clamped to float32's normal range: only a max-abs below 2^-126 or
+    # at/above 2^127 is affected, and those still end up with squares safely in range).
+    y = x * _pow2(-e)
     r = scale_pow2(jnp.sqrt(jnp.mean(y * y)), e)
     return jnp.where(m > 0, r, jnp.where(jnp.isfinite(m), 0.0, m))
 

@@ -127,9 +127,10 @@ def unit_scale(decay: float = 0.0, eps: float = 0.0) -> optax.GradientTransforma
             x = _pow2.rms(g)
             r = jnp.where(w == 0, x, _pow2.weighted_rms(r_old, x, w))
             denom = r + e
-            # denom == 0 only for an all-zero leaf; NaN/inf gradients propagate.
-            u = g.astype(jnp.float32) / jnp.where(denom == 0, 1.0, denom)
-            u = jnp.where(denom == 0, 0.0, u).astype(g.dtype)
+            # One reciprocal per leaf (exact under 2^k scaling like the division it replaces);
+            # denom == 0 only for an all-zero leaf, which stays zero; NaN/inf propagate.
+            inv = jnp.where(denom == 0, 0.0, 1.0 / jnp.where(denom == 0, 1.0, denom))
+            u = (g.astype(jnp.float32) * inv).astype(g.dtype)
             out[i] = leaves[i].replace(u) if isinstance(leaves[i], nnx.Variable) else u
             new_rms.append(r)
         return (jax.tree_util.tree_unflatten(treedef, out),
