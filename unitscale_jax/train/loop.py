@@ -187,10 +187,17 @@ def run(config: Config | dict, *, quiet: bool = False,
     metrics_path = run_dir / "metrics.jsonl"
     if restored is not None:
         start, state, data_state = restored
+        if start > t.steps:
+            ckpt.close()
+            raise UsageError(f"the checkpoint in {ckpt.directory} is at step {start}, past "
+                             f"--steps {t.steps}; pass --steps {start} or more to continue, or "
+                             "--overwrite to start again.")
         train_it.set_state(data_state)
         if primary:
             truncate(metrics_path, start)
-        log(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
+        log(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
+            + ("; the run is already complete (raise --steps to train further)"
+               if start == t.steps else ""))
     else:
         start = 0
         state = jax.jit(init, out_shardings=shardings)()
