@@ -252,6 +252,7 @@ def run(config: Config | dict, *, quiet: bool = False,
     t_loop = time.perf_counter()
     startup_s = t_loop - t_start
     tick, tick_step = time.perf_counter(), start
+    ema_tps = None
     try:
         with par.context():
             if start == 0 and t.eval_every:
@@ -285,7 +286,10 @@ def run(config: Config | dict, *, quiet: bool = False,
                     row = writer.write(s, "train", {**values, "elapsed_s": now - t_start})
                     history.append(row)
                     last["train"] = row
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    if math.isfinite(tps):
+                        ema_tps = tps if ema_tps is None else 0.9 * ema_tps + 0.1 * tps
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False,
+                                    tok_s="compiled" if ema_tps is None else f"{ema_tps:,.0f}")
                 if t.eval_every and s % t.eval_every == 0:
                     evaluate(s)
                     tick = time.perf_counter()
