@@ -6,7 +6,6 @@ import math
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from unitscale_jax import nn, train

@@ -135,8 +135,9 @@ class TrainingConfig:
                                      "S; overflowing steps are skipped (None: no scaling)")
     sharding: str = _f("dp", "dp (data parallel), fsdp, tp (tensor parallel) or fsdp_tp",
                        choices=SHARDINGS)
-    tensor_parallel: Optional[int] = _f(None, "devices per tensor-parallel group (tp: all, "
-                                        "fsdp_tp: 2)")
+    tensor_parallel: Optional[int] = _f(None, "devices per tensor-parallel group (default: "
+                                        "the most that divide the devices, heads, MLP width "
+                                        "and vocabulary; at most 2 for fsdp_tp)")
     distributed: str = _f("auto", "jax.distributed.initialize: auto (when a cluster "
                           "environment is detected), on or off", choices=DISTRIBUTED)
     progress: bool = _f(True, "show a progress bar")

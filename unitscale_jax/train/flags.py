@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from unitscale_jax.train.config import SECTIONS, Config, field_type
 from unitscale_jax.train.errors import UsageError

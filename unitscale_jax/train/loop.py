@@ -8,7 +8,6 @@ train step, metrics, evaluation, checkpoint -> final evaluation, checkpoint, plo
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import shutil
