@@ -73,6 +73,17 @@ def _string(optional: bool):
     return parse
 
 
+def _optional_bool(text: str):
+    t = text.strip().lower()
+    if t in ("none", "null", "auto"):
+        return None
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true, false or none")
+
+
 def flag_name(field: dataclasses.Field) -> str:
     return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
 
@@ -99,8 +110,7 @@ def add_config_flags(parser: argparse.ArgumentParser, base: Config) -> None:
                                    action=argparse.BooleanOptionalAction, help=help_)
             elif typ is bool:
                 group.add_argument(flag, dest=dest, default=default, help=help_,
-                                   type=lambda s: None if s.lower() == "none" else
-                                   s.lower() in ("1", "true", "yes", "on"))
+                                   metavar="{true,false,none}", type=_optional_bool)
             elif typ in (int, float):
                 group.add_argument(flag, dest=dest, default=default, help=help_,
                                    type=_number(typ, optional, flag), metavar=typ.__name__.upper())
