@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# The README's two commands: `make demo` (the main job: train a small u-muP decoder on the
+# built-in corpus, then sample from it) and `make test` (the test suite).
 # Each creates the virtual environment .venv (with this package installed in editable mode)
 # when it is missing or older than pyproject.toml.
 PYTHON ?= python3
@@ -17,8 +18,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+DEMO_RUN ?= runs/demo
+
 demo: $(STAMP)
-	$(BIN)/python -m unitscale_jax.demo
+	$(BIN)/unitscale-jax train --preset tiny --run-dir $(DEMO_RUN)
+	$(BIN)/unitscale-jax sample --run-dir $(DEMO_RUN) --prompt "The " --max-new-tokens 120
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)

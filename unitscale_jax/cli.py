@@ -1,4 +1,4 @@
-"""The ``unitscale-jax`` command: ``train`` (default) and ``sample``.
+"""The ``unitscale-jax`` command: ``train`` (default), ``sample`` and ``analyse``.
 
 ``unitscale-jax train --preset tiny`` trains on the built-in corpus; rerunning the same command
 resumes from its last checkpoint. ``unitscale-jax sample --run-dir runs/tiny-decoder-umup
@@ -13,10 +13,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: unitscale-jax {train,sample} [options]
+USAGE = """usage: unitscale-jax {train,sample,analyse} [options]
 
   train    train a model (default when the first argument is an option); --help for options
   sample   generate text from a trained decoder run: --run-dir DIR --prompt TEXT
+  analyse  scale table and plot of every op, weight and gradient at init, and the
+           coordinate check: --parametrization umup|sp [--coord-check] [--out DIR]
 """
 
 
@@ -59,6 +61,11 @@ def _sample(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
+def _analyse(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.analysis.cli import analyse_main
+    return analyse_main(list(argv), prog)
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> int:
     """Entry point; returns the exit status (``SystemExit`` from ``--help`` passes through)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -68,9 +75,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
         print(USAGE, end="")
         return 0
     command, rest = (argv[0], argv[1:]) if not argv[0].startswith("-") else ("train", argv)
-    commands = {"train": _train, "sample": _sample}
+    commands = {"train": _train, "sample": _sample, "analyse": _analyse}
     if command not in commands:
-        print(f"{prog}: error: unknown command {command!r}; use train or sample.",
+        print(f"{prog}: error: unknown command {command!r}; use train, sample or analyse.",
               file=sys.stderr)
         return 2
     sub_prog = prog if prog != "unitscale-jax" else f"{prog} {command}"
