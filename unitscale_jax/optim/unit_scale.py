@@ -55,8 +55,8 @@ def unit_scale(decay: float = 0.0, eps: float = 0.0) -> optax.GradientTransforma
 
     ``decay = 0`` is exact per-step normalisation: every non-zero leaf leaves with RMS 1. With
     ``decay > 0`` the output RMS is 1 at step 1 and follows the drift of gradient magnitudes
-    smoothly afterwards. The state holds one float32 scalar per leaf (``sqrt(ms_hat)``, stored
-    bias-corrected through the equivalent recursion
+    smoothly afterwards. The state holds one float32 scalar per leaf (``sqrt(ms_hat)``, in one
+    vector, kept bias-corrected through the equivalent recursion
     ``ms_hat_t = w_t ms_hat_{t-1} + (1 - w_t) x_t``, ``w_t = decay (1 - decay^(t-1)) / (1 - decay^t)``)
     and a step count.
 
@@ -65,7 +65,8 @@ def unit_scale(decay: float = 0.0, eps: float = 0.0) -> optax.GradientTransforma
     RMS (not a mean square), so no square underflows or overflows float32 and, for gradients
     multiplied by any 2^k that stay finite and normal, the outputs are bit-for-bit identical
     (with the default ``eps = 0``). Zero leaves stay zero (no 0/0). ``None`` and
-    ``optax.MaskedNode`` leaves pass through, ``nnx.Variable`` leaves keep their wrappers.
+    ``optax.MaskedNode`` leaves pass through, ``nnx.Variable`` leaves keep their wrappers. A leaf
+    is one array: the layers of a scanned stack (stacked on a leading axis) share one RMS.
 
     Why put it in front of an optimizer:
 
@@ -76,7 +77,7 @@ def unit_scale(decay: float = 0.0, eps: float = 0.0) -> optax.GradientTransforma
       step, which reweights the history in Adam's moments by the inverse RMS of each step; with
       ``decay`` close to Adam's ``b2`` the factor is nearly constant over Adam's window and
       Adam's direction is unchanged. In either case what changes is the *representation*: ``m``
-      and ``v`` now hold values near 1 and 1 instead of, say, 1e-6 and 1e-12, so they can be
+      and ``v`` now hold values of order 1 instead of, say, 1e-6 and 1e-12, so they can be
       stored in bfloat16/float16/float8 without underflow, and Adam's ``eps`` acts at a known
       relative size instead of one that depends on the loss scale.
     * SGD's update is proportional to the gradient, so its effective learning rate is the
