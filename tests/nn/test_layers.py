@@ -266,3 +266,72 @@ def test_precision_hook_sees_every_matmul(parametrization):
         unn.set_precision(model, object())
     with pytest.raises(ValueError, match="lacks method"):
         cfg.replace(precision="fp8")
+
+
+@pytest.mark.parametrize("mult,use_where", [(1.0, False), (2.5, True)])
+def test_model_loss_equals_ops_cross_entropy(mult, use_where):
+    from unitscale_jax.nn import _maths
+
+    logits = 3 * jax.random.normal(jax.random.key(0), (4, 9, 50))
+    labels = jax.random.randint(jax.random.key(1), (4, 9), 0, 50)
+    where = jax.random.bernoulli(jax.random.key(2), 0.5, (4, 9)) if use_where else None
+    ours = jax.jit(jax.value_and_grad(
+        lambda x: _maths.cross_entropy(x, labels, "umup", mult=mult, where=where)))(logits)
+    ref = jax.jit(jax.value_and_grad(
+        lambda x: ops.cross_entropy(x, labels, mult=mult, where=where)))(logits)
+    chex.assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-6)
+    sp = jax.jit(jax.value_and_grad(lambda x: _maths.cross_entropy(x, labels, "sp", mult=mult, where=where)))(logits)
+    w = jnp.ones((4, 9), bool) if where is None else where
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1)[..., 0]
+    np.testing.assert_allclose(sp[0], jnp.sum(nll * w) / jnp.sum(w), rtol=1e-5)
+
+
+def _vjp_both(f, g_f, args, seed=5):
+    """Values and input gradients (for one random cotangent) of two functions, jitted."""
+    def run(fn):
+        y, vjp = jax.vjp(fn, *args)
+        return y, vjp(jax.random.normal(jax.random.key(seed), y.shape, y.dtype))
+    return jax.jit(lambda: run(f))(), jax.jit(lambda: run(g_f))()
+
+
+@pytest.mark.parametrize("case", ["linear", "linear_none", "linear_bias", "readout", "glu",
+                                  "glu_mult", "gelu", "gelu_mult", "attn_causal", "attn_mask"])
+def test_fused_forms_equal_the_ops(case):
+    from unitscale_jax.nn import _fused
+
+    k = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(k[0], (4, 8, 32))
+    w = jax.random.normal(k[1], (32, 48))
+    b = jax.random.normal(k[2], (48,))
+    q, kk, v = (jax.random.normal(k[i], (2, 7, 3, 16)) for i in (3, 4, 5))
+    mask = jax.random.bernoulli(k[2], 0.7, (2, 1, 7, 7)) | jnp.eye(7, dtype=bool)
+    cases = {
+        "linear": (lambda x, w: _fused.linear(x, w, None, "to_output_scale"),
+                   lambda x, w: ops.linear(x, w), (x, w)),
+        "linear_none": (lambda x, w: _fused.linear(x, w, None, None),
+                        lambda x, w: ops.linear(x, w, constraint=None), (x, w)),
+        "linear_bias": (lambda x, w, b: _fused.linear(x, w, b, "to_output_scale"),
+                        lambda x, w, b: ops.linear(x, w, b), (x, w, b)),
+        "readout": (lambda x, w, b: _fused.linear(x, w, b, None, readout=True),
+                    lambda x, w, b: ops.linear_readout(x, w, b), (x, w, b)),
+        "glu": (lambda a, g: _fused.silu_glu(a, g, 1.0), lambda a, g: ops.silu_glu(a, g), (x, 2 * x[::-1])),
+        "glu_mult": (lambda a, g: _fused.silu_glu(a, g, 2.5),
+                     lambda a, g: ops.silu_glu(a, g, mult=2.5), (x, 2 * x[::-1])),
+        "gelu": (lambda a: _fused.gelu(a, 1.0), lambda a: ops.gelu(a), (x,)),
+        "gelu_mult": (lambda a: _fused.gelu(a, 0.3), lambda a: ops.gelu(a, mult=0.3), (x,)),
+        "attn_causal": (lambda q, k, v: _fused.attention(q, k, v, mask=None, is_causal=True, mult=1.5,
+                                                         dropout_rate=0.0, rng=None, scale_seq_len=None,
+                                                         scale_is_causal=None),
+                        lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=True, mult=1.5),
+                        (q, kk, v)),
+        "attn_mask": (lambda q, k, v: _fused.attention(q, k, v, mask=mask, is_causal=False, mult=1.0,
+                                                       dropout_rate=0.0, rng=None, scale_seq_len=20,
+                                                       scale_is_causal=True),
+                      lambda q, k, v: ops.scaled_dot_product_attention(
+                          q, k, v, mask=mask, scale_seq_len=20, scale_is_causal=True),
+                      (q, kk, v)),
+    }
+    fused, op, args = cases[case]
+    (y1, g1), (y2, g2) = _vjp_both(fused, op, args)
+    chex.assert_trees_all_close(y1, y2, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-5)

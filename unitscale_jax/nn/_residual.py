@@ -3,9 +3,14 @@
 Under ``jax.lax.scan`` every layer runs the same traced body, so the per-layer ``tau`` of
 u-muP's residual rule arrives as an element of a constant array instead of a Python float.
 The values are still fixed by the configuration (never measured); only their carrier
-changes. For Python-float ``tau`` these functions call ``unitscale_jax.ops`` directly; for an
-array ``tau`` they apply the identical forward/backward scales with a ``custom_vjp``
-(tested against the ops).
+changes.
+
+Values and gradients are those of ``ops.residual_split`` / ``ops.residual_add`` (tested
+against them). The skip path's two scales (backward ``b`` at the split, forward ``b`` at the
+add, ``b = 1/sqrt(1 + tau^2)``) are together just ``b * x`` with its ordinary gradient, so the
+skip is returned unscaled by ``residual_split`` and multiplied by ``b`` in ``residual_add``;
+only the branch keeps the custom scales (``a = tau/sqrt(1 + tau^2)``: backward at the
+split, forward at the add). Use the two functions together, as a pair.
 """
 
 from __future__ import annotations
@@ -53,18 +58,18 @@ def _static(tau) -> bool:
 
 
 def residual_split(x: jax.Array, tau) -> tuple[jax.Array, jax.Array]:
-    """``ops.residual_split`` for a float or (traced) scalar-array ``tau``."""
+    """``(branch input, skip)``; the pair with ``residual_add`` equals the ops' pair."""
     if _static(tau):
-        return ops.residual_split(x, tau)
+        return ops.scale_bwd(x, tau / (1.0 + tau**2) ** 0.5), x
     tau = jnp.asarray(tau, jnp.float32)
-    denom = jnp.sqrt(1.0 + tau * tau)
-    return _scale_bwd(x, tau / denom), _scale_bwd(x, 1.0 / denom)
+    return _scale_bwd(x, tau / jnp.sqrt(1.0 + tau * tau)), x
 
 
 def residual_add(residual: jax.Array, skip: jax.Array, tau) -> jax.Array:
-    """``ops.residual_add`` for a float or (traced) scalar-array ``tau``."""
+    """Branch output and skip weighted by ``tau`` (after ``residual_split``)."""
     if _static(tau):
-        return ops.residual_add(residual, skip, tau)
+        denom = (1.0 + tau**2) ** 0.5
+        return ops.scale_fwd(residual, tau / denom) + skip * jnp.asarray(1.0 / denom, skip.dtype)
     tau = jnp.asarray(tau, jnp.float32)
     denom = jnp.sqrt(1.0 + tau * tau)
-    return _scale_fwd(residual, tau / denom) + _scale_fwd(skip, 1.0 / denom)
+    return _scale_fwd(residual, tau / denom) + skip * (1.0 / denom).astype(skip.dtype)
