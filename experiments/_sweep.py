@@ -413,7 +413,8 @@ def add_common_args(p, *, steps: int, batch_size: int, seq_len: int) -> None:
     p.add_argument("--smoke", action="store_true", help="the smallest version (the smoke test)")
     p.add_argument("--data", default=None, help="text file (default: "
                    "../shared/data/tinyshakespeare/input.txt) or 'builtin'")
-    p.add_argument("--out", default=str(RESULTS), help="output directory")
+    p.add_argument("--out", default=None, help="output directory (default experiments/results/, "
+                   "experiments/results/quick/ for --quick and --smoke)")
     p.add_argument("--tag", default=None, help="file name prefix of the outputs")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=batch_size)
@@ -424,6 +425,11 @@ def add_common_args(p, *, steps: int, batch_size: int, seq_len: int) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="ignore runs already in the output "
                    "CSV (default: resume when the settings match)")
+
+
+def out_dir(args, mode: str) -> Path:
+    """``--out``, else ``experiments/results`` (full) or ``experiments/results/quick``."""
+    return Path(args.out) if args.out else (RESULTS if mode == "full" else RESULTS / "quick")
 
 
 def int_list(s: str) -> list[int]:

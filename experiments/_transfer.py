@@ -85,7 +85,8 @@ def run(args, axis: str, experiment: str, argv: Sequence[str], mode: str,
                 "seed": args.seed, "data": data, "grids": grids, "extend": not args.no_extend,
                 "parametrizations": pars, "optimizer": "adam (no weight decay)",
                 "sp_init_std": 0.02}
-    store = _sweep.Store(Path(args.out), tag, settings, resume=not args.fresh, log=log)
+    out = _sweep.out_dir(args, mode)
+    store = _sweep.Store(out, tag, settings, resume=not args.fresh, log=log)
     store.write_meta(command="python experiments/" + Path(sys.argv[0]).name + " "
                      + " ".join(shlex.quote(a) for a in argv) if argv is not None else None,
                      machine=_sweep.machine())
@@ -107,7 +108,6 @@ def run(args, axis: str, experiment: str, argv: Sequence[str], mode: str,
             curves[par][v] = _sweep.sweep_curve(store, experiment, cfg, grids[par], limits[par],
                                                 extend=not args.no_extend, key=key, log=log)
     summary, claims = summarise(curves, axis, other, getattr(args, other))
-    out = Path(args.out)
     _sweep.write_csv(out / f"{tag}_summary.csv", summary)
     title = (f"{experiment}: byte-level decoder, {axis} {values}, {other} "
              f"{getattr(args, other)}; {args.steps} steps x {args.batch_size} x {args.seq_len} "

@@ -74,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if mode != "full":
         for k, v in (SMOKE if args.smoke else QUICK).items():
             setattr(args, k, v)
-    out = Path(args.out)
+    out = _sweep.out_dir(args, mode)
     mults = [m for m in args.multipliers.split(",") if m]
     bad = [m for m in mults if m not in MULTIPLIERS]
     if bad or not mults:
