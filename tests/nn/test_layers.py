@@ -11,7 +11,7 @@ from flax import nnx
 
 from unitscale_jax import ops
 from unitscale_jax import nn as unn
-from unitscale_jax.nn import _residual, hooks
+from unitscale_jax.nn import _residual
 from unitscale_jax.nn.params import ParamInfo
 
 

@@ -47,13 +47,13 @@ SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 8
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    cfg = unn.TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16)
+    cfg = unn.TransformerConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=16)
     ids = jax.random.randint(jax.random.key(1), (8, 16), 0, 64)
     ref_model = unn.TransformerDecoder(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(ref_model, nnx.Param)
     loss_fn = lambda p, i: nnx.merge(graphdef, p).loss(i)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn))(params, ids)
-    for kind in ("dp", "fsdp_tp"):
+    for kind in ("fsdp_tp",):
         rules = unn.logical_rules(kind, mesh)
         with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
             shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), unn.partition_specs(params))
@@ -72,7 +72,7 @@ SCRIPT = textwrap.dedent("""
         assert kernel.sharding.is_equivalent_to(want, 3), (kind, kernel.sharding, expect)
         g = grads["stack"]["layers"]["mlp"]["up_proj"]["kernel"][...]
         assert g.sharding.is_equivalent_to(want, 3), (kind, g.sharding, expect)
-        assert kind == "dp" or expect == P(None, "fsdp", "tensor")
+        assert expect == P(None, "fsdp", "tensor")
         print(kind, "ok", float(loss))
 """)
 
@@ -83,4 +83,4 @@ def test_sharded_decoder_on_8_devices():
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,
                          text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr[-4000:]
-    assert out.stdout.count(" ok ") == 2
+    assert out.stdout.count(" ok ") == 1

@@ -185,29 +185,37 @@ def zeros_like_captured(values: dict) -> dict:
     return {k: jnp.zeros(v.shape, v.dtype) for k, v in values.items()}
 
 
-def activation_stats(fn: Any, model: Any, *args: Any) -> dict:
+def activation_stats(fn: Any, model: Any, *args: Any, include_params: bool = False) -> dict:
     """Std of every tapped activation and of the gradient of ``fn`` with respect to it.
 
     Args:
       fn: ``fn(model, *args) -> scalar`` (e.g. ``lambda m, ids: m.loss(ids)``).
       model: an ``nnx.Module`` (layers must not be scanned for per-layer taps).
       *args: arrays passed to ``fn``.
+      include_params: also report every parameter, under ``"param/<path>"``.
 
     Returns:
-      ``{name: (std of the activation, std of its gradient)}`` as Python floats, in call
-      order. Runs under ``jax.jit``.
+      ``{name: (std of the value, std of its gradient)}`` as Python floats, activations in
+      call order. One jitted forward and backward pass.
     """
     from flax import nnx
 
-    graphdef, state = nnx.split(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def run(perts, state, *args):
+    def run(perts, params, *args):
         with capture_activations(perts) as cap:
-            out = fn(nnx.merge(graphdef, state), *args)
+            out = fn(nnx.merge(graphdef, params, rest), *args)
         return out, cap.values
 
-    shapes = jax.eval_shape(lambda s, *a: run(None, s, *a)[1], state, *args)
+    shapes = jax.eval_shape(lambda p, *a: run(None, p, *a)[1], params, *args)
     perts = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
-    (_, values), grads = jax.jit(jax.value_and_grad(run, has_aux=True))(perts, state, *args)
-    return {k: (float(jnp.std(values[k].astype(jnp.float32))),
-                float(jnp.std(grads[k].astype(jnp.float32)))) for k in sorted(values)}
+    grad_fn = jax.value_and_grad(run, argnums=(0, 1), has_aux=True)
+    (_, values), (grads, pgrads) = jax.jit(grad_fn)(perts, params, *args)
+    std = lambda x: float(jnp.std(jnp.asarray(x, jnp.float32)))  # noqa: E731
+    out = {k: (std(values[k]), std(grads[k])) for k in sorted(values)}
+    if include_params:
+        flat_p, flat_g = nnx.to_flat_state(params), dict(nnx.to_flat_state(pgrads))
+        for path, var in flat_p:
+            name = "param/" + "/".join(str(k) for k in path)
+            out[name] = (std(var[...]), std(flat_g[path][...]))
+    return out
