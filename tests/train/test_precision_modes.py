@@ -102,27 +102,34 @@ def test_fp16_backward_runs_in_fp16(par):
     shapes = jax.eval_shape(lambda: run(None)[1])
     assert len(shapes) > 20
     perts = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
-    g_acts = jax.grad(lambda p: run(p)[0])(perts)
+    g_acts = jax.jit(jax.grad(lambda p: run(p)[0]))(perts)
     assert {str(g.dtype) for g in g_acts.values()} == {"float16"}
-    grads = jax.grad(lambda p: loss(p)[0])(params)
+    grads = jax.jit(jax.grad(lambda p: loss(p)[0]))(params)
     assert {str(g.dtype) for g in jax.tree.leaves(grads)} == {"float32"}
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
-def _grads(par, prec, scale, batch):
+def _grad_fn(par, prec, batch):
+    """``scale -> flat gradients of the loss`` through ``scale_loss`` / ``unscale_grads`` (the
+    scale is traced, so one compilation serves every scale)."""
     loss, params = _loss_fn(_cfg(par, prec, seq_len=batch["inputs"].shape[1]), batch)
-    fn = jax.jit(jax.grad(tprec.scale_loss(loss, scale), has_aux=True))
-    grads, _ = fn(params)
-    return jnp.concatenate([g.ravel() for g in jax.tree.leaves(tprec.unscale_grads(grads, scale))])
+
+    @jax.jit
+    def fn(scale):
+        grads, _ = jax.grad(tprec.scale_loss(loss, scale), has_aux=True)(params)
+        grads = tprec.unscale_grads(grads, scale)
+        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
+
+    return fn
 
 
 def test_loss_scaling_is_exact_in_fp32_and_recovers_sp_gradients_in_fp8_sim():
     """SP's gradients of the mean loss scale as 1/tokens: with 1024 tokens, E5M2 flushes a
     large share of them to zero; a loss scale of 2^10 lifts them back. u-muP needs none."""
     batch = _batch(16, 64)
-    ref = _grads("sp", "fp32", None, batch)
-    chex.assert_trees_all_close(_grads("sp", "fp32", 2.0 ** 10, batch), ref, rtol=1e-6,
-                                atol=0)
+    sp32 = _grad_fn("sp", "fp32", batch)
+    ref = sp32(1.0)
+    chex.assert_trees_all_close(sp32(2.0 ** 10), ref, rtol=1e-6, atol=0)
 
     def err(g, r):
         return float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r))
@@ -130,13 +137,13 @@ def test_loss_scaling_is_exact_in_fp32_and_recovers_sp_gradients_in_fp8_sim():
     def new_zeros(g, r):
         return float(jnp.mean((g == 0) & (r != 0)))
 
-    plain = _grads("sp", "fp8-sim", None, batch)
-    scaled = _grads("sp", "fp8-sim", 2.0 ** 10, batch)
+    sp8 = _grad_fn("sp", "fp8-sim", batch)
+    plain, scaled = sp8(1.0), sp8(2.0 ** 10)
     assert new_zeros(plain, ref) > 0.05 and err(plain, ref) > 0.15, (new_zeros(plain, ref),
                                                                      err(plain, ref))
     assert new_zeros(scaled, ref) < 0.01 and err(scaled, ref) < 0.5 * err(plain, ref)
-    u_ref = _grads("umup", "fp32", None, batch)
-    u_sim = _grads("umup", "fp8-sim", None, batch)
+    u_ref = _grad_fn("umup", "fp32", batch)(1.0)
+    u_sim = _grad_fn("umup", "fp8-sim", batch)(1.0)
     assert new_zeros(u_sim, u_ref) < 0.01 and err(u_sim, u_ref) < 0.12  # E4M3/E5M2 rounding
 
 
@@ -169,15 +176,22 @@ def test_overflowing_loss_scale_skips_steps_then_stops(tmp_path, shared_dirs):
     assert tr[-1]["step"] <= n + 2
 
 
-def test_loss_scaled_fp16_and_fp8_runs_train(tmp_path, shared_dirs):
-    s = train.run(_run_cfg(tmp_path, shared_dirs[0], "fp16ls", steps=30, eval_every=30,
-                           precision="fp16", loss_scale=2.0 ** 10), quiet=True)
-    val = [r["loss"] for r in s["history"] if r["split"] == "validation"]
-    assert s["skipped_steps"] == 0 and val[-1] < val[0] - 1.0, val
-    assert all("skipped_steps" in r for r in s["history"] if r["split"] == "train")
+def test_loss_scale_divides_out_before_the_optimizer(tmp_path, shared_dirs):
+    """fp32 SGD (not scale invariant, unlike Adam): a loss-scaled run follows the same
+    trajectory as an unscaled one, so the optimizer sees the gradients of the loss itself."""
+    sgd = {"name": "sgd", "lr": 0.5, "schedule": "constant", "warmup_steps": 0}
+    runs = [train.run(_run_cfg(tmp_path, shared_dirs[0], f"sgd{ls}", steps=6, eval_every=6,
+                               loss_scale=ls).replace(optimizer=sgd), quiet=True)
+            for ls in (None, 2.0 ** 10)]
+    losses = [[r["loss"] for r in s["history"] if r["split"] == "train"] for s in runs]
+    assert len(losses[0]) == 6 and losses[0][-1] < losses[0][0]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    assert runs[1]["skipped_steps"] == 0 and "skipped_steps" not in runs[0]["history"][1]
+
+
+def test_real_fp8_run_trains(tmp_path, shared_dirs):
     s = train.run(_run_cfg(tmp_path, shared_dirs[0], "fp8", steps=10, eval_every=10,
                            precision="fp8").replace(model={"parametrization": "umup"},
                                                     optimizer={"lr": 1.0}), quiet=True)
     val = [r["loss"] for r in s["history"] if r["split"] == "validation"]
     assert all(math.isfinite(v) for v in val) and val[-1] < val[0], val
-    assert s["skipped_steps"] == 0 and "skipped_steps" not in s["history"][1]
