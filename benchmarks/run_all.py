@@ -5,6 +5,8 @@ Each benchmark runs as its own process (so one's JAX/XLA settings cannot leak in
 - ``ops_overhead``: a unit-scaled FFN block against plain ``jnp`` (fwd + bwd);
 - ``model_step``: the u-muP decoder's train step against SP and a plain NNX decoder;
 - ``optimizer_overhead``: ``unit_scale`` / u-muP AdamW updates against ``optax.adamw``;
+- ``fp8_matmul``: real FP8 against bf16 matmuls and decoder train steps (accelerator sizes;
+  on a CPU-only machine its ``--tiny`` path check, results ``*_tiny.json``);
 - ``torch_comparison``: the authors' PyTorch ``unit_scaling.TransformerDecoder`` against ours
   at the same configuration (only where a Python with ``torch`` and ``unit-scaling`` is found:
   ``--torch-python``, ``$UNITSCALE_TORCH_PYTHON`` or this interpreter; otherwise reported as
@@ -27,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +43,10 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "model_step": ("model_step.py", [], ["--quick", "--no-write"]),
     "optimizer_overhead": ("optimizer_overhead.py", [], ["--quick", "--no-write"]),
     "torch_comparison": ("torch_comparison.py", [], ["--quick", "--no-write"]),
+    "fp8_matmul": ("fp8_matmul.py", [], ["--tiny", "--out", "{tmp}"]),
 }
+# result file a benchmark writes in full mode, when not ``<name>.json``
+RESULT_FILES = {"fp8_matmul": "fp8_matmul.json"}
 
 
 def machine() -> dict:
@@ -116,14 +122,20 @@ def main(argv=None) -> int:
     report = {"command": "python benchmarks/run_all.py" + "".join(
                   f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
               "started": started, "quick": args.quick, "machine": machine(), "benchmarks": {}}
+    on_cpu = report["machine"].get("backend") == "cpu"
     for name in names:
         script, full_args, quick_args = BENCHMARKS[name]
         extra = list(quick_args if args.quick else full_args)
+        result_name = RESULT_FILES.get(name, f"{name}.json")
+        if name == "fp8_matmul" and on_cpu and not args.quick:
+            extra, result_name = ["--tiny"], "fp8_matmul_tiny.json"
         if name == "torch_comparison" and args.torch_python:
             extra += ["--torch-python", args.torch_python]
-        results_file = None if args.quick else RESULTS / f"{name}.json"
-        report["benchmarks"][name] = run_one(name, HERE / script, extra, results_file,
-                                             args.timeout)
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = [a.replace("{tmp}", tmp) for a in extra]
+            results_file = None if args.quick else RESULTS / result_name
+            report["benchmarks"][name] = run_one(name, HERE / script, extra, results_file,
+                                                 args.timeout)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     out_dir = Path(args.results_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -221,15 +221,17 @@ class Store:
         self.meta_path = self.out / f"{tag}_meta.json"
         self.rows: list[dict] = []
         old = json.loads(self.meta_path.read_text()) if self.meta_path.exists() else None
+        now = time.strftime("%Y-%m-%d %H:%M:%S")
         if resume and old and old.get("settings") == settings and self.csv.exists():
             with self.csv.open() as f:
                 self.rows = [_parse(r) for r in csv.DictReader(f)]
             log(f"resuming: {len(self.rows)} runs already in {self.csv}")
+            self.meta = {**old, "resumed": now}
         else:
             with self.csv.open("w", newline="") as f:
                 csv.DictWriter(f, COLUMNS).writeheader()
-        self.meta = {"settings": settings, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                     "groups": []}
+            self.meta = {"settings": settings, "started": now, "groups": []}
+        self.meta["groups_this_call"] = 0
         self.write_meta()
 
     def write_meta(self, **extra) -> None:
@@ -275,7 +277,8 @@ def run_group(store: Store, experiment: str, cfg, lr_log2s: Sequence[float], *,
                                  "width": m.d_model, "depth": m.n_layers,
                                  "multiplier": multiplier, "value": multiplier_value,
                                  "lr_log2": list(lr_log2s), "wall_s": round(g["wall_s"], 2),
-                                 "compile_s": round(g["compile_s"] or 0.0, 2)})
+                                 "seed": t.seed, "compile_s": round(g["compile_s"] or 0.0, 2)})
+    store.meta["groups_this_call"] = store.meta.get("groups_this_call", 0) + 1
     store.write_meta()
     log("    " + ", ".join(f"2^{k:g}: " + ("diverged" if r["diverged"] else f"{r['val_loss']:.4f}")
                           for k, r in zip(lr_log2s, rows)) + f"  ({g['wall_s']:.0f} s)")
@@ -288,22 +291,49 @@ def score(row: dict) -> float:
     return v if (not row["diverged"] and math.isfinite(v)) else math.inf
 
 
-def sweep_curve(store: Store, experiment: str, cfg, initial: Sequence[int],
-                limits: tuple[int, int], *, extend: bool, key: dict,
-                log: Callable[[str], None] = print) -> list[dict]:
-    """Sweeps ``log2 lr`` over ``initial``; with ``extend``, adds two more powers of 2 beyond an
-    end of the evaluated range while the best run sits at that end (within ``limits``), so
-    the optimum ends up with an evaluated, worse neighbour on each side."""
-    def evaluated():
-        return {r["lr_log2"]: r for r in store.select(experiment=experiment, **key)}
+def mean_curve(rows: Sequence[dict], x: str = "lr_log2") -> list[dict]:
+    """Rows of several seeds -> one row per ``x``: ``val_loss`` the mean over seeds (a run
+    that diverged makes the point diverged), ``val_loss_std``, ``n_seeds`` and
+    ``best_seed_losses`` (the seeds' own losses)."""
+    by_x: dict = {}
+    for r in rows:
+        by_x.setdefault(r[x], []).append(r)
+    out = []
+    for k in sorted(by_x):
+        rs = sorted(by_x[k], key=lambda r: r["seed"])
+        losses = [r["val_loss"] for r in rs]
+        diverged = any(r["diverged"] or not math.isfinite(r["val_loss"]) for r in rs)
+        mean = sum(losses) / len(losses) if not diverged else math.nan
+        var = (sum((v - mean) ** 2 for v in losses) / (len(losses) - 1)
+               if len(losses) > 1 and not diverged else None)
+        out.append({x: k, "val_loss": mean, "val_loss_std": None if var is None else var ** 0.5,
+                    "diverged": diverged, "n_seeds": len(rs), "seeds": [r["seed"] for r in rs],
+                    "seed_losses": losses})
+    return out
 
-    todo = [k for k in initial if k not in evaluated()]
+
+def sweep_curve(store: Store, experiment: str, cfg_for_seed: Callable[[int], Any],
+                initial: Sequence[int], limits: tuple[int, int], *, extend: bool, key: dict,
+                seeds: Sequence[int] = (0,), log: Callable[[str], None] = print) -> list[dict]:
+    """Sweeps ``log2 lr`` over ``initial`` for every seed (``cfg_for_seed(seed)`` is the
+    config); with ``extend``, adds two more powers of 2 beyond an end of the evaluated range
+    while the best point of the seed-averaged curve sits at that end (within ``limits``), so
+    its optimum ends up with an evaluated, worse neighbour on each side. Every seed evaluates
+    the same learning rates. Returns the seed-averaged curve (``mean_curve``)."""
+    def runs(seed=None):
+        sel = store.select(experiment=experiment, **key)
+        return [r for r in sel if seed is None or r["seed"] == seed]
+
+    grid = set(initial) | {r["lr_log2"] for r in runs() if r["seed"] in seeds}
     while True:
-        if todo:
-            run_group(store, experiment, cfg, sorted(todo), log=log)
+        for seed in seeds:
+            todo = sorted(grid - {r["lr_log2"] for r in runs(seed)})
+            if todo:
+                run_group(store, experiment, cfg_for_seed(seed), todo, log=log)
+        curve = mean_curve([r for r in runs() if r["seed"] in seeds])
         if not extend:
-            break
-        e = evaluated()
+            return curve
+        e = {r["lr_log2"]: r for r in curve}
         lo, hi = min(e), max(e)
         finite = {k: score(r) for k, r in e.items() if math.isfinite(score(r))}
         nxt = []
@@ -315,10 +345,10 @@ def sweep_curve(store: Store, experiment: str, cfg, initial: Sequence[int],
                 nxt += [hi + 1, hi + 2]
             if best == lo:
                 nxt += [lo - 1, lo - 2]
-        todo = [k for k in nxt if limits[0] <= k <= limits[1] and k not in e]
-        if not todo:
-            break
-    return sorted(evaluated().values(), key=lambda r: r["lr_log2"])
+        nxt = [k for k in nxt if limits[0] <= k <= limits[1] and k not in e]
+        if not nxt:
+            return curve
+        grid |= set(nxt)
 
 
 def optimum(rows: Sequence[dict], x: str = "lr_log2") -> dict:
@@ -386,8 +416,12 @@ def plot_lr_curves(curves: dict, path: Path, *, title: str, label: str,
             rows = sorted(curves[par][v], key=lambda r: r[x])
             color = cmap(j / max(1, len(values) - 1) * 0.9)
             ok = [r for r in rows if math.isfinite(score(r))]
-            ax.plot([r[x] for r in ok], [r["val_loss"] for r in ok], "o-", color=color,
-                    ms=4, label=f"{label} {v}")
+            err = [r.get("val_loss_std") or 0.0 for r in ok]
+            n = max([r.get("n_seeds", 1) for r in rows] or [1])
+            ax.errorbar([r[x] for r in ok], [r["val_loss"] for r in ok],
+                        yerr=err if n > 1 else None, fmt="o-", color=color, ms=4, capsize=2,
+                        label=f"{label} {v}" + (f" (mean of {n} seeds ± std)" if n > 1
+                                                 else ""))
             bad = [r for r in rows if not math.isfinite(score(r))]
             if bad and finite:
                 ax.plot([r[x] for r in bad], [ax.get_ylim()[1]] * len(bad), "x", color=color,

@@ -39,6 +39,8 @@ def build_parser(axis: str, doc: str, *, values: str, fixed: int, d_head: int, s
     p.add_argument("--no-extend", action="store_true", help="do not extend a grid whose best "
                    "run sits at its edge")
     p.add_argument("--parametrizations", default="umup,sp")
+    p.add_argument("--seeds", default=None, help="seeds (initialisation and data order) to "
+                   "average each point over, comma-separated (default: --seed alone)")
     _sweep.add_common_args(p, steps=steps, batch_size=batch_size, seq_len=seq_len)
     return p
 
@@ -75,6 +77,9 @@ def run(args, axis: str, experiment: str, argv: Sequence[str], mode: str,
         raise SystemExit(f"--parametrizations takes umup and/or sp, got {args.parametrizations!r}")
     if len(values) < 2:
         raise SystemExit(f"--{axis}s needs at least two values, got {values}")
+    seeds = _sweep.int_list(args.seeds) if args.seeds else [args.seed]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds must be distinct integers, got {args.seeds!r}")
     data = _sweep.data_path(args.data)
     tag = args.tag or (experiment if mode == "full" else f"{experiment}_{mode}")
     grids = {"umup": _sweep.int_list(args.umup_lrs), "sp": _sweep.int_list(args.sp_lrs)}
@@ -82,38 +87,48 @@ def run(args, axis: str, experiment: str, argv: Sequence[str], mode: str,
                 other: getattr(args, other), "d_head": args.d_head, "steps": args.steps,
                 "batch_size": args.batch_size, "seq_len": args.seq_len,
                 "schedule": args.schedule, "eval_batches": args.eval_batches,
-                "seed": args.seed, "data": data, "grids": grids, "extend": not args.no_extend,
+                "seed": seeds[0], "data": data, "grids": grids, "extend": not args.no_extend,
                 "parametrizations": pars, "optimizer": "adam (no weight decay)",
                 "sp_init_std": 0.02}
     out = _sweep.out_dir(args, mode)
     store = _sweep.Store(out, tag, settings, resume=not args.fresh, log=log)
     store.write_meta(command="python experiments/" + Path(sys.argv[0]).name + " "
                      + " ".join(shlex.quote(a) for a in argv) if argv is not None else None,
-                     machine=_sweep.machine())
+                     machine=_sweep.machine(), seeds=seeds)
     t0 = time.perf_counter()
     limits = {"umup": (-8, 8), "sp": (-18, 0)}
     log(f"{experiment} ({mode}): {axis}s {values}, {other} {getattr(args, other)}, "
         f"{args.steps} steps x batch {args.batch_size} x seq {args.seq_len} "
-        f"= {args.steps * args.batch_size * args.seq_len:,} tokens per run; data {data}")
+        f"= {args.steps * args.batch_size * args.seq_len:,} tokens per run; seeds {seeds}; "
+        f"data {data}")
     curves: dict = {p: {} for p in pars}
+    per_seed: dict = {p: {} for p in pars}
     for v in values:
         shape = {axis: v, other: getattr(args, other)}
         for par in pars:
-            cfg = _sweep.base_config(parametrization=par, width=shape["width"],
-                                     depth=shape["depth"], d_head=args.d_head,
-                                     seq_len=args.seq_len, batch_size=args.batch_size,
-                                     steps=args.steps, schedule=args.schedule, data=data,
-                                     seed=args.seed, eval_batches=args.eval_batches)
+            def cfg_for(seed, par=par, shape=shape):
+                return _sweep.base_config(
+                    parametrization=par, width=shape["width"], depth=shape["depth"],
+                    d_head=args.d_head, seq_len=args.seq_len, batch_size=args.batch_size,
+                    steps=args.steps, schedule=args.schedule, data=data, seed=seed,
+                    eval_batches=args.eval_batches)
+
             key = {"parametrization": par, "width": shape["width"], "depth": shape["depth"]}
-            curves[par][v] = _sweep.sweep_curve(store, experiment, cfg, grids[par], limits[par],
-                                                extend=not args.no_extend, key=key, log=log)
-    summary, claims = summarise(curves, axis, other, getattr(args, other))
+            curves[par][v] = _sweep.sweep_curve(store, experiment, cfg_for, grids[par],
+                                                limits[par], extend=not args.no_extend,
+                                                key=key, seeds=seeds, log=log)
+            per_seed[par][v] = {s: [r for r in store.select(experiment=experiment, **key)
+                                    if r["seed"] == s] for s in seeds}
+    summary, claims = summarise(curves, axis, other, getattr(args, other), per_seed)
     _sweep.write_csv(out / f"{tag}_summary.csv", summary)
     title = (f"{experiment}: byte-level decoder, {axis} {values}, {other} "
              f"{getattr(args, other)}; {args.steps} steps x {args.batch_size} x {args.seq_len} "
              f"tokens, Adam, {args.schedule}, no weight decay")
     png = _sweep.plot_lr_curves(curves, out / f"{tag}.png", title=title, label=axis)
     store.write_meta(claims=claims, wall_s=round(time.perf_counter() - t0, 1),
+                     compute_s_all_groups=round(sum(r["group_wall_s"] for r in {
+                         (r["parametrization"], r["width"], r["depth"], r["seed"],
+                          r["group_wall_s"]): r for r in store.rows}.values()), 1),
                      finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     log(format_summary(summary, axis))
     for k, c in claims.items():
@@ -123,13 +138,18 @@ def run(args, axis: str, experiment: str, argv: Sequence[str], mode: str,
             "csv": str(store.csv)}
 
 
-def summarise(curves: dict, axis: str, other: str, other_value: int):
-    """Per curve: the optimum; per parametrization: how far it moves, the loss lost by
-    reusing the smallest model's optimum, and whether the best loss improves along the axis."""
+def summarise(curves: dict, axis: str, other: str, other_value: int,
+              per_seed: Optional[dict] = None):
+    """Per curve (seed-averaged): the optimum; per parametrization: how far it moves, the loss
+    lost by reusing the smallest model's optimum, and whether the best loss improves along
+    the axis. With ``per_seed`` also each seed's own optimum."""
     summary, claims = [], {}
     for par, by_value in curves.items():
         values = sorted(by_value)
         opts = {v: _sweep.optimum(by_value[v]) for v in values}
+        seed_opts = {v: {s: _sweep.optimum(rows)["best"]
+                         for s, rows in (per_seed or {}).get(par, {}).get(v, {}).items()}
+                     for v in values}
         ref = opts[values[0]]["best"]
         for v in values:
             o = opts[v]
@@ -141,6 +161,11 @@ def summarise(curves: dict, axis: str, other: str, other_value: int):
                 else None, "best_val_loss": o["loss"], "vertex_lr_log2": o["vertex"],
                 "bracketed": o["bracketed"], "n_runs": o["n_runs"],
                 "n_diverged": o["n_diverged"],
+                "n_seeds": max((r.get("n_seeds", 1) for r in by_value[v]), default=1),
+                "best_val_loss_std": next((r.get("val_loss_std") for r in by_value[v]
+                                           if r["lr_log2"] == o["best"]), None),
+                "best_lr_log2_per_seed": "/".join(
+                    "none" if b is None else f"{b:g}" for b in seed_opts[v].values()),
                 f"loss_at_lr_of_smallest_{axis}": loss_ref,
                 "transfer_gap": (loss_ref - o["loss"]) if loss_ref is not None else None})
         bests = [opts[v]["best"] for v in values if opts[v]["best"] is not None]
@@ -154,6 +179,7 @@ def summarise(curves: dict, axis: str, other: str, other_value: int):
             "all_bracketed": all(opts[v]["bracketed"] for v in values),
             "loss_improves_along_axis": all(b < a for a, b in zip(losses, losses[1:])),
             "best_losses": {v: round(opts[v]["loss"], 4) for v in values},
+            "best_lr_log2_per_seed": {v: seed_opts[v] for v in values},
         }
     if "umup" in claims:
         claims["umup_optimum_moves_at_most_one_factor_of_2"] = (
@@ -168,15 +194,15 @@ def summarise(curves: dict, axis: str, other: str, other_value: int):
 
 def format_summary(summary: Sequence[dict], axis: str) -> str:
     lines = [f"{'param':6} {axis:>6} {'best log2 lr':>12} {'vertex':>7} {'val loss':>9} "
-             f"{'runs':>5} {'div':>4} {'gap@small-opt':>13}"]
+             f"{'points':>6} {'div':>4} {'gap@small-opt':>13}  per-seed optima"]
     for r in summary:
         vx = "" if r["vertex_lr_log2"] is None else f"{r['vertex_lr_log2']:.2f}"
         gap = "" if r["transfer_gap"] is None else f"{r['transfer_gap']:.4f}"
         best = "none" if r["best_lr_log2"] is None else f"{r['best_lr_log2']:g}"
         star = "" if r["bracketed"] else " (edge)"
         lines.append(f"{r['parametrization']:6} {r[axis]:>6} {best + star:>12} {vx:>7} "
-                     f"{r['best_val_loss']:9.4f} {r['n_runs']:5d} {r['n_diverged']:4d} "
-                     f"{gap:>13}")
+                     f"{r['best_val_loss']:9.4f} {r['n_runs']:6d} {r['n_diverged']:4d} "
+                     f"{gap:>13}  {r['best_lr_log2_per_seed']}")
     return "\n".join(lines)
 
 

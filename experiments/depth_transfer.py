@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _transfer  # noqa: E402
 
-DEFAULTS = {"values": "2,4,8,16", "fixed": 32, "d_head": 8, "steps": 120, "batch_size": 16,
-            "seq_len": 32, "umup_lrs": "-2:2", "sp_lrs": "-9:-5"}
+DEFAULTS = {"values": "2,4,8,16", "fixed": 32, "d_head": 8, "steps": 200, "batch_size": 16,
+            "seq_len": 64, "umup_lrs": "-2:2", "sp_lrs": "-9:-5"}
 MODES = {"quick_values": "1,2,4", "smoke_values": "1,2", "quick_fixed": 16, "smoke_fixed": 8,
          "quick_lrs": {"umup": "-2:2", "sp": "-8:-4"}, "smoke_lrs": {"umup": "0:1", "sp": "-7:-6"}}
 

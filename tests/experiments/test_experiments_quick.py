@@ -65,7 +65,7 @@ def test_lr_transfer_resumes_without_training(lr_result, out):
     again = lr_transfer.main(["--smoke", "--data", DATA, "--out", str(out)])
     assert len(again["runs"]) == 8
     meta = json.loads((out / "lr_transfer_smoke_meta.json").read_text())
-    assert meta["groups"] == []  # nothing retrained
+    assert meta["groups_this_call"] == 0 and len(meta["groups"]) == 4  # nothing retrained
     assert again["summary"] == lr_result["summary"]
 
 
