@@ -67,6 +67,11 @@ def check_policy(policy: Any) -> None:
                          "static model structure.") from e
 
 
+def _active(policy: Any) -> Any:
+    """None for no policy or one that changes nothing (fp32): those take the same fused path."""
+    return None if policy is None or getattr(policy, "is_identity", False) else policy
+
+
 def project(policy: Any, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], *,
             role: str, parametrization: str, constraint: Optional[str], readout: bool,
             layer: Optional[int] = None, rng: Optional[jax.Array] = None) -> jax.Array:
@@ -82,6 +87,7 @@ def project(policy: Any, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Arr
       layer: layer index for per-layer policy exceptions.
       rng: key for stochastic rounding.
     """
+    policy = _active(policy)
     if policy is None:
         if readout:
             return _maths.readout(x, kernel, bias, parametrization)
@@ -100,6 +106,7 @@ def project(policy: Any, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Arr
 
 def attention_inputs(policy: Any, q, k, v, *, layer: Optional[int] = None, rng=None):
     """q, k, v under the policy's forward format (identity for ``policy=None``)."""
+    policy = _active(policy)
     if policy is None:
         return q, k, v
     return policy.attention_inputs(q, k, v, layer=layer, rng=rng)
@@ -107,6 +114,7 @@ def attention_inputs(policy: Any, q, k, v, *, layer: Optional[int] = None, rng=N
 
 def attention_output(policy: Any, out, *, layer: Optional[int] = None, rng=None):
     """The attention core's output, gradient under the policy's backward format."""
+    policy = _active(policy)
     if policy is None:
         return out
     return policy.attention_output(out, layer=layer, rng=rng)
