@@ -207,3 +207,14 @@ def test_bf16_compute():
     assert abs(float(loss) - math.log(128)) < 0.5
     for g in jax.tree.leaves(nnx.state(grads, nnx.Param)):
         assert g.dtype == jnp.float32 and 0.3 < float(jnp.std(g)) < 3
+
+
+def test_mup_twin_init_and_loss():
+    model = unn.TransformerDecoder(SMALL, parametrization="mup", scan_layers=False, rngs=nnx.Rngs(0))
+    layer = model.stack.layers[0]
+    assert abs(float(jnp.std(layer.attn.qkv_proj.kernel[...])) - 32 ** -0.5) < 0.02
+    assert abs(float(jnp.std(layer.mlp.down_proj.kernel[...])) - 128 ** -0.5) < 0.01  # fan_in d_ff
+    assert abs(float(jnp.std(model.embed.embedding[...])) - 1) < 0.05
+    assert abs(float(jnp.std(model.readout.kernel[...])) - 1) < 0.05
+    loss = nnx.jit(_loss)(model, random_ids(10, (4, 16), 128))
+    assert abs(float(loss) - math.log(128)) < 0.2  # readout 1/fan_in: near-uniform logits

@@ -11,7 +11,7 @@ from flax import nnx
 
 from unitscale_jax import ops
 from unitscale_jax import nn as unn
-from unitscale_jax.nn import _residual
+from unitscale_jax.nn import _maths, _residual
 from unitscale_jax.nn.params import ParamInfo
 
 
@@ -60,8 +60,17 @@ def test_sp_and_mup_linear_init_and_plain_maths():
     assert abs(_std(lecun.kernel[...]) - 256 ** -0.5) < 0.01
     mup = unn.Linear(256, 128, rngs=nnx.Rngs(0), parametrization="mup")
     assert abs(_std(mup.kernel[...]) - 256 ** -0.5) < 0.01
-    ro = unn.LinearReadout(256, 128, rngs=nnx.Rngs(0), parametrization="mup")
-    chex.assert_trees_all_close(ro(x), x @ ro.kernel[...] / 256, rtol=1e-6)
+    ro = unn.LinearReadout(256, 128, rngs=nnx.Rngs(0), parametrization="mup", bias=True)
+    chex.assert_trees_all_close(ro(x), (x @ ro.kernel[...] + ro.bias[...]) / 256, rtol=1e-6)
+    # the twins' fused linear has the ordinary gradient of the plain maths
+    for layer, plain in ((sp, lambda x, w, b: x @ w), (ro, lambda x, w, b: (x @ w + b) / 256)):
+        w = layer.kernel[...]
+        b = None if layer.bias is None else layer.bias[...]
+        (y1, g1), (y2, g2) = _vjp_both(
+            lambda x, w: _maths.readout(x, w, b, layer.parametrization) if layer.readout
+            else _maths.linear(x, w, b, layer.parametrization),
+            lambda x, w: plain(x, w, b), (x, w))
+        chex.assert_trees_all_close((y1, g1), (y2, g2), rtol=1e-5, atol=1e-6)
 
 
 def test_readout_output_scale_and_type():
@@ -270,8 +279,6 @@ def test_precision_hook_sees_every_matmul(parametrization):
 
 @pytest.mark.parametrize("mult,use_where", [(1.0, False), (2.5, True)])
 def test_model_loss_equals_ops_cross_entropy(mult, use_where):
-    from unitscale_jax.nn import _maths
-
     logits = 3 * jax.random.normal(jax.random.key(0), (4, 9, 50))
     labels = jax.random.randint(jax.random.key(1), (4, 9), 0, 50)
     where = jax.random.bernoulli(jax.random.key(2), 0.5, (4, 9)) if use_where else None

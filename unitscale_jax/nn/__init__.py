@@ -1,8 +1,32 @@
-"""Flax NNX unit-scaled modules and models (``unitscale_jax.nn``)."""
+"""Flax NNX unit-scaled modules and Transformer models (``unitscale_jax.nn``).
+
+Models (u-muP by default; ``parametrization="sp"`` or ``"mup"`` switches the same code)::
+
+    from flax import nnx
+    from unitscale_jax import nn as unn
+
+    cfg = unn.TransformerConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4,
+                                max_seq_len=256)
+    model = unn.TransformerDecoder(cfg, rngs=nnx.Rngs(0))     # or TransformerDecoder(**fields)
+    logits = model(ids)                                        # [batch, seq, vocab]
+    loss = model.loss(ids, where=None)                         # next-token cross-entropy
+    tokens = model.generate(prompt, 32, temperature=0.0)      # KV cache, jitted
+    info = unn.param_info(model)                               # type / fan_in / depth per param
+
+    enc = unn.TransformerEncoder(cfg.replace(rope=True), n_classes=2, rngs=nnx.Rngs(0))
+    enc.mlm_loss(ids, labels, where); enc.classification_loss(ids, y); enc.token_classification_loss(ids, tags)
+    s2s = unn.TransformerEncoderDecoder(cfg, rngs=nnx.Rngs(0))
+    s2s.loss(src, tgt); s2s.generate(src, 32, start_id=0)
+
+Layers: ``Linear``, ``LinearReadout``, ``Embedding``, ``LayerNorm``, ``RMSNorm``, ``MLP``,
+``MultiHeadAttention``, ``TransformerLayer``, ``TransformerStack``. Sharding: logical axis
+names on every parameter, rule tables in ``LOGICAL_RULES`` / ``logical_rules``. Precision: one
+hook (``hooks``), set with ``set_precision(model, policy)``.
+"""
 
 from unitscale_jax.nn.params import PARAM_TYPES, ParamInfo, info_of, param_info, umup_param
 from unitscale_jax.nn.config import TransformerConfig
-from unitscale_jax.nn.hooks import capture_activations, set_precision, tap
+from unitscale_jax.nn.hooks import activation_stats, capture_activations, set_precision, tap
 from unitscale_jax.nn.sharding import (
     LOGICAL_AXES,
     LOGICAL_RULES,
@@ -22,7 +46,7 @@ from unitscale_jax.nn.encoder_decoder import TransformerEncoderDecoder
 __all__ = [
     "PARAM_TYPES", "ParamInfo", "info_of", "param_info", "umup_param",
     "TransformerConfig",
-    "capture_activations", "set_precision", "tap",
+    "activation_stats", "capture_activations", "set_precision", "tap",
     "LOGICAL_AXES", "LOGICAL_RULES", "constrain", "logical_rules", "logical_to_spec",
     "partition_specs",
     "Embedding", "LayerNorm", "Linear", "LinearReadout", "RMSNorm", "MLP",

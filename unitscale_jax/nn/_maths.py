@@ -25,19 +25,16 @@ from unitscale_jax.ops._checks import check_ids_in_range
 def linear(x, kernel, bias, p: str, constraint="to_output_scale"):
     if p == "umup":
         return _fused.linear(x, kernel, bias, constraint)
-    y = jnp.matmul(x, kernel)
-    return y if bias is None else y + bias
+    # plain x @ kernel + bias, through the same custom_vjp (all scales 1: its ordinary
+    # gradient), so SP / muP models get the same fast CPU backward as u-muP ones
+    return _fused.plain_linear(x, kernel, bias, 1.0)
 
 
 def readout(x, kernel, bias, p: str):
     if p == "umup":
         return _fused.linear(x, kernel, bias, None, readout=True)
-    y = jnp.matmul(x, kernel)
-    if bias is not None:
-        y = y + bias
-    if p == "mup":
-        y = y * (1.0 / kernel.shape[0])
-    return y
+    # muP: (x @ kernel + bias) / fan_in
+    return _fused.plain_linear(x, kernel, bias, 1.0 / kernel.shape[0] if p == "mup" else 1.0)
 
 
 def embedding(ids, table, p: str, check_ids: bool):
