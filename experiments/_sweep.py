@@ -203,6 +203,8 @@ def _parse(row: dict) -> dict:
     for k in ("lr_log2", "lr", "val_loss", "train_loss", "group_wall_s"):
         out[k] = float(row[k])
     out["multiplier_value"] = float(row["multiplier_value"]) if row["multiplier_value"] else None
+    out["multiplier_value_log2"] = (math.log2(out["multiplier_value"])
+                                    if out["multiplier_value"] else None)
     out["diverged"] = row["diverged"] in ("True", "true", "1")
     out["diverged_step"] = int(row["diverged_step"]) if row["diverged_step"] else None
     return out
@@ -266,7 +268,9 @@ def run_group(store: Store, experiment: str, cfg, lr_log2s: Sequence[float], *,
         rows.append({
             "experiment": experiment, "parametrization": m.parametrization, "width": m.d_model,
             "depth": m.n_layers, "d_head": m.d_head, "n_heads": m.n_heads,
-            "multiplier": multiplier, "multiplier_value": multiplier_value, "lr_log2": k,
+            "multiplier": multiplier, "multiplier_value": multiplier_value,
+            "multiplier_value_log2": (math.log2(multiplier_value) if multiplier_value
+                                      else None), "lr_log2": k,
             "lr": lane["lr"], "val_loss": lane["val_loss"], "train_loss": lane["train_loss"],
             "diverged": lane["diverged"], "diverged_step": lane["diverged_step"],
             "steps": t.steps, "batch_size": t.batch_size, "seq_len": d.seq_len,

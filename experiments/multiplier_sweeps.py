@@ -30,11 +30,12 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _sweep  # noqa: E402
 
+EXTEND_LIMIT = 6  # log2: extend a sweep up to 2^-6 .. 2^6
 MULTIPLIERS = ("attn_mult", "act_mult", "residual_mult", "residual_attn_ratio", "loss_mult")
 QUICK = {"width": 32, "depth": 2, "steps": 40, "batch_size": 8, "seq_len": 32,
-         "eval_batches": 8, "values": "-1,1", "extra_seeds": 1}
+         "eval_batches": 8, "values": "-1,1", "extra_seeds": 1, "no_extend": True}
 SMOKE = {"width": 16, "depth": 1, "steps": 6, "batch_size": 4, "seq_len": 16,
-         "eval_batches": 2, "values": "1", "extra_seeds": 0}
+         "eval_batches": 2, "values": "1", "extra_seeds": 0, "no_extend": True}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,7 +50,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-log2", type=float, default=None, help="log2 learning rate (default: "
                    "u-muP's optimum at this width and depth in <out>/lr_transfer_summary.csv)")
     p.add_argument("--extra-seeds", type=int, default=2, help="baseline runs with seeds "
-                   "seed+1.. to measure the noise")
+                   "seed+1.. to measure the noise; each multiplier's best value (when not 1) "
+                   "is rerun with them too")
+    p.add_argument("--no-extend", action="store_true", help="do not extend a sweep whose "
+                   "best value sits at its edge (default: extend by powers of 2 up to "
+                   "2^+-6)")
     _sweep.add_common_args(p, steps=200, batch_size=16, seq_len=64)
     return p
 
@@ -127,57 +132,88 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                 multiplier_value=value)[0]
 
     base = [one("baseline", 1.0, args.seed + s) for s in range(args.extra_seeds + 1)]
-    curves = {}
+    curves, confirm = {}, {}
     for m in mults:
-        curves[m] = [dict(base[0], multiplier=m)] + [one(m, 2.0 ** v, args.seed)
-                                                     for v in values]
-    summary, noise = summarise(curves, base)
+        pts = {0.0: dict(base[0], multiplier=m)}
+        pts.update({float(v): one(m, 2.0 ** v, args.seed) for v in values})
+        while not args.no_extend:  # one more power of 2 while the best sits at an edge
+            finite = {v: _sweep.score(r) for v, r in pts.items()
+                      if math.isfinite(_sweep.score(r))}
+            if not finite:
+                break
+            best, lo, hi = min(finite, key=finite.get), min(pts), max(pts)
+            nxt = ([hi + 1] if best == hi and hi < EXTEND_LIMIT else []) + (
+                [lo - 1] if best == lo and lo > -EXTEND_LIMIT else [])
+            if not nxt:
+                break
+            pts.update({v: one(m, 2.0 ** v, args.seed) for v in nxt})
+        curves[m] = [pts[v] for v in sorted(pts)]
+        o = _sweep.optimum(curves[m], "multiplier_value_log2")
+        if o["best"] not in (None, 0.0) and args.extra_seeds:
+            # is the best value's gain over 1 there for the other seeds too?
+            confirm[m] = [one(m, 2.0 ** o["best"], args.seed + s)
+                          for s in range(1, args.extra_seeds + 1)]
+    summary, noise = summarise(curves, base, confirm)
     _sweep.write_csv(out / f"{tag}_summary.csv", summary)
     png = plot(curves, base, out / f"{tag}.png",
                title=f"u-μP multiplier sweeps: width {args.width}, depth {args.depth}, lr 2^"
                      f"{args.lr_log2:g}, {args.steps} steps x {args.batch_size} x "
                      f"{args.seq_len} tokens")
-    claims = {r["multiplier"]: {"best_value": r["best_value"], "gap_of_1": r["gap_of_1"],
-                                "1_within_factor_2_of_best":
-                                    r["best_value"] is not None
-                                    and abs(math.log2(r["best_value"])) <= 1,
-                                "gap_within_seed_noise": noise is not None
-                                    and r["gap_of_1"] is not None
-                                    and r["gap_of_1"] <= 2 * noise}
-              for r in summary}
+    claims = {r["multiplier"]: {
+        "best_value": r["best_value"], "gap_of_1": r["gap_of_1"],
+        "best_bracketed": r["bracketed"],
+        "1_within_factor_2_of_best": (r["best_value"] is not None
+                                      and abs(math.log2(r["best_value"])) <= 1),
+        "gap_within_baseline_seed_std": (noise is not None and r["gap_of_1"] is not None
+                                         and r["gap_of_1"] <= noise),
+        "gain_of_best_on_every_seed": (None if r["gain_per_seed"] is None else
+                                       all(float(g) > 0 for g in
+                                           r["gain_per_seed"].split("/")))}
+        for r in summary}
     store.write_meta(claims=claims, seed_std=noise, wall_s=round(time.perf_counter() - t0, 1),
                      finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     print(f"baseline val loss over {len(base)} seed(s): "
           + ", ".join(f"{_sweep.score(r):.4f}" for r in base)
           + (f" (std {noise:.4f})" if noise is not None else ""))
-    print(f"{'multiplier':20} {'best':>7} {'best loss':>9} {'loss@1':>8} {'gap':>7}")
+    print(f"{'multiplier':20} {'best':>7} {'best loss':>9} {'loss@1':>8} {'gap':>7}  "
+          "gain of best over 1, per seed")
     for r in summary:
         best = "none" if r["best_value"] is None else f"{r['best_value']:g}"
+        best += "" if r["bracketed"] else " (edge)"
         gap = "" if r["gap_of_1"] is None else f"{r['gap_of_1']:.4f}"
         print(f"{r['multiplier']:20} {best:>7} {r['best_val_loss']:9.4f} "
-              f"{r['loss_at_1']:8.4f} {gap:>7}")
+              f"{r['loss_at_1']:8.4f} {gap:>7}  {r['gain_per_seed'] or ''}")
     print(f"wrote {store.csv}, {out / f'{tag}_summary.csv'}, {png}, {store.meta_path}")
     return {"summary": summary, "claims": claims, "runs": store.rows, "seed_std": noise,
             "png": str(png)}
 
 
-def summarise(curves: dict, base: list[dict]):
+def summarise(curves: dict, base: list[dict], confirm: Optional[dict] = None):
+    """Per multiplier: the best value, the loss gap of 1 to it, and (``confirm``: the best
+    value rerun with the baseline's other seeds) the per-seed gains over the baseline."""
     scores = [_sweep.score(r) for r in base]
     noise = (statistics.stdev(scores) if len(scores) > 1 and all(map(math.isfinite, scores))
              else None)
     rows = []
     for m, runs in curves.items():
-        for r in runs:
-            r["value_log2"] = math.log2(r["multiplier_value"])
-        o = _sweep.optimum(runs, "value_log2")
-        at1 = _sweep.score(runs[0])
+        at1 = next(_sweep.score(r) for r in runs if r["multiplier_value_log2"] == 0)
+        o = _sweep.optimum(runs, "multiplier_value_log2")
+        gains = None
+        if confirm and m in confirm:
+            by_seed = {r["seed"]: _sweep.score(r) for r in base}
+            best_runs = [r for r in runs if r["multiplier_value_log2"] == o["best"]]
+            gains = [by_seed[r["seed"]] - _sweep.score(r) for r in best_runs + confirm[m]]
         rows.append({"multiplier": m,
                      "best_value": 2.0 ** o["best"] if o["best"] is not None else None,
                      "best_val_loss": o["loss"], "loss_at_1": at1,
                      "gap_of_1": at1 - o["loss"] if math.isfinite(o["loss"]) else None,
                      "vertex_value": 2.0 ** o["vertex"] if o["vertex"] is not None else None,
-                     "bracketed": o["bracketed"], "n_runs": o["n_runs"],
-                     "n_diverged": o["n_diverged"], "seed_std": noise})
+                     "bracketed": o["bracketed"], "values_tried": o["n_runs"],
+                     "n_diverged": o["n_diverged"], "seed_std": noise,
+                     "gain_per_seed": None if gains is None else
+                     "/".join(f"{g:.4f}" for g in gains),
+                     "gain_mean_over_seeds": None if gains is None else
+                     sum(gains) / len(gains)})
     return rows, noise
 
 
@@ -190,20 +226,21 @@ def plot(curves: dict, base: list[dict], path: Path, *, title: str) -> Path:
                              squeeze=False)
     scores = [s for s in (_sweep.score(r) for r in base) if math.isfinite(s)]
     for ax, (m, runs) in zip(axes[0], curves.items()):
-        runs = sorted(runs, key=lambda r: r["value_log2"])
+        runs = sorted(runs, key=lambda r: r["multiplier_value_log2"])
         ok = [r for r in runs if math.isfinite(_sweep.score(r))]
-        ax.plot([r["value_log2"] for r in ok], [r["val_loss"] for r in ok], "o-", ms=4)
+        ax.plot([r["multiplier_value_log2"] for r in ok], [r["val_loss"] for r in ok], "o-",
+                ms=4)
         if scores:
             mu = statistics.mean(scores)
             sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
             ax.axhspan(mu - sd, mu + sd, color="grey", alpha=0.25, lw=0,
                        label=f"all 1: mean ± std ({len(scores)} seeds)")
-        o = _sweep.optimum(runs, "value_log2")
+        o = _sweep.optimum(runs, "multiplier_value_log2")
         if o["best"] is not None:
             ax.plot([o["best"]], [o["loss"]], "*", ms=14, mec="k")
         for r in runs:
             if not math.isfinite(_sweep.score(r)):
-                ax.annotate("diverged", (r["value_log2"], 0.98), xycoords=("data", "axes fraction"),
+                ax.annotate("diverged", (r["multiplier_value_log2"], 0.98), xycoords=("data", "axes fraction"),
                             ha="center", va="top", fontsize=7, rotation=90)
         ax.axvline(0, color="k", lw=0.5)
         ax.set_title(m)
