@@ -215,8 +215,10 @@ def test_traced_tau_residual_matches_ops(tau):
             return jnp.sum(add(ops.linear(r, w), s, tau_) * jnp.arange(16.0))
         return jax.value_and_grad(f, argnums=(0, 1))(x, w)
 
-    ref = block(ops.residual_split, ops.residual_add, tau)
+    ref = jax.jit(lambda: block(ops.residual_split, ops.residual_add, tau))()
+    static = jax.jit(lambda: block(_residual.residual_split, _residual.residual_add, tau))()
     traced = jax.jit(lambda t: block(_residual.residual_split, _residual.residual_add, t))(jnp.float32(tau))
+    chex.assert_trees_all_close(static, ref, rtol=1e-5)
     chex.assert_trees_all_close(traced, ref, rtol=1e-5)
 
 
