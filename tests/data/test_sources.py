@@ -217,7 +217,8 @@ class _CharTokenizer:
 
 
 def test_tinyshakespeare(data_dir):
-    path = "/work/shared/data/tinyshakespeare/input.txt"
+    from tests.shared_data import TINYSHAKESPEARE
+    path = str(TINYSHAKESPEARE)
     src = data.resolve_source(path, data_dir=data_dir)
     stats = data.corpus_stats(src)
     assert stats["train"].bytes + stats["validation"].bytes == os.path.getsize(path)

@@ -12,7 +12,7 @@ from unitscale_jax import checks
 from unitscale_jax.nn import TransformerDecoder, param_info
 from unitscale_jax.optim import adamw, unit_scale, warmup_cosine
 
-CORPUS = os.environ.get("USJ_TINYSHAKESPEARE", "/work/shared/data/tinyshakespeare/input.txt")
+from tests.shared_data import TINYSHAKESPEARE as CORPUS
 STEPS, BATCH, SEQ = 40, 16, 64
 
 
