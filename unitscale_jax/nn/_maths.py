@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from unitscale_jax import ops
 from unitscale_jax.nn import _fused
 from unitscale_jax.ops._checks import check_ids_in_range
+from unitscale_jax.ops.attention import _attention_explicit
+from unitscale_jax.ops.losses import _divide_fwd_only
 
 
 def linear(x, kernel, bias, p: str, constraint="to_output_scale"):
@@ -88,22 +90,6 @@ def dropout(x, rate: float, rng, deterministic: bool, p: str):
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _plain_attention(q, k, v, mask, is_causal, logit_scale, rate, rng):
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) * logit_scale
-    t, s = logits.shape[-2:]
-    keep = jnp.ones((t, s), bool)
-    if is_causal:
-        keep = jnp.tril(keep)
-    if mask is not None:
-        keep = jnp.logical_and(keep, mask)
-    logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if rate > 0.0:
-        drop_keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
-        probs = jnp.where(drop_keep, probs / (1.0 - rate), 0.0)
-    return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
-
-
 def attention(q, k, v, p: str, *, mask, is_causal: bool, mult: float, dropout_rate: float,
               rng, scale_seq_len: Optional[int], scale_is_causal: Optional[bool]):
     """Attention in ``[batch, seq, heads, head_dim]`` layout for each parametrization."""
@@ -117,24 +103,10 @@ def attention(q, k, v, p: str, *, mask, is_causal: bool, mult: float, dropout_ra
         raise ValueError("attention: rng is required when dropout_rate > 0.")
     if dropout_rate > 0.0 or q.dtype == jnp.float16:
         # jax.nn.dot_product_attention has no dropout, and no float16 form on CPU.
-        return _plain_attention(q, k, v, mask, is_causal, logit_scale, dropout_rate, rng)
+        return _attention_explicit(q, k, v, mask, is_causal, logit_scale, dropout_rate, rng)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=logit_scale, is_causal=is_causal)
 
 
-@jax.custom_vjp
-def _divide_fwd_only(x, n):
-    return x / n
-
-
-def _divide_fwd_only_fwd(x, n):
-    return x / n, n
-
-
-def _divide_fwd_only_bwd(n, g):
-    return g, jnp.zeros_like(n)
-
-
-_divide_fwd_only.defvjp(_divide_fwd_only_fwd, _divide_fwd_only_bwd)
 
 
 def cross_entropy(logits, labels, p: str, *, mult: float, where=None, check_ids: bool = False):
