@@ -28,8 +28,8 @@ def machine() -> dict:
     }
 
 
-def interleaved_medians(fns: dict, runs: int, warmup: int = 2) -> dict:
-    """Median wall time (s) of each zero-arg callable, run round-robin so drift hits all alike."""
+def interleaved_times(fns: dict, runs: int, warmup: int = 2) -> dict:
+    """Per-run wall times (s) of zero-arg callables run round-robin (drift hits all alike)."""
     for f in fns.values():
         for _ in range(warmup):
             jax.block_until_ready(f())
@@ -39,7 +39,12 @@ def interleaved_medians(fns: dict, runs: int, warmup: int = 2) -> dict:
             t0 = time.perf_counter()
             jax.block_until_ready(f())
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict, runs: int, warmup: int = 2) -> dict:
+    """Median wall time (s) of each zero-arg callable, run round-robin."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, runs, warmup).items()}
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -23,7 +23,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -32,7 +31,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._timing import write_result  # noqa: E402
+from benchmarks._timing import interleaved_times, write_result  # noqa: E402
 from unitscale_jax import nn as unn  # noqa: E402
 
 
@@ -75,20 +74,6 @@ class PlainDecoder(nnx.Module):
             x = layer(x)
         logits = self.readout(_rms(x))[:, :-1]
         return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-
-
-def interleaved_times(fns: dict, runs: int, warmup: int = 2) -> dict:
-    """Per-run wall times (s) of zero-arg callables run round-robin (drift hits all alike)."""
-    for f in fns.values():
-        for _ in range(warmup):
-            jax.block_until_ready(f())
-    times = {k: [] for k in fns}
-    for _ in range(runs):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 # -- a train step for any model with .loss(ids) ----------------------------------------------
