@@ -16,18 +16,21 @@ cost analysis counts for the compiled update (a deterministic measure of memory 
 bounds an optimizer update). Written, with a machine description (load average included),
 to ``benchmarks/results/optimizer_overhead.json``.
 
-    python benchmarks/optimizer_overhead.py [--runs 30] [--quick] [--no-write]
+XLA counts both branches of a ``lax.cond`` in its byte count, so the unit_scale figure includes
+the exact two-pass fallback (max-abs then mean square) that runs only at step 1 or after a jump
+of more than ~2^30 in a leaf's RMS; the steady state reads each gradient once more than AdamW.
+
+``--train-steps N`` also times N whole training steps (forward, backward, update) of the same
+model on a batch of ``--batch`` x ``--seq`` tokens for each optimizer: the cost a user sees.
+
+    python benchmarks/optimizer_overhead.py [--runs 30] [--train-steps 5] [--quick] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -36,33 +39,45 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._timing import interleaved_times, write_result  # noqa: E402
 from unitscale_jax.nn import TransformerDecoder, param_info  # noqa: E402
 from unitscale_jax.optim import adamw, unit_scale  # noqa: E402
-
-RESULT = Path(__file__).resolve().parent / "results" / "optimizer_overhead.json"
-
-
-def machine() -> dict:
-    dev = jax.devices()[0]
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "optax": optax.__version__,
-        "backend": jax.default_backend(),
-        "device": getattr(dev, "device_kind", str(dev)),
-        "device_count": jax.device_count(),
-    }
 
 
 def build(d_model: int, layers: int):
     model = TransformerDecoder(vocab_size=256, d_model=d_model, n_layers=layers,
-                               n_heads=d_model // 64, max_seq_len=512, rngs=nnx.Rngs(0))
+                               n_heads=max(1, d_model // 64), max_seq_len=512, rngs=nnx.Rngs(0))
     params = nnx.as_pure(nnx.state(model, nnx.Param))
-    return params, param_info(model)
+    return model, params, param_info(model)
+
+
+def paired_ratios(times: dict, base: str) -> dict:
+    """Median over rounds of each variant's time divided by the baseline's in that round."""
+    return {k: statistics.median(a / b for a, b in zip(v, times[base])) for k, v in times.items()}
+
+
+def train_step_times(model, txs: dict, batch: int, seq: int, runs: int) -> dict:
+    """Per-round times of one jitted train step (loss, grad, update, apply) per optimizer."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ids = jax.random.randint(jax.random.key(1), (batch, seq), 0, 256)
+    fns = {}
+    for name, tx in txs.items():
+        def step(p, s, tx=tx):
+            def loss(p):
+                return nnx.merge(graphdef, p, rest).loss(ids)
+            l, g = jax.value_and_grad(loss)(p)
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s, l
+
+        f = jax.jit(step, donate_argnums=(0, 1))
+        box = {"p": jax.tree.map(jnp.copy, params), "s": tx.init(params)}
+
+        def run(f=f, box=box):
+            box["p"], box["s"], l = f(box["p"], box["s"])
+            return l
+
+        fns[name] = run
+    return interleaved_times(fns, runs, warmup=1)
 
 
 def main() -> None:
@@ -71,26 +86,33 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="also time this many whole train steps per optimizer (0: skip)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="d_model 128, 2 layers, 5 runs (smoke)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     if args.quick:
         args.d_model, args.layers, args.runs = 128, 2, 5
 
-    params, info = build(args.d_model, args.layers)
+    model, params, info = build(args.d_model, args.layers)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(0), len(leaves))
     grads = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
     print(f"{n_params / 1e6:.2f}M parameters in {len(leaves)} leaves, {jax.devices()[0]}")
 
-    txs = {
-        "optax.adamw": optax.adamw(args.lr, weight_decay=1e-4),
-        "unit_scale+optax.adamw": optax.chain(unit_scale(), optax.adamw(args.lr, weight_decay=1e-4)),
-        "umup.adamw": adamw(args.lr, param_info=info, weight_decay=1e-4),
-    }
+    def make_txs():
+        return {
+            "optax.adamw": optax.adamw(args.lr, weight_decay=1e-4),
+            "unit_scale+optax.adamw": optax.chain(unit_scale(),
+                                                  optax.adamw(args.lr, weight_decay=1e-4)),
+            "umup.adamw": adamw(args.lr, param_info=info, weight_decay=1e-4),
+        }
+
     runners, bytes_accessed = {}, {}
-    for name, tx in txs.items():
+    for name, tx in make_txs().items():
         def step(p, s, g, tx=tx):
             u, s = tx.update(g, s, p)
             return optax.apply_updates(p, u), s
@@ -108,27 +130,17 @@ def main() -> None:
 
         runners[name] = run
 
-    for run in runners.values():  # compile and warm up
-        for _ in range(2):
-            jax.block_until_ready(run())
-    times = {k: [] for k in runners}
-    for _ in range(args.runs):
-        for k, run in runners.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(run())
-            times[k].append(time.perf_counter() - t0)
-
     base = "optax.adamw"
+    times = interleaved_times(runners, args.runs)
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
-    paired = {k: statistics.median(a / b for a, b in zip(v, times[base])) for k, v in times.items()}
+    paired = paired_ratios(times, base)
     traffic = {k: v / bytes_accessed[base] for k, v in bytes_accessed.items()}
     for k in runners:
         print(f"{k:24s} median {med[k] * 1e3:8.2f} ms  min {best[k] * 1e3:8.2f} ms  "
               f"ratio (paired median) {paired[k]:.3f}x  bytes {bytes_accessed[k] / 1e6:7.1f} MB "
               f"({traffic[k]:.3f}x)")
     result = {
-        "machine": machine(),
         "command": "python benchmarks/optimizer_overhead.py " + " ".join(sys.argv[1:]),
         "config": {"d_model": args.d_model, "layers": args.layers, "vocab": 256,
                    "n_params": int(n_params), "n_leaves": len(leaves), "runs": args.runs,
@@ -141,10 +153,20 @@ def main() -> None:
         "xla_bytes_ratio_to_optax_adamw": {k: round(v, 4) for k, v in traffic.items()},
         "target_ratio": 1.05,
     }
+    if args.train_steps:
+        del runners
+        t = train_step_times(model, make_txs(), args.batch, args.seq, args.train_steps)
+        tp = paired_ratios(t, base)
+        for k, v in t.items():
+            print(f"train step {k:24s} median {statistics.median(v) * 1e3:8.1f} ms  "
+                  f"ratio (paired median) {tp[k]:.3f}x")
+        result["train_step"] = {
+            "batch": args.batch, "seq": args.seq, "runs": args.train_steps,
+            "median_ms": {k: round(statistics.median(v) * 1e3, 2) for k, v in t.items()},
+            "ratio_to_optax_adamw_paired_median": {k: round(v, 4) for k, v in tp.items()},
+        }
     if not args.no_write:
-        RESULT.parent.mkdir(parents=True, exist_ok=True)
-        RESULT.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {RESULT}")
+        print(f"wrote {write_result('optimizer_overhead', result)}")
 
 
 if __name__ == "__main__":

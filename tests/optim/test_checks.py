@@ -40,6 +40,30 @@ def test_rms_is_exact_under_power_of_two_scaling_across_the_float32_range():
     assert _pow2.weighted_rms(jnp.float32(3.0), jnp.float32(4.0), 0.5) == pytest.approx(12.5 ** 0.5)
 
 
+
+def test_rms_with_guess_one_pass_matches_rms_and_keeps_invariance():
+    x = jax.random.normal(jax.random.key(0), (257,)) * 3e-4
+    exact = _pow2.rms(x)
+    f = jax.jit(_pow2.rms_with_guess)
+    # guesses off by up to 2^25 either way take the one-pass path and agree to rounding
+    for k in (-25, -3, 0, 1, 7, 25):
+        got = f(x, exact * 2.0 ** k, True)
+        np.testing.assert_allclose(got, exact, rtol=2e-7)
+        for s in (-20, -1, 13, 20):                      # x and guess scaled together: bit-for-bit
+            assert f(x * 2.0 ** s, exact * 2.0 ** (k + s), True) == got * 2.0 ** s, (k, s)
+    # unusable guesses fall back to the exact two-pass rms (same value, bit-for-bit)
+    for guess, use in ((exact * 2.0 ** 40, True), (exact * 2.0 ** -40, True), (0.0, True),
+                       (jnp.inf, True), (jnp.nan, True), (exact, False)):
+        assert f(x, jnp.float32(guess), use) == exact, (guess, use)
+    assert float(f(jnp.zeros(5), 1.0, True)) == 0.0
+    assert np.isnan(f(jnp.array([1.0, jnp.nan]), 1.0, True))
+    assert np.isinf(f(jnp.array([1.0, jnp.inf]), 1.0, True))
+    # huge elements whose squares overflow after a stale guess: the fallback gets it right
+    big = jnp.array([3e37, -3e37, 1.0])
+    np.testing.assert_allclose(f(big, 1e-3, True), _pow2.rms(big), rtol=1e-7)
+    assert np.isfinite(f(big, 1e-3, True))
+
+
 @pytest.mark.parametrize("mode", ["eager", "chexify"])
 def test_assert_unit_rms(mode):
     check = checks.assert_unit_rms if mode == "eager" else _chexified(checks.assert_unit_rms)

@@ -72,6 +72,23 @@ def test_loss_scale_invariance_is_bit_exact(decay):
     checks.assert_unit_rms(u)
 
 
+def test_sudden_jumps_in_gradient_scale_keep_exact_normalisation_and_invariance():
+    # from step 2 the mean square is taken in one pass, normalised by the previous RMS; a jump
+    # of 2^40 between steps (or a leaf going to zero and back) takes the exact two-pass path
+    base = _grads((1e-3, 1.0, 1e4))
+    steps = [jax.tree.map(lambda x, f=f: x * f, base) for f in (1.0, 1.5, 2.0 ** 40, 2.0 ** -40, 0.0, 1.0)]
+    tx = unit_scale()
+    state, update = tx.init(base), jax.jit(tx.update)
+    for t, g in enumerate(steps):
+        u, state = update(g, state)
+        if t == 4:
+            jax.tree.map(lambda x: np.testing.assert_array_equal(x, 0.0), u)
+        else:
+            checks.assert_unit_rms(u, rtol=1e-6)
+    params = jax.tree.map(jnp.zeros_like, base)
+    checks.assert_loss_scale_invariant(tx, steps, params, num_steps=len(steps), rtol=0.0)
+
+
 def test_loss_scale_invariance_with_real_scaled_loss(tiny_lm, tiny_batch):
     """Gradients of 2^k * loss (autodiff, not synthetic) give identical unit-scaled updates."""
     tx = unit_scale()

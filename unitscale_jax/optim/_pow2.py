@@ -53,6 +53,36 @@ def rms(x: jax.Array) -> jax.Array:
     return jnp.where(m > 0, r, jnp.where(jnp.isfinite(m), 0.0, m))
 
 
+# A guess is used only if the mean square of x / 2^e lands in [2^-60, 2^60]: there no element's
+# square can overflow (an inf or NaN fails the test) and squares too small to be normal weigh
+# at most 2^-66 of the total.
+_GUESS_MIN_MS, _GUESS_MAX_MS = 2.0 ** -60, 2.0 ** 60
+
+
+def rms_with_guess(x: jax.Array, guess: jax.Array, use_guess: jax.Array) -> jax.Array:
+    """``rms(x)`` in one pass over ``x`` when a scale-equivariant guess of it is at hand.
+
+    With ``2^e`` the power of two just above ``guess`` (for instance the previous step's RMS of
+    the same gradient leaf), ``rms(x) = 2^e sqrt(mean((x 2^-e)^2))`` needs one read of ``x``
+    instead of the two of ``rms`` (max-abs, then the normalised mean square). If ``x`` and
+    ``guess`` are both multiplied by 2^k, ``x 2^-e`` is bit-for-bit the same, and so are the
+    result (times 2^k) and the choice of path: the invariance of ``rms`` is kept. When
+    ``use_guess`` is false, ``guess`` is not positive and finite, or the normalised mean square
+    falls outside [2^-60, 2^60] (the guess is off by more than ~2^30, or ``x`` is zero or not
+    finite), the exact two-pass ``rms`` is computed instead (``lax.cond``: only one branch runs).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if x.size == 0:
+        return jnp.zeros((), jnp.float32)
+    guess = jnp.asarray(guess, jnp.float32)
+    e = exponent(guess)
+    y = scale_pow2(x, -e)
+    ms = jnp.mean(y * y)
+    ok = (use_guess & (guess > 0) & jnp.isfinite(guess)
+          & (ms >= _GUESS_MIN_MS) & (ms <= _GUESS_MAX_MS))
+    return lax.cond(ok, lambda: scale_pow2(jnp.sqrt(ms), e), lambda: rms(x))
+
+
 def weighted_rms(a: jax.Array, b: jax.Array, w: jax.Array) -> jax.Array:
     """``sqrt(w a^2 + (1 - w) b^2)`` for non-negative float32 scalars, exact under 2^k scaling."""
     m = jnp.maximum(a, b)

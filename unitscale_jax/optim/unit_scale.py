@@ -60,9 +60,12 @@ def unit_scale(decay: float = 0.0, eps: float = 0.0) -> optax.GradientTransforma
     ``ms_hat_t = w_t ms_hat_{t-1} + (1 - w_t) x_t``, ``w_t = decay (1 - decay^(t-1)) / (1 - decay^t)``)
     and a step count.
 
-    Loss-scale invariance: the mean square is computed after normalising the leaf by the power
-    of two just above its max-abs (``unitscale_jax.optim._pow2``), and the state is kept as an
-    RMS (not a mean square), so no square underflows or overflows float32 and, for gradients
+    Loss-scale invariance: the mean square is computed after normalising the leaf by a power of
+    two, the one just above its max-abs at step 1 and, from step 2 on, the one just above the
+    previous RMS estimate (one read of the leaf instead of two; the max-abs pass returns only if
+    the leaf's RMS moved by more than ~2^30 in one step, or it is zero or not finite: see
+    ``unitscale_jax.optim._pow2``), and the state is kept as an RMS (not a mean square), so no
+    square underflows or overflows float32 and, for gradients
     multiplied by any 2^k that stay finite and normal, the outputs are bit-for-bit identical
     (with the default ``eps = 0``). Zero leaves stay zero (no 0/0). ``None`` and
     ``optax.MaskedNode`` leaves pass through, ``nnx.Variable`` leaves keep their wrappers. A leaf
@@ -125,7 +128,8 @@ def unit_scale(decay: float = 0.0, eps: float = 0.0) -> optax.GradientTransforma
         for j, i in enumerate(idx):
             r_old = state.rms[j]
             g = value_of(leaves[i])
-            x = _pow2.rms(g)
+            # one read of g for its statistics from step 2 on (previous RMS as the guess)
+            x = _pow2.rms_with_guess(g, r_old, count > 1)
             r = jnp.where(w == 0, x, _pow2.weighted_rms(r_old, x, w))
             denom = r + e
             # One reciprocal per leaf (exact under 2^k scaling like the division it replaces);
