@@ -50,3 +50,32 @@ def test_bf16_fp8_preset_with_large_run_overrides():
     dots = [ln for ln in text.splitlines() if "stablehlo.dot_general" in ln]
     # attn_out and ffn_down now run in bf16: 4 projections in float8.
     assert sum("f8E4M3FN>" in ln for ln in dots) == 12
+
+
+def test_stochastic_rounding_runs_through_every_model_and_head():
+    """Every projection, the output heads included, receives a key: the models' losses run
+    under a stochastic-rounding policy, depend on the key, and repeat for the same key."""
+    from unitscale_jax.nn import TransformerEncoder, TransformerEncoderDecoder
+
+    pol = get_policy("fp8-sim", rounding="stochastic")
+    cfg = {k: v for k, v in CFG.items() if k != "scan_layers"}
+    ids, labels = IDS[:, :8], IDS[:, 8:]
+    models = {
+        "decoder": (TransformerDecoder(**cfg, precision=pol, rngs=nnx.Rngs(0)),
+                    lambda m, k: m.loss(ids, rng=k)),
+        "encoder_mlm": (TransformerEncoder(**cfg, precision=pol, n_classes=3, n_token_classes=4,
+                                           rngs=nnx.Rngs(0)),
+                        lambda m, k: m.mlm_loss(ids, labels, rng=k)),
+        "encoder_cls": (None, lambda m, k: m.classification_loss(ids, labels[:, 0] % 3, rng=k)),
+        "encoder_tag": (None, lambda m, k: m.token_classification_loss(ids, labels % 4, rng=k)),
+        "encoder_decoder": (TransformerEncoderDecoder(**cfg, precision=pol, rngs=nnx.Rngs(0)),
+                            lambda m, k: m.loss(ids, labels, rng=k)),
+    }
+    model = None
+    for name, (m, fn) in models.items():
+        model = m if m is not None else model
+        run = nnx.jit(fn)
+        a, b, c = (float(run(model, jax.random.key(s))) for s in (1, 2, 1))
+        assert np.isfinite(a) and a == c and a != b, (name, a, b, c)
+        with np.testing.assert_raises_regex(ValueError, "stochastic rounding: pass rng"):
+            fn(model, None)

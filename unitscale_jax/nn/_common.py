@@ -94,3 +94,9 @@ def check_sampling(temperature: float, top_k, rng, vocab: int, model: str) -> No
         raise ValueError(f"{model}.generate: sampling (temperature > 0) needs rng=jax.random.key(...).")
     if top_k is not None and not 1 <= int(top_k) <= vocab:
         raise ValueError(f"{model}.generate: top_k must be in [1, {vocab}], got {top_k}.")
+
+
+def head_key(rng: Optional[jax.Array]) -> Optional[jax.Array]:
+    """Key for a model's output head (stochastic-rounding policies quantise its inputs), derived
+    by ``fold_in`` so the keys the stack splits from ``rng`` (dropout) are left as they were."""
+    return None if rng is None else jax.random.fold_in(rng, 0x4EAD)

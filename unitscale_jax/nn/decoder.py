@@ -77,7 +77,7 @@ class TransformerDecoder(nnx.Module):
           rng: PRNG key, needed only for dropout in training mode.
         """
         x = self.hidden(ids, mask=mask, rng=rng)
-        return tap("logits", constrain(self.readout(x), LOGITS))
+        return tap("logits", constrain(self.readout(x, rng=_common.head_key(rng)), LOGITS))
 
     def loss(self, ids: jax.Array, where: Optional[jax.Array] = None, *,
              mask: Optional[jax.Array] = None, rng: Optional[jax.Array] = None) -> jax.Array:

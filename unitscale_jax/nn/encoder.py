@@ -92,7 +92,7 @@ class TransformerEncoder(nnx.Module):
                  rng: Optional[jax.Array] = None) -> jax.Array:
         """MLM logits ``[batch, seq, vocab]``."""
         readout = self._need(self.readout, "MLM head", "mlm_head=True")
-        return tap("logits", readout(self.encode(ids, mask=mask, rng=rng)))
+        return tap("logits", readout(self.encode(ids, mask=mask, rng=rng), rng=_common.head_key(rng)))
 
     def mlm_loss(self, ids: jax.Array, labels: jax.Array, where: Optional[jax.Array] = None, *,
                  mask: Optional[jax.Array] = None, rng: Optional[jax.Array] = None) -> jax.Array:
@@ -125,7 +125,8 @@ class TransformerEncoder(nnx.Module):
                  rng: Optional[jax.Array] = None) -> jax.Array:
         """Sequence-classification logits ``[batch, n_classes]``."""
         head = self._need(self.cls_head, "sequence-classification head", "n_classes=...")
-        return tap("cls_logits", head(self.pool(self.encode(ids, mask=mask, rng=rng), mask)))
+        return tap("cls_logits", head(self.pool(self.encode(ids, mask=mask, rng=rng), mask),
+                                        rng=_common.head_key(rng)))
 
     def classification_loss(self, ids: jax.Array, labels: jax.Array, *,
                             mask: Optional[jax.Array] = None,
@@ -141,7 +142,7 @@ class TransformerEncoder(nnx.Module):
             rng: Optional[jax.Array] = None) -> jax.Array:
         """Token-classification logits ``[batch, seq, n_token_classes]``."""
         head = self._need(self.token_head, "token-classification head", "n_token_classes=...")
-        return tap("token_logits", head(self.encode(ids, mask=mask, rng=rng)))
+        return tap("token_logits", head(self.encode(ids, mask=mask, rng=rng), rng=_common.head_key(rng)))
 
     def token_classification_loss(self, ids: jax.Array, labels: jax.Array,
                                   where: Optional[jax.Array] = None, *,

@@ -75,7 +75,7 @@ class TransformerEncoderDecoder(nnx.Module):
         x = tap("tgt_embed", constrain(self.embed(tgt), STREAM))
         x = self.decoder(x, mask=m, context=context, context_mask=cm, rng=rng)
         x = tap("final_norm", self.final_norm(x))
-        return tap("logits", constrain(self.readout(x), LOGITS))
+        return tap("logits", constrain(self.readout(x, rng=_common.head_key(rng)), LOGITS))
 
     def __call__(self, src: jax.Array, tgt: jax.Array, *, src_mask: Optional[jax.Array] = None,
                  tgt_mask: Optional[jax.Array] = None, rng: Optional[jax.Array] = None) -> jax.Array:
