@@ -193,18 +193,17 @@ def zeros_like_captured(values: dict) -> dict:
     return {k: jnp.zeros(v.shape, v.dtype) for k, v in values.items()}
 
 
-def activation_stats(fn: Any, model: Any, *args: Any, include_params: bool = False) -> dict:
-    """Std of every tapped activation and of the gradient of ``fn`` with respect to it.
+def activations_and_grads(fn: Any, model: Any, *args: Any) -> tuple[dict, dict]:
+    """Every tapped activation of ``fn(model, *args)`` and the gradient of ``fn`` w.r.t. it.
 
     Args:
       fn: ``fn(model, *args) -> scalar`` (e.g. ``lambda m, ids: m.loss(ids)``).
       model: an ``nnx.Module`` (layers must not be scanned for per-layer taps).
       *args: arrays passed to ``fn``.
-      include_params: also report every parameter, under ``"param/<path>"``.
 
     Returns:
-      ``{name: (std of the value, std of its gradient)}`` as Python floats, activations in
-      call order. One jitted forward and backward pass.
+      ``(values, grads)``: dicts ``{"<call order>.<tap name>": array}``, plus under
+      ``"param/<path>"`` every parameter and its gradient. One jitted forward and backward.
     """
     from flax import nnx
 
@@ -219,11 +218,31 @@ def activation_stats(fn: Any, model: Any, *args: Any, include_params: bool = Fal
     perts = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
     grad_fn = jax.value_and_grad(run, argnums=(0, 1), has_aux=True)
     (_, values), (grads, pgrads) = jax.jit(grad_fn)(perts, params, *args)
+    values, grads = dict(values), dict(grads)
+    flat_g = dict(nnx.to_flat_state(pgrads))
+    for path, var in nnx.to_flat_state(params):
+        name = "param/" + "/".join(str(k) for k in path)
+        values[name], grads[name] = var[...], flat_g[path][...]
+    return values, grads
+
+
+def activation_stats(fn: Any, model: Any, *args: Any, include_params: bool = False) -> dict:
+    """Std of every tapped activation and of the gradient of ``fn`` with respect to it.
+
+    Args:
+      fn: ``fn(model, *args) -> scalar`` (e.g. ``lambda m, ids: m.loss(ids)``).
+      model: an ``nnx.Module`` (layers must not be scanned for per-layer taps).
+      *args: arrays passed to ``fn``.
+      include_params: also report every parameter, under ``"param/<path>"``.
+
+    Returns:
+      ``{name: (std of the value, std of its gradient)}`` as Python floats, activations in
+      call order, then the parameters. One jitted forward and backward pass
+      (``activations_and_grads``).
+    """
+    values, grads = activations_and_grads(fn, model, *args)
     std = lambda x: float(jnp.std(jnp.asarray(x, jnp.float32)))  # noqa: E731
-    out = {k: (std(values[k]), std(grads[k])) for k in sorted(values)}
+    names = sorted(k for k in values if not k.startswith("param/"))
     if include_params:
-        flat_p, flat_g = nnx.to_flat_state(params), dict(nnx.to_flat_state(pgrads))
-        for path, var in flat_p:
-            name = "param/" + "/".join(str(k) for k in path)
-            out[name] = (std(var[...]), std(flat_g[path][...]))
-    return out
+        names += [k for k in values if k.startswith("param/")]
+    return {k: (std(values[k]), std(grads[k])) for k in names}
