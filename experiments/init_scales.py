@@ -45,6 +45,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from unitscale_jax import nn as unn  # noqa: E402
+from unitscale_jax.analysis import forward_backward  # noqa: E402
 from unitscale_jax.ops import attention_scale  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,9 +98,15 @@ def flat_prediction(q, k, v, d_out, *, causal: bool, mult: float):
 
 def measure(kind: str, d_model: int, n_layers: int, seq: int, batch: int) -> list[dict]:
     model, fn, args = build(kind, d_model, n_layers, seq, batch)
-    values, grads = unn.activations_and_grads(fn, model, *args)
-    names = sorted(k for k in values if not k.startswith("param/"))
-    names += [k for k in values if k.startswith("param/")]
+    _, values, grads, params, g_params = nnx.jit(
+        lambda m: forward_backward(m, args, lambda m, b: fn(m, *b)))(model)
+    names = sorted(values)
+    values, grads = dict(values), dict(grads)
+    flat_g = dict(nnx.to_flat_state(g_params))
+    for path, var in nnx.to_flat_state(params):
+        name = "param/" + "/".join(str(k) for k in path)
+        values[name], grads[name] = var[...], flat_g[path][...]
+        names.append(name)
     base = {"model": kind, "d_model": d_model, "d_head": 16, "n_layers": n_layers, "seq_len": seq}
     rows, by_name = [], {}
     for name in names:

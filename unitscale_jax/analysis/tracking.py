@@ -24,7 +24,7 @@ from flax import nnx
 
 from unitscale_jax.analysis import naming
 from unitscale_jax.analysis.stats import FORMATS, stat_names, tensor_stats
-from unitscale_jax.nn.hooks import capture_activations
+from unitscale_jax.nn.hooks import tapped_value_and_grad
 
 KINDS = ("fwd", "bwd", "weight", "weight_grad")
 LossFn = Callable[[nnx.Module, Any], jax.Array]
@@ -83,20 +83,11 @@ def forward_backward(model: nnx.Module, batch: Any, loss_fn: LossFn = default_lo
       keyed by tap key (``"<order>.<tap>"``), the gradients being those flowing into each
       tapped op output; the last two are ``nnx.State`` s of the ``nnx.Param`` s.
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def run(p, perts):
-        m = nnx.merge(graphdef, p, rest)
-        with capture_activations(perts) as cap:
-            loss = loss_fn(m, batch)
-        return jnp.asarray(loss, jnp.float32), cap.values
-
-    shapes = jax.eval_shape(lambda p: run(p, None)[1], params)
-    if not shapes:
+    loss, acts, g_acts, params, g_params = tapped_value_and_grad(loss_fn, model, batch)
+    if not acts:
         raise ValueError("scale_stats: the forward pass recorded no taps; the model must call "
                          "unitscale_jax.nn.tap outside jax.lax.scan (use unroll(model)).")
-    perts = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
-    (loss, acts), (g_params, g_acts) = jax.value_and_grad(run, argnums=(0, 1), has_aux=True)(params, perts)
+    loss = jnp.asarray(loss, jnp.float32)
     return loss, acts, g_acts, params, g_params
 
 

@@ -26,8 +26,7 @@ hook (``hooks``), set with ``set_precision(model, policy)``.
 
 from unitscale_jax.nn.params import PARAM_TYPES, ParamInfo, info_of, param_info, umup_param
 from unitscale_jax.nn.config import TransformerConfig
-from unitscale_jax.nn.hooks import (activation_stats, activations_and_grads, capture_activations,
-                                    set_precision, tap)
+from unitscale_jax.nn.hooks import activation_stats, capture_activations, set_precision, tap
 from unitscale_jax.nn.sharding import (
     LOGICAL_AXES,
     LOGICAL_RULES,
@@ -47,7 +46,7 @@ from unitscale_jax.nn.encoder_decoder import TransformerEncoderDecoder
 __all__ = [
     "PARAM_TYPES", "ParamInfo", "info_of", "param_info", "umup_param",
     "TransformerConfig",
-    "activation_stats", "activations_and_grads", "capture_activations", "set_precision", "tap",
+    "activation_stats", "capture_activations", "set_precision", "tap",
     "LOGICAL_AXES", "LOGICAL_RULES", "constrain", "logical_rules", "logical_to_spec",
     "partition_specs",
     "Embedding", "LayerNorm", "Linear", "LinearReadout", "RMSNorm", "MLP",

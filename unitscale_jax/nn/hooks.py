@@ -193,8 +193,11 @@ def zeros_like_captured(values: dict) -> dict:
     return {k: jnp.zeros(v.shape, v.dtype) for k, v in values.items()}
 
 
-def activations_and_grads(fn: Any, model: Any, *args: Any) -> tuple[dict, dict]:
-    """Every tapped activation of ``fn(model, *args)`` and the gradient of ``fn`` w.r.t. it.
+def tapped_value_and_grad(fn: Any, model: Any, *args: Any):
+    """``fn(model, *args)`` with taps on, differentiated w.r.t. every tap and parameter.
+
+    Traceable (use under ``jax.jit``): the one forward and backward pass behind
+    ``activation_stats`` and ``unitscale_jax.analysis.forward_backward``.
 
     Args:
       fn: ``fn(model, *args) -> scalar`` (e.g. ``lambda m, ids: m.loss(ids)``).
@@ -202,28 +205,23 @@ def activations_and_grads(fn: Any, model: Any, *args: Any) -> tuple[dict, dict]:
       *args: arrays passed to ``fn``.
 
     Returns:
-      ``(values, grads)``: dicts ``{"<call order>.<tap name>": array}``, plus under
-      ``"param/<path>"`` every parameter and its gradient. One jitted forward and backward.
+      ``(value, activations, activation_grads, params, param_grads)``: dicts keyed by tap
+      (``"<call order>.<tap name>"``), then ``nnx.State`` s of the ``nnx.Param`` s.
     """
     from flax import nnx
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def run(perts, params, *args):
+    def run(params, perts, *args):
         with capture_activations(perts) as cap:
             out = fn(nnx.merge(graphdef, params, rest), *args)
         return out, cap.values
 
-    shapes = jax.eval_shape(lambda p, *a: run(None, p, *a)[1], params, *args)
+    shapes = jax.eval_shape(lambda p, *a: run(p, None, *a)[1], params, *args)
     perts = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
     grad_fn = jax.value_and_grad(run, argnums=(0, 1), has_aux=True)
-    (_, values), (grads, pgrads) = jax.jit(grad_fn)(perts, params, *args)
-    values, grads = dict(values), dict(grads)
-    flat_g = dict(nnx.to_flat_state(pgrads))
-    for path, var in nnx.to_flat_state(params):
-        name = "param/" + "/".join(str(k) for k in path)
-        values[name], grads[name] = var[...], flat_g[path][...]
-    return values, grads
+    (out, values), (g_params, g_values) = grad_fn(params, perts, *args)
+    return out, values, g_values, params, g_params
 
 
 def activation_stats(fn: Any, model: Any, *args: Any, include_params: bool = False) -> dict:
@@ -237,12 +235,17 @@ def activation_stats(fn: Any, model: Any, *args: Any, include_params: bool = Fal
 
     Returns:
       ``{name: (std of the value, std of its gradient)}`` as Python floats, activations in
-      call order, then the parameters. One jitted forward and backward pass
-      (``activations_and_grads``).
+      call order. One jitted forward and backward pass (``tapped_value_and_grad``).
     """
-    values, grads = activations_and_grads(fn, model, *args)
+    from flax import nnx
+
+    _, values, grads, params, pgrads = nnx.jit(
+        lambda m, *a: tapped_value_and_grad(fn, m, *a))(model, *args)
     std = lambda x: float(jnp.std(jnp.asarray(x, jnp.float32)))  # noqa: E731
-    names = sorted(k for k in values if not k.startswith("param/"))
+    out = {k: (std(values[k]), std(grads[k])) for k in sorted(values)}
     if include_params:
-        names += [k for k in values if k.startswith("param/")]
-    return {k: (std(values[k]), std(grads[k])) for k in names}
+        flat_g = dict(nnx.to_flat_state(pgrads))
+        for path, var in nnx.to_flat_state(params):
+            name = "param/" + "/".join(str(k) for k in path)
+            out[name] = (std(var[...]), std(flat_g[path][...]))
+    return out
