@@ -41,7 +41,8 @@ RESULTS = HERE / "results"
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "ops_overhead": ("ops_overhead.py", [], ["--runs", "5", "--batch", "512", "--no-write"]),
     "model_step": ("model_step.py", [], ["--quick", "--no-write"]),
-    "optimizer_overhead": ("optimizer_overhead.py", [], ["--quick", "--no-write"]),
+    "optimizer_overhead": ("optimizer_overhead.py", ["--runs", "40", "--train-steps", "20"],
+                           ["--quick", "--no-write"]),
     "torch_comparison": ("torch_comparison.py", [], ["--quick", "--no-write"]),
     "fp8_matmul": ("fp8_matmul.py", [], ["--tiny", "--out", "{tmp}"]),
 }
