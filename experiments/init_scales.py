@@ -29,6 +29,7 @@ Writes ``experiments/results/init_scales.csv`` (one row per tensor and setting),
 
     python experiments/init_scales.py           # d_model 64 / 256, S 32 / 128, 2 / 8 layers
     python experiments/init_scales.py --quick   # one small setting per model (to results/quick/)
+    python experiments/init_scales.py --residual-attn-ratio 0.25 --tag init_scales_rho0.25
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ def _ids(seed, shape):
     return jax.random.randint(jax.random.key(seed), shape, 0, VOCAB)
 
 
-def build(kind: str, d_model: int, n_layers: int, seq: int, batch: int):
+def build(kind: str, d_model: int, n_layers: int, seq: int, batch: int, rho: float = 1.0):
     """A u-muP model with unrolled layers (per-layer taps) and its loss on random tokens."""
     cfg = unn.TransformerConfig(vocab_size=VOCAB, d_model=d_model, n_layers=n_layers,
-                                n_heads=d_model // 16, max_seq_len=seq)
+                                n_heads=d_model // 16, max_seq_len=seq, residual_attn_ratio=rho)
     rngs = nnx.Rngs(0)
     if kind == "decoder":
         return (unn.TransformerDecoder(cfg, scan_layers=False, rngs=rngs),
@@ -96,8 +97,9 @@ def flat_prediction(q, k, v, d_out, *, causal: bool, mult: float):
     return _rms(out), _rms(d_q), _rms(d_k)
 
 
-def measure(kind: str, d_model: int, n_layers: int, seq: int, batch: int) -> list[dict]:
-    model, fn, args = build(kind, d_model, n_layers, seq, batch)
+def measure(kind: str, d_model: int, n_layers: int, seq: int, batch: int,
+            rho: float = 1.0) -> list[dict]:
+    model, fn, args = build(kind, d_model, n_layers, seq, batch, rho)
     _, values, grads, params, g_params = nnx.jit(
         lambda m: forward_backward(m, args, lambda m, b: fn(m, *b)))(model)
     names = sorted(values)
@@ -107,7 +109,8 @@ def measure(kind: str, d_model: int, n_layers: int, seq: int, batch: int) -> lis
         name = "param/" + "/".join(str(k) for k in path)
         values[name], grads[name] = var[...], flat_g[path][...]
         names.append(name)
-    base = {"model": kind, "d_model": d_model, "d_head": 16, "n_layers": n_layers, "seq_len": seq}
+    base = {"model": kind, "d_model": d_model, "d_head": 16, "n_layers": n_layers, "seq_len": seq,
+            "residual_attn_ratio": rho}
     rows, by_name = [], {}
     for name in names:
         row = {**base, "tensor": name, "std": _rms(values[name]) if name.startswith("param/")
@@ -153,6 +156,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         ratios = [m / p for m, p in pred + pred_g]
         out.append({
             "model": model, "d_model": d, "n_layers": layers, "seq_len": seq,
+            "residual_attn_ratio": rs[0]["residual_attn_ratio"],
             "tensors": len(rs), "in_[0.5,2]": sum(r["in_range"] for r in rs),
             "hidden_act_std_min": min(r["std"] for r in hidden),
             "hidden_act_std_max": max(r["std"] for r in hidden),
@@ -178,7 +182,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, rho: float = 1.0) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -205,7 +209,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("measured at init")
         ax.set_title(title)
         ax.legend(fontsize=7)
-    fig.suptitle("u-muP models at init on random tokens (d_head 16)")
+    fig.suptitle(f"u-muP models at init on random tokens (d_head 16, residual_attn_ratio {rho:g})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -215,6 +219,9 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one small setting per model")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--residual-attn-ratio", type=float, default=1.0,
+                   help="u-muP's rho (residual_attn_ratio) for every model (default 1)")
+    p.add_argument("--tag", default="init_scales", help="file name stem of the outputs")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default experiments/results, or its quick/ with --quick)")
     args = p.parse_args(argv)
@@ -224,21 +231,21 @@ def main(argv=None) -> list[dict]:
     rows = []
     for kind in ("decoder", "encoder", "encoder_decoder"):
         for d, layers, seq in settings:
-            rows += measure(kind, d, layers, seq, args.batch)
+            rows += measure(kind, d, layers, seq, args.batch, args.residual_attn_ratio)
             print(f"{kind:16s} d_model {d:4d} layers {layers} S {seq:4d}: measured")
     summary = summarise(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    write_csv(args.out / f"init_scales{suffix}.csv", rows)
-    write_csv(args.out / f"init_scales{suffix}_summary.csv", summary)
-    plot(rows, args.out / f"init_scales{suffix}.png")
+    stem = args.tag + ("_quick" if args.quick else "")
+    write_csv(args.out / f"{stem}.csv", rows)
+    write_csv(args.out / f"{stem}_summary.csv", summary)
+    plot(rows, args.out / f"{stem}.png", args.residual_attn_ratio)
     cols = ["model", "d_model", "n_layers", "seq_len", "tensors", "in_[0.5,2]",
             "hidden_act_std_max", "grad_std_min_excl_qk", "qk_grad_std_min",
             "measured_over_flat_prediction_min", "measured_over_flat_prediction_max"]
     print(" | ".join(cols))
     for s in summary:
         print(" | ".join(f"{s[c]:.3g}" if isinstance(s[c], float) else str(s[c]) for c in cols))
-    print(f"wrote {args.out}/init_scales{suffix}.csv, _summary.csv, .png")
+    print(f"wrote {args.out}/{stem}.csv, _summary.csv, .png")
     return rows
 
 
