@@ -54,7 +54,11 @@ class TransformerConfig:
       attn_mult: u-muP's ``alpha_attn-softmax`` (attention logits multiplier).
       act_mult: u-muP's ``alpha_ffn-act`` (MLP activation multiplier).
       residual_mult: u-muP's ``alpha_res``.
-      residual_attn_ratio: u-muP's ``alpha_res-attn-ratio``.
+      residual_attn_ratio: u-muP's ``alpha_res-attn-ratio`` (rho). Below 1 it weights the
+        attention branches less against the MLP branches; 0.25 keeps deep, long-context and
+        bidirectional models much closer to unit scale at init, where flat attention makes
+        positions share a component that the attention scale amplifies
+        (``experiments/results/init_scales.md``).
       loss_mult: u-muP's ``alpha_loss-softmax`` (cross-entropy multiplier).
       parametrization: ``"umup"``, ``"sp"`` (standard: GPT-style init, 1/sqrt(d_head)
         attention, plain maths) or ``"mup"`` (muP: N(0, 1/fan_in) hidden init, 1/d_head
