@@ -53,7 +53,10 @@ def test_scaled_linear_equals_ops_linear(constraint, readout):
     got = _vjp(lambda x, w, b: scaled_linear(x, w, b, dot=jnp.matmul, constraint=constraint,
                                               readout=readout), X, W, B)
     want = _vjp(lambda x, w, b: op(x, w, b, constraint=constraint), X, W, B)
-    chex.assert_trees_all_equal(got, want)
+    # the op accumulates its weight / bias gradients in its own backward (float32, scaled
+    # before the cast): the same maths, summed in another order
+    chex.assert_trees_all_equal(got[0], want[0])
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_fp8_sim_linear_rounds_operands_and_output_gradient():

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
+from unitscale_jax.ops import _wide
 from unitscale_jax.ops._checks import check_ids_in_range, require_float, require_int, require_rank
-from unitscale_jax.ops._scale import scale_bwd
 
 
 def embedding(ids: jax.Array, table: jax.Array, *, check_ids: bool = False) -> jax.Array:
@@ -31,5 +30,5 @@ def embedding(ids: jax.Array, table: jax.Array, *, check_ids: bool = False) -> j
     vocab = table.shape[0]
     if check_ids:
         check_ids_in_range(ids, vocab, "token ids", "embedding")
-    table = scale_bwd(table, (vocab / max(ids.size, 1)) ** 0.5)
-    return jnp.take(table, ids, axis=0)
+    # = take(scale_bwd(table, beta), ids), the row sums accumulated and scaled in float32
+    return _wide.gather_rows(table, ids, (vocab / max(ids.size, 1)) ** 0.5)

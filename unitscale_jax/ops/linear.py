@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unitscale_jax.ops import _wide
 from unitscale_jax.ops._checks import require_float, require_min_rank, require_rank
 from unitscale_jax.ops._scale import scale_bwd, scale_fwd
 from unitscale_jax.ops.constraints import Constraint, apply_constraint
@@ -39,11 +40,9 @@ def _linear(x, kernel, bias, constraint, output_power: float, op: str):
     grad_x_scale = fan_out ** -0.5
     grad_w_scale = batch ** -0.5
     output_scale, grad_x_scale = apply_constraint(constraint, output_scale, grad_x_scale)
-    x = scale_bwd(x, grad_x_scale)
-    kernel = scale_bwd(kernel, grad_w_scale)
-    y = jnp.matmul(x, kernel)
-    if bias is not None:
-        y = y + scale_bwd(bias, grad_w_scale)
+    # = matmul(scale_bwd(x, beta_x), scale_bwd(kernel, beta_w)) + scale_bwd(bias, beta_w), with
+    # the kernel and bias gradients (sums over all B rows) accumulated and scaled in float32
+    y = _wide.affine(x, kernel, bias, grad_x_scale, grad_w_scale)
     return scale_fwd(y, output_scale)
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from unitscale_jax.ops._checks import require_float, require_min_rank
-from unitscale_jax.ops._scale import scale_bwd
+from unitscale_jax.ops import _wide
 
 
 def _check_param(p, d: int, name: str, op: str) -> None:
@@ -55,9 +55,9 @@ def layer_norm(
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
     if scale is not None:
-        y = y * scale_bwd(scale, param_grad_scale).astype(x.dtype)
+        y = _wide.mul_param(y, scale, param_grad_scale)
     if bias is not None:
-        y = y + scale_bwd(bias, param_grad_scale).astype(x.dtype)
+        y = _wide.add_param(y, bias, param_grad_scale)
     return y
 
 
@@ -83,5 +83,5 @@ def rms_norm(x: jax.Array, scale: Optional[jax.Array] = None, *, eps: float = 1e
     ms = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
     y = x / jnp.sqrt(ms + eps).astype(x.dtype)
     if scale is not None:
-        y = y * scale_bwd(scale, (d / max(x.size, 1)) ** 0.5).astype(x.dtype)
+        y = _wide.mul_param(y, scale, (d / max(x.size, 1)) ** 0.5)
     return y

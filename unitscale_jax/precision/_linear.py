@@ -5,7 +5,11 @@ section 4.2; u-muP, Blake et al., 2025, section 4.1): ``alpha = fan_in^-p`` (p =
 for the readout), ``beta_x = fan_out^-1/2``, ``beta_kernel = beta_bias = B^-1/2`` with
 ``B = x.size / fan_in``, bias added before ``alpha``. ``ops.linear`` hard-codes
 ``jnp.matmul``; this copy takes the matmul as an argument so that ``fp8_dot`` can run
-inside the unchanged scaling. ``tests/precision`` checks it equals ``ops.linear`` exactly.
+inside the unchanged scaling, and differentiates through it (so a policy's dot rounds the
+gradients it sees). ``tests/precision`` checks it equals ``ops.linear`` (forward exactly,
+gradients to float32 rounding: ``ops.linear`` sums its kernel gradient in its own backward,
+in float32, which float16 needs at large batches; the policies that reach this path compute
+in float32 or bfloat16).
 """
 
 from __future__ import annotations
