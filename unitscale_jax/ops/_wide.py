@@ -28,7 +28,8 @@ def _rows(a: jax.Array, width: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def affine(x, kernel, bias, beta_x: float, beta_w: float):
-    """``x @ kernel (+ bias)``; gradients ``beta_x g kernel^T``, ``beta_w x^T g``, ``beta_w sum g``."""
+    """``x @ kernel (+ bias)``; gradients ``beta_x g kernel^T`` (in the operands' dtype: it sums
+    over ``fan_out`` only), ``beta_w x^T g`` and ``beta_w sum g`` (float32, then cast)."""
     y = jnp.matmul(x, kernel)
     return y if bias is None else y + bias
 
@@ -40,7 +41,7 @@ def _affine_fwd(x, kernel, bias, beta_x, beta_w):
 def _affine_bwd(beta_x, beta_w, res, g):
     x, kernel, bias = res
     fan_in, fan_out = kernel.shape
-    dx = jnp.matmul(g, kernel.T, preferred_element_type=F32) * beta_x
+    dx = jnp.matmul(g, kernel.T) * jnp.asarray(beta_x, g.dtype)  # sums over fan_out only
     g2 = _rows(g, fan_out)
     dk = jnp.matmul(_rows(x, fan_in).T, g2, preferred_element_type=F32) * beta_w
     db = None if bias is None else (jnp.sum(g2, axis=0, dtype=F32) * beta_w).astype(bias.dtype)
