@@ -29,6 +29,7 @@ Usage (from the repository root)::
     python experiments/low_precision.py                # full: ~15-20 min on 2 CPU cores
     python experiments/low_precision.py --quick        # smoke run: ~2 min
     python experiments/low_precision.py --lr-sweep     # the fp32 learning-rate check
+    python experiments/low_precision.py --large-batch  # fp32 vs fp16 at 16k tokens/step (~15 min)
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ SIZES = {
                  eval_every=50, eval_batches=16, log_every=5, seeds=(0, 1)),
     "quick": dict(d_model=32, n_layers=1, n_heads=2, seq_len=32, batch_size=8, steps=40,
                   eval_every=20, eval_batches=4, log_every=5, seeds=(0,)),
+    # --large-batch: the same model at 16k tokens per step, where SP's mean-loss gradients
+    # are 16x smaller and a sizeable fraction of them falls below fp16's range
+    "large": dict(d_model=64, n_layers=2, n_heads=4, seq_len=64, batch_size=256, steps=200,
+                  eval_every=50, eval_batches=8, log_every=5, seeds=(0,)),
 }
 # Peak learning rates (AdamW, warmup + cosine): the best of the fp32 check (--lr-sweep, full
 # size, seed 0, results in low_precision_lr_sweep.csv). At this size and length u-muP's
@@ -67,7 +72,10 @@ FULL_RUNS = ([(p, prec, None) for p in ("umup", "sp") for prec in PRECISIONS]
              + [("sp", "fp16", LOSS_SCALE), ("sp", "fp8-sim", LOSS_SCALE)])
 QUICK_RUNS = [("umup", "fp32", None), ("umup", "fp8-sim", None), ("sp", "fp32", None),
               ("sp", "fp8-sim", None), ("sp", "fp8-sim", LOSS_SCALE)]
-TOKENS_SWEEP = {"full": (16, 64, 256, 1024), "quick": (8, 64)}  # batch sizes (SP, init)
+LARGE_RUNS = [("umup", "fp32", None), ("umup", "fp16", None), ("sp", "fp32", None),
+              ("sp", "fp16", None), ("sp", "fp16", LOSS_SCALE)]
+TOKENS_SWEEP = {"full": (16, 64, 256, 1024), "quick": (8, 64), "large": ()}  # SP, init
+STEMS = {"full": "low_precision", "quick": "low_precision", "large": "low_precision_large_batch"}
 
 CLASSES = ("activations", "weights", "activation_grads", "weight_grads")
 FORMAT_NAMES = ("fp16", "e4m3", "e5m2")
@@ -370,6 +378,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run (a couple of minutes)")
     ap.add_argument("--lr-sweep", action="store_true", help="only the fp32 learning-rate check")
+    ap.add_argument("--large-batch", action="store_true",
+                    help="fp32 against fp16 (SP also with a loss scale) at 16k tokens per step, "
+                         "one seed; writes low_precision_large_batch*.csv/png")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="text file (default tiny Shakespeare)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "low_precision",
@@ -379,7 +390,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not Path(args.data).is_file():
         raise SystemExit(f"data file {args.data} not found; pass --data PATH to a text file.")
-    mode = "quick" if args.quick else "full"
+    mode = "quick" if args.quick else "large" if args.large_batch else "full"
+    stem = STEMS[mode]
     size = dict(SIZES[mode])
     if args.seeds:
         size["seeds"] = tuple(range(args.seeds))
@@ -394,7 +406,7 @@ def main(argv=None) -> int:
     batch = text_batch(args.data, size["batch_size"], size["seq_len"])
     fr = Fractions()
     results = []
-    plan = QUICK_RUNS if args.quick else FULL_RUNS
+    plan = {"quick": QUICK_RUNS, "full": FULL_RUNS, "large": LARGE_RUNS}[mode]
     for seed in size["seeds"]:
         for par, prec, ls in plan:
             name = run_name(par, prec, ls, seed)
@@ -445,12 +457,12 @@ def main(argv=None) -> int:
                "final_val_loss", "bits_per_byte", "final_train_loss", "diverged",
                "skipped_steps"] + [_col(*k) for k in RUN_FRACTIONS] + ["seconds", "message"])
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "low_precision.csv", results, fields)
+    write_csv(args.out / f"{stem}.csv", results, fields)
     ufields = (["model", "when", "tensor_class", "tokens_per_step"]
                + [f"{f}_{s}" for f in FORMAT_NAMES for s in ("underflow", "subnormal",
                                                                "saturation")])
-    write_csv(args.out / "low_precision_underflow.csv", urows, ufields)
-    plot(results, args.out / "low_precision.png", size)
+    write_csv(args.out / f"{stem}_underflow.csv", urows, ufields)
+    plot(results, args.out / f"{stem}.png", size)
     print()
     print(f"{mode} mode: d_model {size['d_model']}, {size['n_layers']} layers, "
           f"{size['batch_size']}x{size['seq_len']} tokens/step, {size['steps']} steps, "
@@ -469,8 +481,8 @@ def main(argv=None) -> int:
                       f"{100 * r['fp16_subnormal']:.1f}%, e5m2 underflow "
                       f"{100 * r['e5m2_underflow']:.1f}%"
                       for r in sorted(sp_tokens, key=lambda r: r["tokens_per_step"])))
-    print(f"wrote {args.out / 'low_precision.csv'}, {args.out / 'low_precision_underflow.csv'}, "
-          f"{args.out / 'low_precision.png'} in {time.perf_counter() - t_start:.0f} s")
+    print(f"wrote {args.out / (stem + '.csv')}, {args.out / (stem + '_underflow.csv')}, "
+          f"{args.out / (stem + '.png')} in {time.perf_counter() - t_start:.0f} s")
     if not args.keep_runs:
         shutil.rmtree(runs, ignore_errors=True)
     return 0
