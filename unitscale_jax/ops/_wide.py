@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 F32 = jnp.float32
 
@@ -41,9 +42,12 @@ def _affine_fwd(x, kernel, bias, beta_x, beta_w):
 def _affine_bwd(beta_x, beta_w, res, g):
     x, kernel, bias = res
     fan_in, fan_out = kernel.shape
-    dx = jnp.matmul(g, kernel.T) * jnp.asarray(beta_x, g.dtype)  # sums over fan_out only
+    # dimension numbers as autodiff's transposes use them (no materialised transposes)
+    dx = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    dx = dx * jnp.asarray(beta_x, dx.dtype)  # sums over fan_out only: operands' dtype
     g2 = _rows(g, fan_out)
-    dk = jnp.matmul(_rows(x, fan_in).T, g2, preferred_element_type=F32) * beta_w
+    dk = lax.dot_general(_rows(x, fan_in), g2, (((0,), (0,)), ((), ())),
+                         preferred_element_type=F32) * beta_w
     db = None if bias is None else (jnp.sum(g2, axis=0, dtype=F32) * beta_w).astype(bias.dtype)
     return dx.astype(x.dtype), dk.astype(kernel.dtype), db
 
