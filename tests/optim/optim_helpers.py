@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from unitscale_jax import checks, ops
-from unitscale_jax.nn import param_info, umup_param
+from unitscale_jax.nn import ParamInfo, param_info, umup_param
 from unitscale_jax.optim import adam, umup_factors
 from unitscale_jax.optim._tree import path_key
 
@@ -131,3 +131,17 @@ def check_model_factors(model, loss, *, n_layers, use_model_grads, lr=0.5):
         np.testing.assert_allclose(mags[mags > 0], np.float32(lr * want[k]), rtol=1e-6,
                                    err_msg=str(k))
         assert (mags > 0).mean() > (0.3 if k[0] == "embed" else 0.99), k
+
+
+# ---- a toy parameter tree with one parameter of each u-muP type (optimizer / schedule tests) --
+
+INFO = {"w": ParamInfo("weight", 16, 4), "e": ParamInfo("embedding", 9),
+        "o": ParamInfo("output", 16), "b": ParamInfo("bias", 8), "n": ParamInfo("norm", 8, 4)}
+FACTORS = {"w": 16 ** -0.5 / 2, "e": 1 / 3, "o": 1.0, "b": 1.0, "n": 0.5}
+SHAPES = {"w": (16, 8), "e": (5, 9), "o": (16, 3), "b": (8,), "n": (8,)}
+
+
+def toy_tree(seed, scale=1.0):
+    """Normal arrays of ``SHAPES`` (times ``scale``), one key per leaf."""
+    keys = dict(zip(SHAPES, jax.random.split(jax.random.key(seed), len(SHAPES))))
+    return {k: scale * jax.random.normal(keys[k], s) for k, s in SHAPES.items()}

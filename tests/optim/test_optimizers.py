@@ -9,9 +9,9 @@ import optax
 import pytest
 from flax import nnx
 
-from optim_helpers import TinyLM, lm_loss
+from optim_helpers import FACTORS, INFO, TinyLM, lm_loss, toy_tree as _tree
 from unitscale_jax import checks
-from unitscale_jax.nn import ParamInfo, param_info
+from unitscale_jax.nn import param_info
 from unitscale_jax.optim import (
     adam,
     adamw,
@@ -21,15 +21,6 @@ from unitscale_jax.optim import (
     warmup_cosine,
 )
 
-INFO = {"w": ParamInfo("weight", 16, 4), "e": ParamInfo("embedding", 9),
-        "o": ParamInfo("output", 16), "b": ParamInfo("bias", 8), "n": ParamInfo("norm", 8, 4)}
-FACTORS = {"w": 16 ** -0.5 / 2, "e": 1 / 3, "o": 1.0, "b": 1.0, "n": 0.5}
-SHAPES = {"w": (16, 8), "e": (5, 9), "o": (16, 3), "b": (8,), "n": (8,)}
-
-
-def _tree(seed, scale=1.0):
-    keys = dict(zip(SHAPES, jax.random.split(jax.random.key(seed), len(SHAPES))))
-    return {k: scale * jax.random.normal(keys[k], s) for k, s in SHAPES.items()}
 
 
 def test_adamw_equals_manual_formula_over_steps():
