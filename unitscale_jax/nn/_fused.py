@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from unitscale_jax import ops
+from unitscale_jax.ops import _wide
 from unitscale_jax.ops.activations import gelu_scales
 from unitscale_jax.ops.constraints import apply_constraint, logarithmic_interpolation
 
@@ -47,12 +48,9 @@ def _scaled_linear_fwd(x, kernel, bias, alpha, beta_x, beta_w):
 def _scaled_linear_bwd(alpha, beta_x, beta_w, res, g):
     x, kernel, bias = res
     dx = jnp.matmul(g, (kernel * jnp.asarray(beta_x, kernel.dtype)).T)
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     # token sums accumulated and scaled in float32 (float16 overflows at large batches before
-    # beta_w = B^-1/2 is applied otherwise; see unitscale_jax.ops._wide)
-    dk = (jnp.matmul(x2.T, g2, preferred_element_type=jnp.float32) * beta_w).astype(kernel.dtype)
-    db = None if bias is None else (jnp.sum(g2, axis=0, dtype=jnp.float32) * beta_w).astype(bias.dtype)
-    return dx.astype(x.dtype), dk, db
+    # beta_w = B^-1/2 is applied otherwise)
+    return (dx.astype(x.dtype), *_wide.kernel_and_bias_grads(x, g, kernel, bias, beta_w))
 
 
 _scaled_linear.defvjp(_scaled_linear_fwd, _scaled_linear_bwd)

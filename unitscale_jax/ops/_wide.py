@@ -39,17 +39,23 @@ def _affine_fwd(x, kernel, bias, beta_x, beta_w):
     return affine(x, kernel, bias, beta_x, beta_w), (x, kernel, bias)
 
 
-def _affine_bwd(beta_x, beta_w, res, g):
-    x, kernel, bias = res
+def kernel_and_bias_grads(x, g, kernel, bias, beta_w: float):
+    """``beta_w x^T g`` and ``beta_w sum g`` over all rows, summed in float32, in the kernel's
+    and bias's dtypes (the backward of every unit-scaled linear, fused forms included)."""
     fan_in, fan_out = kernel.shape
-    # dimension numbers as autodiff's transposes use them (no materialised transposes)
-    dx = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-    dx = dx * jnp.asarray(beta_x, dx.dtype)  # sums over fan_out only: operands' dtype
     g2 = _rows(g, fan_out)
+    # contracting the rows directly, as autodiff's transpose does (no materialised x^T)
     dk = lax.dot_general(_rows(x, fan_in), g2, (((0,), (0,)), ((), ())),
                          preferred_element_type=F32) * beta_w
     db = None if bias is None else (jnp.sum(g2, axis=0, dtype=F32) * beta_w).astype(bias.dtype)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype), db
+    return dk.astype(kernel.dtype), db
+
+
+def _affine_bwd(beta_x, beta_w, res, g):
+    x, kernel, bias = res
+    dx = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    dx = dx * jnp.asarray(beta_x, dx.dtype)  # sums over fan_out only: operands' dtype
+    return (dx.astype(x.dtype), *kernel_and_bias_grads(x, g, kernel, bias, beta_w))
 
 
 affine.defvjp(_affine_fwd, _affine_bwd)
