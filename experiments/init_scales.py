@@ -47,6 +47,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from unitscale_jax import nn as unn  # noqa: E402
 from unitscale_jax.analysis import forward_backward  # noqa: E402
+from unitscale_jax.nn.hooks import named_params  # noqa: E402
 from unitscale_jax.ops import attention_scale  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -104,10 +105,8 @@ def measure(kind: str, d_model: int, n_layers: int, seq: int, batch: int,
         lambda m: forward_backward(m, args, lambda m, b: fn(m, *b)))(model)
     names = sorted(values)
     values, grads = dict(values), dict(grads)
-    flat_g = dict(nnx.to_flat_state(g_params))
-    for path, var in nnx.to_flat_state(params):
-        name = "param/" + "/".join(str(k) for k in path)
-        values[name], grads[name] = var[...], flat_g[path][...]
+    for name, value, grad in named_params(params, g_params):
+        values[name], grads[name] = value, grad
         names.append(name)
     base = {"model": kind, "d_model": d_model, "d_head": 16, "n_layers": n_layers, "seq_len": seq,
             "residual_attn_ratio": rho}

@@ -244,8 +244,14 @@ def activation_stats(fn: Any, model: Any, *args: Any, include_params: bool = Fal
     std = lambda x: float(jnp.std(jnp.asarray(x, jnp.float32)))  # noqa: E731
     out = {k: (std(values[k]), std(grads[k])) for k in sorted(values)}
     if include_params:
-        flat_g = dict(nnx.to_flat_state(pgrads))
-        for path, var in nnx.to_flat_state(params):
-            name = "param/" + "/".join(str(k) for k in path)
-            out[name] = (std(var[...]), std(flat_g[path][...]))
+        out.update({name: (std(v), std(g)) for name, v, g in named_params(params, pgrads)})
     return out
+
+
+def named_params(params: Any, grads: Any) -> Iterator[tuple[str, jax.Array, jax.Array]]:
+    """``("param/<path>", value, gradient)`` for every parameter of two parallel ``nnx.State`` s."""
+    from flax import nnx
+
+    flat_g = dict(nnx.to_flat_state(grads))
+    for path, var in nnx.to_flat_state(params):
+        yield "param/" + "/".join(str(k) for k in path), var[...], flat_g[path][...]
