@@ -47,6 +47,12 @@ def interleaved_medians(fns: dict, runs: int, warmup: int = 2) -> dict:
     return {k: statistics.median(v) for k, v in interleaved_times(fns, runs, warmup).items()}
 
 
+def paired_ratios(times: dict, base: str) -> dict:
+    """Median over rounds of each variant's time divided by ``base``'s in the same round
+    (robust to load drifting between rounds)."""
+    return {k: statistics.median(a / b for a, b in zip(v, times[base])) for k, v in times.items()}
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

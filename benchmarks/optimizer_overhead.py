@@ -39,7 +39,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._timing import interleaved_times, write_result  # noqa: E402
+from benchmarks._timing import interleaved_times, paired_ratios, write_result  # noqa: E402
 from unitscale_jax.nn import TransformerDecoder, param_info  # noqa: E402
 from unitscale_jax.optim import adamw, unit_scale  # noqa: E402
 
@@ -52,11 +52,6 @@ def build(d_model: int, layers: int):
                                n_heads=max(1, d_model // 64), max_seq_len=512, rngs=nnx.Rngs(0))
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     return model, params, param_info(model)
-
-
-def paired_ratios(times: dict, base: str) -> dict:
-    """Median over rounds of each variant's time divided by the baseline's in that round."""
-    return {k: statistics.median(a / b for a, b in zip(v, times[base])) for k, v in times.items()}
 
 
 def train_step_times(model, txs: dict, batch: int, seq: int, runs: int) -> dict:

@@ -168,8 +168,10 @@ def measure(args, exe: str, how: str) -> dict:
     finally:
         torch_side.close()
     import jax
+
+    from benchmarks._timing import paired_ratios
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = [a / b for a, b in zip(times["torch_unit_scaling"], times["unitscale_jax"])]
+    torch_over_jax = paired_ratios(times, "unitscale_jax")["torch_unit_scaling"]
     tokens = args.batch * args.seq
     return {
         "threads": "one core: the process and the torch subprocess pinned to one CPU "
@@ -183,7 +185,7 @@ def measure(args, exe: str, how: str) -> dict:
         "median_ms": {k: v * 1e3 for k, v in med.items()},
         "min_ms": {k: min(v) * 1e3 for k, v in times.items()},
         "tokens_per_s": {k: tokens / v for k, v in med.items()},
-        "median_round_ratio_torch_over_jax": statistics.median(ratios),
+        "median_round_ratio_torch_over_jax": torch_over_jax,
         "jax_compile_s": compile_s,
         "first_loss": {"torch_unit_scaling": torch_side.info["first_loss"],
                        "unitscale_jax": jax_first_loss},
