@@ -75,6 +75,16 @@ def check_where(where, shape, model: str) -> Optional[jax.Array]:
     return where
 
 
+def check_targets(targets, shape, model: str) -> jax.Array:
+    """Validates integer ``targets`` of the given shape (next-token ids)."""
+    targets = jnp.asarray(targets)
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(f"{model}: targets must be integer token ids, got dtype {targets.dtype}.")
+    if targets.shape != tuple(shape):
+        raise ValueError(f"{model}: targets must have shape {tuple(shape)}, got {targets.shape}.")
+    return targets
+
+
 def sample(logits_BxV: jax.Array, key: Optional[jax.Array], temperature: float,
            top_k: Optional[int]) -> jax.Array:
     """Greedy (``temperature == 0``) or temperature / top-k sampling of the next ids."""

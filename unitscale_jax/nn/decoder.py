@@ -80,13 +80,19 @@ class TransformerDecoder(nnx.Module):
         return tap("logits", constrain(self.readout(x, rng=_common.head_key(rng)), LOGITS))
 
     def loss(self, ids: jax.Array, where: Optional[jax.Array] = None, *,
-             mask: Optional[jax.Array] = None, rng: Optional[jax.Array] = None) -> jax.Array:
-        """Mean next-token cross-entropy of ``ids`` (``ops.cross_entropy``, ``mult=loss_mult``).
+             targets: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
+             rng: Optional[jax.Array] = None) -> jax.Array:
+        """Mean next-token cross-entropy (``ops.cross_entropy`` in u-muP, ``mult=loss_mult``).
 
         Args:
-          ids: ``[batch, seq]``; position ``t`` predicts ``ids[:, t + 1]``.
-          where: optional boolean ``[batch, seq]``: which tokens count as targets (e.g.
-            False on a prompt); the mean is over counted targets.
+          ids: ``[batch, seq]``; position ``t`` predicts ``ids[:, t + 1]``, or ``targets[:, t]``
+            when ``targets`` is given.
+          where: optional boolean mask of the targets that count (e.g. False on a prompt):
+            ``[batch, seq]`` aligned with ``ids`` (or with ``targets`` when given); the mean
+            is over counted targets.
+          targets: optional ``[batch, seq]`` next tokens of ``ids`` (a batch already split
+            into inputs and targets, as ``unitscale_jax.data.lm_batch`` makes): every
+            position of ``ids`` is then scored.
           mask: attention mask (see ``__call__``). A ``[batch, seq]`` padding mask also
             drops targets that are padding or are predicted from a padding position.
           rng: PRNG key for dropout.
@@ -97,14 +103,19 @@ class TransformerDecoder(nnx.Module):
         c = self.config
         logits = self(ids, mask=mask, rng=rng)
         where = _common.check_where(where, ids.shape, "TransformerDecoder.loss")
+        if targets is not None:
+            targets = _common.check_targets(targets, ids.shape, "TransformerDecoder.loss")
+            if mask is not None and jnp.ndim(mask) == 2:
+                where = mask if where is None else jnp.logical_and(where, mask)
+            return _maths.cross_entropy(logits, targets, c.parametrization, mult=c.loss_mult, where=where)
         if ids.shape[1] < 2:
             raise ValueError("TransformerDecoder.loss needs sequences of length >= 2.")
-        targets = None if where is None else where[:, 1:]
+        scored = None if where is None else where[:, 1:]
         if mask is not None and jnp.ndim(mask) == 2:
             real = jnp.logical_and(mask[:, 1:], mask[:, :-1])
-            targets = real if targets is None else jnp.logical_and(targets, real)
-        return _maths.cross_entropy(logits[:, :-1], ids[:, 1:], c.parametrization,
-                                    mult=c.loss_mult, where=targets)
+            scored = real if scored is None else jnp.logical_and(scored, real)
+        return _maths.cross_entropy(logits[:, :-1], ids[:, 1:], c.parametrization, mult=c.loss_mult,
+                                        where=scored)
 
     def init_cache(self, batch: int, length: int) -> dict:
         """An empty KV cache for ``batch`` sequences of up to ``length`` tokens."""

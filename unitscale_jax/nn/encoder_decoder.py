@@ -94,20 +94,34 @@ class TransformerEncoderDecoder(nnx.Module):
         return self.decode(tgt, context, src_mask=src_mask, tgt_mask=tgt_mask, rng=k2)
 
     def loss(self, src: jax.Array, tgt: jax.Array, where: Optional[jax.Array] = None, *,
-             src_mask: Optional[jax.Array] = None, tgt_mask: Optional[jax.Array] = None,
-             rng: Optional[jax.Array] = None) -> jax.Array:
+             targets: Optional[jax.Array] = None, src_mask: Optional[jax.Array] = None,
+             tgt_mask: Optional[jax.Array] = None, rng: Optional[jax.Array] = None) -> jax.Array:
         """Mean cross-entropy of ``tgt[:, 1:]`` given ``src`` and ``tgt[:, :-1]``.
 
         Args:
-          src, tgt, src_mask, rng: as ``__call__``.
-          where: boolean ``[batch, tgt_len]``: which target tokens count.
+          src, src_mask, rng: as ``__call__``.
+          tgt: target ids ``[batch, tgt_len]`` starting with the start token; with
+            ``targets``, the decoder inputs, each position predicting ``targets`` there.
+          where: boolean mask of the target tokens that count, aligned with ``tgt`` (or with
+            ``targets`` when given).
+          targets: optional ``[batch, tgt_len]`` next tokens of ``tgt`` (a batch already
+            split into decoder inputs and targets, as span corruption makes).
           tgt_mask: target padding mask ``[batch, tgt_len]``: also drops padded targets.
         """
         c = self.config
         tgt = jnp.asarray(tgt)
+        where_shape = tgt.shape
+        if targets is not None:
+            targets = _common.check_targets(targets, tgt.shape, f"{_NAME}.loss")
+            where = _common.check_where(where, where_shape, f"{_NAME}.loss")
+            logits = self(src, tgt, src_mask=src_mask, tgt_mask=tgt_mask, rng=rng)
+            if tgt_mask is not None and jnp.ndim(tgt_mask) == 2:
+                where = tgt_mask if where is None else jnp.logical_and(where, tgt_mask)
+            return _maths.cross_entropy(logits, targets, c.parametrization, mult=c.loss_mult, where=where,
+                                            check_ids=c.check_ids)
         if tgt.ndim != 2 or tgt.shape[1] < 2:
             raise ValueError(f"{_NAME}.loss: tgt must be [batch, tgt_len >= 2] (start token + targets), got {tgt.shape}.")
-        where = _common.check_where(where, tgt.shape, f"{_NAME}.loss")
+        where = _common.check_where(where, where_shape, f"{_NAME}.loss")
         in_mask = None
         if tgt_mask is not None:
             tgt_mask = jnp.asarray(tgt_mask)
@@ -115,12 +129,12 @@ class TransformerEncoderDecoder(nnx.Module):
                 raise ValueError(f"{_NAME}.loss: tgt_mask must be a padding mask of shape {tgt.shape}, got {tgt_mask.shape}.")
             in_mask = tgt_mask[:, :-1]
         logits = self(src, tgt[:, :-1], src_mask=src_mask, tgt_mask=in_mask, rng=rng)
-        targets = None if where is None else where[:, 1:]
+        scored = None if where is None else where[:, 1:]
         if tgt_mask is not None:
             real = jnp.logical_and(tgt_mask[:, 1:], tgt_mask[:, :-1])
-            targets = real if targets is None else jnp.logical_and(targets, real)
-        return _maths.cross_entropy(logits, tgt[:, 1:], c.parametrization, mult=c.loss_mult,
-                                    where=targets, check_ids=c.check_ids)
+            scored = real if scored is None else jnp.logical_and(scored, real)
+        return _maths.cross_entropy(logits, tgt[:, 1:], c.parametrization, mult=c.loss_mult, where=scored,
+                                        check_ids=c.check_ids)
 
     def init_cache(self, context: jax.Array, length: int) -> dict:
         """KV cache: empty self-attention cache and the cross-attention keys/values of
