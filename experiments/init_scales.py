@@ -47,7 +47,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from unitscale_jax import nn as unn  # noqa: E402
 from unitscale_jax.analysis import forward_backward  # noqa: E402
-from unitscale_jax.nn.hooks import named_params  # noqa: E402
+from unitscale_jax.analysis.activations import named_params  # noqa: E402
 from unitscale_jax.ops import attention_scale  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

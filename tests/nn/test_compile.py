@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unitscale_jax import nn as unn
-from unitscale_jax.nn.params import ParamInfo
+from unitscale_jax.params import ParamInfo
 
 
 def _abstract(n_layers):

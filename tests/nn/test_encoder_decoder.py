@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from unitscale_jax import nn as unn
-from unitscale_jax.nn.hooks import activation_stats
-from unitscale_jax.nn.params import ParamInfo
+from unitscale_jax.analysis import activation_stats
+from unitscale_jax.params import ParamInfo
 
 from tests.nn.helpers import flat_infos, random_ids
 

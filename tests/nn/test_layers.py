@@ -11,8 +11,7 @@ from flax import nnx
 
 from unitscale_jax import ops
 from unitscale_jax import nn as unn
-from unitscale_jax.nn import _maths, _residual
-from unitscale_jax.nn.params import ParamInfo
+from unitscale_jax.params import ParamInfo
 
 
 def _std(x):
@@ -67,8 +66,8 @@ def test_sp_and_mup_linear_init_and_plain_maths():
         w = layer.kernel[...]
         b = None if layer.bias is None else layer.bias[...]
         (y1, g1), (y2, g2) = _vjp_both(
-            lambda x, w: _maths.readout(x, w, b, layer.parametrization) if layer.readout
-            else _maths.linear(x, w, b, layer.parametrization),
+            lambda x, w: layer.parametrization.readout(x, w, b) if layer.readout
+            else layer.parametrization.linear(x, w, b),
             lambda x, w: plain(x, w, b), (x, w))
         chex.assert_trees_all_close((y1, g1), (y2, g2), rtol=1e-5, atol=1e-6)
 
@@ -205,21 +204,29 @@ def test_cached_attention_equals_full():
 
 
 @pytest.mark.parametrize("tau", [0.3, 1.7])
-def test_traced_tau_residual_matches_ops(tau):
+def test_traced_tau_residual_matches_static(tau):
+    """A scanned stack passes each layer's tau as a constant array: same values and
+    gradients as the Python float, for the split/add pair and for residual_apply."""
     x = jax.random.normal(jax.random.key(0), (4, 16))
     w = jax.random.normal(jax.random.key(1), (16, 16))
 
-    def block(split, add, tau_):
+    def pair(tau_):
         def f(x, w):
-            r, s = split(x, tau_)
-            return jnp.sum(add(ops.linear(r, w), s, tau_) * jnp.arange(16.0))
+            r, s = ops.residual_split(x, tau_)
+            return jnp.sum(ops.residual_add(ops.linear(r, w), s, tau_) * jnp.arange(16.0))
         return jax.value_and_grad(f, argnums=(0, 1))(x, w)
 
-    ref = jax.jit(lambda: block(ops.residual_split, ops.residual_add, tau))()
-    static = jax.jit(lambda: block(_residual.residual_split, _residual.residual_add, tau))()
-    traced = jax.jit(lambda t: block(_residual.residual_split, _residual.residual_add, t))(jnp.float32(tau))
-    chex.assert_trees_all_close(static, ref, rtol=1e-5)
-    chex.assert_trees_all_close(traced, ref, rtol=1e-5)
+    def applied(tau_):
+        def f(x, w):
+            return jnp.sum(ops.residual_apply(lambda r: ops.linear(r, w), x, tau_) * jnp.arange(16.0))
+        return jax.value_and_grad(f, argnums=(0, 1))(x, w)
+
+    ref = jax.jit(lambda: pair(tau))()
+    chex.assert_trees_all_close(jax.jit(pair)(jnp.float32(tau)), ref, rtol=1e-5)
+    chex.assert_trees_all_close(jax.jit(lambda: applied(tau))(), ref, rtol=1e-5)
+    chex.assert_trees_all_close(jax.jit(applied)(jnp.float32(tau)), ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="scalar"):
+        ops.residual_split(x, jnp.ones(2))
 
 
 def test_branch_taus():
@@ -240,14 +247,12 @@ class _RecordingPolicy:
     factor: float = 1.0
     seen: list = dataclasses.field(default_factory=list, compare=False, hash=False)
 
-    def linear(self, x, kernel, bias=None, *, role, layer=None, constraint=None, rng=None):
-        self.seen.append((role, layer))
-        op = ops.linear_readout if role == "readout" else ops.linear
-        return self.factor * op(x, kernel, bias, constraint=constraint)
+    def cast_compute(self, x):
+        return x
 
-    def dot(self, x, w, role, *, layer=None, rng=None):
+    def dot_general(self, role, *, layer=None, rng=None):
         self.seen.append((role, layer))
-        return self.factor * (x @ w)
+        return lambda a, b, dims, **kw: self.factor * jax.lax.dot_general(a, b, dims, **kw)
 
     def attention_inputs(self, q, k, v, *, layer=None, rng=None):
         self.seen.append(("qkv", layer))
@@ -280,19 +285,42 @@ def test_precision_hook_sees_every_matmul(parametrization):
 
 
 @pytest.mark.parametrize("mult,use_where", [(1.0, False), (2.5, True)])
-def test_model_loss_equals_ops_cross_entropy(mult, use_where):
+def test_parametrization_losses(mult, use_where):
+    """u-muP's loss is ops.cross_entropy; SP's is the ordinary mean with its ordinary gradient
+    (log_softmax written out here), whatever the u-muP multiplier."""
     logits = 3 * jax.random.normal(jax.random.key(0), (4, 9, 50))
     labels = jax.random.randint(jax.random.key(1), (4, 9), 0, 50)
     where = jax.random.bernoulli(jax.random.key(2), 0.5, (4, 9)) if use_where else None
     ours = jax.jit(jax.value_and_grad(
-        lambda x: _maths.cross_entropy(x, labels, "umup", mult=mult, where=where)))(logits)
+        lambda x: unn.UMuP().cross_entropy(x, labels, mult=mult, where=where)))(logits)
     ref = jax.jit(jax.value_and_grad(
         lambda x: ops.cross_entropy(x, labels, mult=mult, where=where)))(logits)
-    chex.assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-6)
-    sp = jax.jit(jax.value_and_grad(lambda x: _maths.cross_entropy(x, labels, "sp", mult=mult, where=where)))(logits)
+    chex.assert_trees_all_equal(ours, ref)
     w = jnp.ones((4, 9), bool) if where is None else where
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1)[..., 0]
-    np.testing.assert_allclose(sp[0], jnp.sum(nll * w) / jnp.sum(w), rtol=1e-5)
+
+    def mean_nll(x):
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(x), labels[..., None], -1)[..., 0]
+        return jnp.sum(nll * w) / jnp.sum(w)
+
+    for p in (unn.SP(), unn.MuP()):
+        sp = jax.jit(jax.value_and_grad(lambda x: p.cross_entropy(x, labels, mult=mult, where=where)))(logits)
+        chex.assert_trees_all_close(sp, jax.value_and_grad(mean_nll)(logits), rtol=1e-5, atol=1e-7)
+
+
+def test_parametrization_objects():
+    """Names map to objects (and objects pass through); modules hold the object."""
+    assert unn.get_parametrization("umup") == unn.UMuP() and str(unn.SP()) == "sp"
+    assert unn.get_parametrization(unn.MuP()) == unn.MuP()
+    assert unn.UMuP().unit_scaled and not unn.SP().unit_scaled and not unn.MuP().unit_scaled
+    with pytest.raises(ValueError, match="unknown parametrization 'spp'"):
+        unn.get_parametrization("spp")
+    cfg = unn.TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, parametrization="mup")
+    assert cfg.parametrization == unn.MuP() and cfg.replace(parametrization=unn.SP()).parametrization == unn.SP()
+    model = unn.TransformerDecoder(cfg, rngs=nnx.Rngs(0))
+    assert model.readout.parametrization == unn.MuP()
+    assert model.stack.layers.mlp.up_proj.parametrization == unn.MuP()
+    with pytest.raises(ValueError, match="parametrization must be one of"):
+        cfg.replace(parametrization="standard")
 
 
 def _vjp_both(f, g_f, args, seed=5):
@@ -301,46 +329,3 @@ def _vjp_both(f, g_f, args, seed=5):
         y, vjp = jax.vjp(fn, *args)
         return y, vjp(jax.random.normal(jax.random.key(seed), y.shape, y.dtype))
     return jax.jit(lambda: run(f))(), jax.jit(lambda: run(g_f))()
-
-
-@pytest.mark.parametrize("case", ["linear", "linear_none", "linear_bias", "readout", "glu",
-                                  "glu_mult", "gelu", "gelu_mult", "attn_causal", "attn_mask"])
-def test_fused_forms_equal_the_ops(case):
-    from unitscale_jax.nn import _fused
-
-    k = jax.random.split(jax.random.key(0), 6)
-    x = jax.random.normal(k[0], (4, 8, 32))
-    w = jax.random.normal(k[1], (32, 48))
-    b = jax.random.normal(k[2], (48,))
-    q, kk, v = (jax.random.normal(k[i], (2, 7, 3, 16)) for i in (3, 4, 5))
-    mask = jax.random.bernoulli(k[2], 0.7, (2, 1, 7, 7)) | jnp.eye(7, dtype=bool)
-    cases = {
-        "linear": (lambda x, w: _fused.linear(x, w, None, "to_output_scale"),
-                   lambda x, w: ops.linear(x, w), (x, w)),
-        "linear_none": (lambda x, w: _fused.linear(x, w, None, None),
-                        lambda x, w: ops.linear(x, w, constraint=None), (x, w)),
-        "linear_bias": (lambda x, w, b: _fused.linear(x, w, b, "to_output_scale"),
-                        lambda x, w, b: ops.linear(x, w, b), (x, w, b)),
-        "readout": (lambda x, w, b: _fused.linear(x, w, b, None, readout=True),
-                    lambda x, w, b: ops.linear_readout(x, w, b), (x, w, b)),
-        "glu": (lambda a, g: _fused.silu_glu(a, g, 1.0), lambda a, g: ops.silu_glu(a, g), (x, 2 * x[::-1])),
-        "glu_mult": (lambda a, g: _fused.silu_glu(a, g, 2.5),
-                     lambda a, g: ops.silu_glu(a, g, mult=2.5), (x, 2 * x[::-1])),
-        "gelu": (lambda a: _fused.gelu(a, 1.0), lambda a: ops.gelu(a), (x,)),
-        "gelu_mult": (lambda a: _fused.gelu(a, 0.3), lambda a: ops.gelu(a, mult=0.3), (x,)),
-        "attn_causal": (lambda q, k, v: _fused.attention(q, k, v, mask=None, is_causal=True, mult=1.5,
-                                                         dropout_rate=0.0, rng=None, scale_seq_len=None,
-                                                         scale_is_causal=None),
-                        lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=True, mult=1.5),
-                        (q, kk, v)),
-        "attn_mask": (lambda q, k, v: _fused.attention(q, k, v, mask=mask, is_causal=False, mult=1.0,
-                                                       dropout_rate=0.0, rng=None, scale_seq_len=20,
-                                                       scale_is_causal=True),
-                      lambda q, k, v: ops.scaled_dot_product_attention(
-                          q, k, v, mask=mask, scale_seq_len=20, scale_is_causal=True),
-                      (q, kk, v)),
-    }
-    fused, op, args = cases[case]
-    (y1, g1), (y2, g2) = _vjp_both(fused, op, args)
-    chex.assert_trees_all_close(y1, y2, rtol=1e-5, atol=1e-5)
-    chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,6 @@ from flax import nnx
 
 from unitscale_jax import nn as unn
 from unitscale_jax import ops
-from unitscale_jax.nn import _fused
 from unitscale_jax.precision import get_policy
 
 TOKENS = 2 ** 14
@@ -52,14 +51,14 @@ def test_linear_kernel_and_bias_gradients(op):
     np.testing.assert_allclose(np.asarray(db, np.float32), 256.0)
 
 
-def test_fused_linear_kernel_and_bias_gradients():
+def test_plain_linear_kernel_and_bias_gradients():
+    """The SP / muP projection (``ops.plain.linear``) sums its token sums in float32 too."""
     x = jnp.full((TOKENS, 16), 4.0, jnp.float16)
     w = jnp.ones((16, 8), jnp.float16)
     b = jnp.zeros((8,), jnp.float16)
-    for readout in (False, True):
-        _, dw, _ = _compare(lambda x, w, b: _fused.linear(x, w, b, None, readout=readout),
-                            [x, w, b], 2.0)
-        np.testing.assert_allclose(np.asarray(dw, np.float32), 1024.0)
+    _, dw, db = _compare(lambda x, w, b: ops.plain.linear(x, w, b, mult=2.0 ** -7), [x, w, b], 2.0)
+    np.testing.assert_allclose(np.asarray(dw, np.float32), 1024.0)
+    np.testing.assert_allclose(np.asarray(db, np.float32), 256.0)
 
 
 def test_embedding_table_gradient():

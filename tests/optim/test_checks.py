@@ -1,4 +1,4 @@
-"""unitscale_jax.checks: the invariant checks pass when they should and fail when they should,
+"""unitscale_jax.optim.checks: the invariant checks pass when they should and fail when they should,
 eagerly and under jit through chex.chexify."""
 
 import chex
@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from unitscale_jax import checks
+from unitscale_jax.optim import checks
 from unitscale_jax.nn import ParamInfo
 from unitscale_jax.optim import _pow2, adam, unit_scale
 

@@ -13,7 +13,6 @@ from unitscale_jax.precision import (
     BF16, E4M3, E5M2, PRESETS, ROLES, UMUP_LARGE_RUN_OVERRIDES, Override, PrecisionPolicy,
     get_policy, simulate,
 )
-from unitscale_jax.precision._linear import scaled_linear
 
 X = jax.random.normal(jax.random.key(0), (2, 5, 32))
 W = jax.random.normal(jax.random.key(1), (32, 48))
@@ -46,16 +45,20 @@ def test_fp32_linear_is_the_op(role, op):
     chex.assert_trees_all_equal(got, want)
 
 
+def _with_dot(op):
+    """The op with a plain matmul plugged in (the path a policy's matmul takes)."""
+    return lambda x, w, b=None, **kw: op(x, w, b, dot_general=jax.lax.dot_general, **kw)
+
+
 @pytest.mark.parametrize("constraint", ["to_output_scale", None, "gmean"])
 @pytest.mark.parametrize("readout", [False, True])
-def test_scaled_linear_equals_ops_linear(constraint, readout):
+def test_plugged_in_dot_equals_the_fast_linear(constraint, readout):
     op = ops.linear_readout if readout else ops.linear
-    got = _vjp(lambda x, w, b: scaled_linear(x, w, b, dot=jnp.matmul, constraint=constraint,
-                                              readout=readout), X, W, B)
+    got = _vjp(lambda x, w, b: _with_dot(op)(x, w, b, constraint=constraint), X, W, B)
     want = _vjp(lambda x, w, b: op(x, w, b, constraint=constraint), X, W, B)
-    # the op accumulates its weight / bias gradients in its own backward (float32, scaled
-    # before the cast): the same maths, summed in another order
-    chex.assert_trees_all_equal(got[0], want[0])
+    # the fast form scales the kernel instead of the output and sums its weight / bias
+    # gradients in its own backward (float32, scaled before the cast): the same maths,
+    # rounded in another order
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -64,7 +67,7 @@ def test_fp8_sim_linear_rounds_operands_and_output_gradient():
     y, dx, dw, db = _vjp(lambda x, w, b: pol.linear(x, w, b, role="ffn_up"), X, W, B)
     xq, wq = simulate(X, E4M3), simulate(W, E4M3)
     # Forward: the op on E4M3-rounded inputs and weights.
-    y_ref, pullback = jax.vjp(lambda x, w, b: ops.linear(x, w, b), xq, wq, B)
+    y_ref, pullback = jax.vjp(lambda x, w, b: _with_dot(ops.linear)(x, w, b), xq, wq, B)
     chex.assert_trees_all_equal(y, y_ref)
     # Backward: the matmuls see the E5M2-rounded output gradient (straight through the
     # input rounding); the bias gradient is the op's, from the unrounded gradient.
@@ -116,7 +119,7 @@ def test_overrides_by_role_and_layer():
     assert pol.formats("attn_out") == (BF16, BF16) and pol.formats("ffn_down") == (BF16, BF16)
     assert pol.formats("ffn_up") == (E4M3, E5M2)
     y = pol.linear(X, W, role="attn_out")
-    chex.assert_trees_all_equal(y, ops.linear(simulate(X, BF16), simulate(W, BF16)))
+    chex.assert_trees_all_equal(y, _with_dot(ops.linear)(simulate(X, BF16), simulate(W, BF16)))
     # Layer-specific: keep layer 0's FFN up projection unquantised.
     pol = get_policy("fp8-sim", overrides=[Override("ffn_up", layers=(0,))])
     assert pol.formats("ffn_up", layer=0) == (None, None)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unitscale_jax import nn, train
+from unitscale_jax import nn, taps, train
 from unitscale_jax.precision import E4M3, E5M2
 from unitscale_jax.train import build, precision as tprec
 from unitscale_jax.train.flags import parse_train_args
@@ -100,7 +100,7 @@ def test_fp16_backward_runs_in_fp16(par):
     graphdef, state = nnx.split(model)
 
     def run(perts):
-        with nn.hooks.capture_activations(perts) as cap:
+        with taps.capture_activations(perts) as cap:
             out = build.TASKS["decoder"].loss(nnx.merge(graphdef, state), batch, None)[0]
         return out, cap.values
 

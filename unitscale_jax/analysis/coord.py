@@ -28,7 +28,7 @@ from flax import nnx
 
 from unitscale_jax.analysis import naming
 from unitscale_jax.nn.config import TransformerConfig
-from unitscale_jax.nn.hooks import capture_activations
+from unitscale_jax.taps import capture_activations
 
 WIDTHS = (64, 128, 256, 512, 1024)
 QUICK_WIDTHS = (64, 128, 256, 512)
@@ -40,7 +40,7 @@ def default_optimizer(parametrization: str, learning_rate: float, model: nnx.Mod
                       ) -> optax.GradientTransformation:
     """u-muP: ``unitscale_jax.optim.adam(lr, param_info=model)``; SP: ``optax.adam(lr)``."""
     if parametrization == "umup":
-        from unitscale_jax.nn.params import param_info
+        from unitscale_jax.params import param_info
         from unitscale_jax.optim import adam
         return adam(learning_rate, param_info=param_info(model))
     if parametrization == "sp":

@@ -1,6 +1,6 @@
 """Readable, unique names for tapped activations and parameters, and the row order.
 
-Taps (``unitscale_jax.nn.hooks.tap``) are keyed ``"<call order>.<tap name>"`` and the tap
+Taps (``unitscale_jax.taps.tap``) are keyed ``"<call order>.<tap name>"`` and the tap
 names inside a ``TransformerLayer`` do not say which layer they belong to. Every layer's
 first tap is its self-attention pre-norm (``"attn.norm"``), so layers are numbered by
 counting those: ``"003.attn.q"`` becomes ``"L0.attn.q"``. A run of layer taps that follows a

@@ -24,7 +24,7 @@ from flax import nnx
 
 from unitscale_jax.analysis import naming
 from unitscale_jax.analysis.stats import FORMATS, stat_names, tensor_stats
-from unitscale_jax.nn.hooks import tapped_value_and_grad
+from unitscale_jax.analysis.activations import tapped_value_and_grad
 
 KINDS = ("fwd", "bwd", "weight", "weight_grad")
 LossFn = Callable[[nnx.Module, Any], jax.Array]

@@ -19,14 +19,20 @@ Models (u-muP by default; ``parametrization="sp"`` or ``"mup"`` switches the sam
     s2s.loss(src, tgt); s2s.generate(src, 32, start_id=0)
 
 Layers: ``Linear``, ``LinearReadout``, ``Embedding``, ``LayerNorm``, ``RMSNorm``, ``MLP``,
-``MultiHeadAttention``, ``TransformerLayer``, ``TransformerStack``. Sharding: logical axis
-names on every parameter, rule tables in ``LOGICAL_RULES`` / ``logical_rules``. Precision: one
-hook (``hooks``), set with ``set_precision(model, policy)``.
+``MultiHeadAttention``, ``TransformerLayer``, ``TransformerStack``. Parametrizations:
+``UMuP``, ``SP``, ``MuP`` (``get_parametrization(name)``), the one object each module asks
+for its maths. Sharding: logical axis names on every parameter, rule tables in
+``LOGICAL_RULES`` / ``logical_rules``. Precision: one hook (``hooks``), set with
+``set_precision(model, policy)``. Parameter metadata lives in ``unitscale_jax.params``
+(re-exported here); activation taps in ``unitscale_jax.taps``.
 """
 
-from unitscale_jax.nn.params import PARAM_TYPES, ParamInfo, info_of, param_info, umup_param
+from unitscale_jax.params import PARAM_TYPES, ParamInfo, info_of, param_info, umup_param
+from unitscale_jax.nn.parametrization import (
+    MuP, PARAMETRIZATIONS, Parametrization, SP, UMuP, get_parametrization,
+)
 from unitscale_jax.nn.config import TransformerConfig
-from unitscale_jax.nn.hooks import activation_stats, capture_activations, set_precision, tap
+from unitscale_jax.nn.hooks import set_precision
 from unitscale_jax.nn.sharding import (
     LOGICAL_AXES,
     LOGICAL_RULES,
@@ -45,8 +51,8 @@ from unitscale_jax.nn.encoder_decoder import TransformerEncoderDecoder
 
 __all__ = [
     "PARAM_TYPES", "ParamInfo", "info_of", "param_info", "umup_param",
-    "TransformerConfig",
-    "activation_stats", "capture_activations", "set_precision", "tap",
+    "MuP", "PARAMETRIZATIONS", "Parametrization", "SP", "UMuP", "get_parametrization",
+    "TransformerConfig", "set_precision",
     "LOGICAL_AXES", "LOGICAL_RULES", "constrain", "logical_rules", "logical_to_spec",
     "partition_specs",
     "Embedding", "LayerNorm", "Linear", "LinearReadout", "RMSNorm", "MLP",

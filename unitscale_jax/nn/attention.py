@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unitscale_jax.nn import _maths
 from unitscale_jax.nn import hooks
-from unitscale_jax.nn.hooks import tap
-from unitscale_jax.nn.layers import Linear
+from unitscale_jax.nn.layers import Linear, ParametrizationLike
+from unitscale_jax.nn.parametrization import get_parametrization
 from unitscale_jax.nn.sharding import constrain
+from unitscale_jax.taps import tap
 
 _QKV_NAMES = ("batch", "sequence", "heads", "kv")
 
@@ -83,7 +83,7 @@ class MultiHeadAttention(nnx.Module):
                  d_head: Optional[int] = None, cross: bool = False, causal: bool = False,
                  d_context: Optional[int] = None, bias: bool = False, use_rope: bool = False,
                  rope_theta: float = 10000.0, mult: float = 1.0, dropout: float = 0.0,
-                 depth: Optional[int] = None, parametrization: str = "umup",
+                 depth: Optional[int] = None, parametrization: ParametrizationLike = "umup",
                  init_std: Optional[float] = None, out_init_std: Optional[float] = None,
                  precision: Any = None, layer: Optional[int] = None, dtype: Any = None,
                  param_dtype: Any = jnp.float32):
@@ -99,7 +99,7 @@ class MultiHeadAttention(nnx.Module):
         self.cross, self.causal = bool(cross), bool(causal)
         self.use_rope, self.rope_theta = bool(use_rope), float(rope_theta)
         self.mult, self.dropout = float(mult), float(dropout)
-        self.parametrization = parametrization
+        self.parametrization = get_parametrization(parametrization)
         self.precision = precision
         self.layer = layer
         self.deterministic = False
@@ -193,8 +193,8 @@ class MultiHeadAttention(nnx.Module):
         if rate > 0.0 and rng is None:
             raise ValueError("attention dropout is on (dropout > 0, not deterministic): pass rng=, "
                              "or call model.eval() for deterministic evaluation.")
-        out = _maths.attention(
-            q, k, v, self.parametrization, mask=mask, is_causal=is_causal, mult=self.mult,
+        out = self.parametrization.attention(
+            q, k, v, mask=mask, is_causal=is_causal, mult=self.mult,
             dropout_rate=rate, rng=keys[3], scale_seq_len=scale_seq_len, scale_is_causal=scale_causal)
         out = hooks.attention_output(self.precision, out, layer=self.layer, rng=keys[4])
         out = tap(f"{self.role}.out", constrain(out, _QKV_NAMES))

@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
-PARAMETRIZATIONS = ("umup", "sp", "mup")
+from unitscale_jax.nn.parametrization import PARAMETRIZATIONS, Parametrization, get_parametrization
+
 MLP_KINDS = ("swiglu", "gelu")
 NORM_KINDS = ("rms", "layer")
 
@@ -60,9 +61,10 @@ class TransformerConfig:
         positions share a component that the attention scale amplifies
         (``experiments/results/init_scales.md``).
       loss_mult: u-muP's ``alpha_loss-softmax`` (cross-entropy multiplier).
-      parametrization: ``"umup"``, ``"sp"`` (standard: GPT-style init, 1/sqrt(d_head)
-        attention, plain maths) or ``"mup"`` (muP: N(0, 1/fan_in) hidden init, 1/d_head
-        attention, readout multiplied by 1/fan_in, plain maths otherwise).
+      parametrization: a ``Parametrization`` object, or its name: ``"umup"``, ``"sp"``
+        (standard: GPT-style init, 1/sqrt(d_head) attention, plain maths) or ``"mup"`` (muP:
+        N(0, 1/fan_in) hidden init, 1/d_head attention, readout multiplied by 1/fan_in,
+        plain maths otherwise); stored as the object.
       sp_init_std: std of SP's weights and embeddings (GPT-2: 0.02; residual output
         projections get ``sp_init_std / sqrt(2 n_layers)``); None means ``fan_in^-1/2``.
       check_ids: check at run time that token ids lie in ``[0, vocab_size)``.
@@ -99,7 +101,7 @@ class TransformerConfig:
     residual_mult: float = 1.0
     residual_attn_ratio: float = 1.0
     loss_mult: float = 1.0
-    parametrization: str = "umup"
+    parametrization: Any = "umup"
     sp_init_std: Optional[float] = 0.02
     check_ids: bool = False
     dtype: Any = "float32"
@@ -137,8 +139,11 @@ class TransformerConfig:
             fail(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}.")
         if self.norm not in NORM_KINDS:
             fail(f"norm must be one of {NORM_KINDS}, got {self.norm!r}.")
-        if self.parametrization not in PARAMETRIZATIONS:
-            fail(f"parametrization must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}.")
+        if not isinstance(self.parametrization, Parametrization) and (
+                self.parametrization not in PARAMETRIZATIONS):
+            fail(f"parametrization must be one of {tuple(PARAMETRIZATIONS)} (or a "
+                 f"Parametrization), got {self.parametrization!r}.")
+        object.__setattr__(self, "parametrization", get_parametrization(self.parametrization))
         if not 0.0 <= float(self.dropout) < 1.0:
             fail(f"dropout must be in [0, 1), got {self.dropout}.")
         for name in ("attn_mult", "act_mult", "residual_mult", "residual_attn_ratio",

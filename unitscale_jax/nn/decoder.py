@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unitscale_jax.nn import _common, _maths
+from unitscale_jax.nn import _common
 from unitscale_jax.nn.config import TransformerConfig, resolve_config
-from unitscale_jax.nn.hooks import tap
 from unitscale_jax.nn.layers import Embedding, LinearReadout, make_norm
 from unitscale_jax.nn.sharding import constrain
 from unitscale_jax.nn.transformer import TransformerStack
+from unitscale_jax.taps import tap
 
 STREAM = ("batch", "sequence", "embed")
 LOGITS = ("batch", "sequence", "vocab")
@@ -107,14 +107,14 @@ class TransformerDecoder(nnx.Module):
             targets = _common.check_targets(targets, ids.shape, "TransformerDecoder.loss")
             if mask is not None and jnp.ndim(mask) == 2:
                 where = mask if where is None else jnp.logical_and(where, mask)
-            return _maths.cross_entropy(logits, targets, c.parametrization, mult=c.loss_mult, where=where)
+            return c.parametrization.cross_entropy(logits, targets, mult=c.loss_mult, where=where)
         if ids.shape[1] < 2:
             raise ValueError("TransformerDecoder.loss needs sequences of length >= 2.")
         scored = None if where is None else where[:, 1:]
         if mask is not None and jnp.ndim(mask) == 2:
             real = jnp.logical_and(mask[:, 1:], mask[:, :-1])
             scored = real if scored is None else jnp.logical_and(scored, real)
-        return _maths.cross_entropy(logits[:, :-1], ids[:, 1:], c.parametrization, mult=c.loss_mult,
+        return c.parametrization.cross_entropy(logits[:, :-1], ids[:, 1:], mult=c.loss_mult,
                                         where=scored)
 
     def init_cache(self, batch: int, length: int) -> dict:

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unitscale_jax.nn import _common, _maths
+from unitscale_jax.nn import _common
 from unitscale_jax.nn.config import TransformerConfig, resolve_config
-from unitscale_jax.nn.hooks import tap
 from unitscale_jax.nn.layers import Embedding, LinearReadout, make_norm
 from unitscale_jax.nn.sharding import constrain
 from unitscale_jax.nn.transformer import TransformerStack
+from unitscale_jax.taps import tap
 
 STREAM = ("batch", "sequence", "embed")
 POOLINGS = ("cls", "mean")
@@ -109,7 +109,7 @@ class TransformerEncoder(nnx.Module):
         logits = self(ids, mask=mask, rng=rng)
         labels = _check_labels(labels, ids.shape, "mlm_loss")
         where = _common.check_where(where, ids.shape, "TransformerEncoder.mlm_loss")
-        return _maths.cross_entropy(logits, labels, c.parametrization, mult=c.loss_mult,
+        return c.parametrization.cross_entropy(logits, labels, mult=c.loss_mult,
                                     where=where, check_ids=c.check_ids)
 
     def pool(self, hidden: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -135,7 +135,7 @@ class TransformerEncoder(nnx.Module):
         c = self.config
         logits = self.classify(ids, mask=mask, rng=rng)
         labels = _check_labels(labels, ids.shape[:1], "classification_loss")
-        return _maths.cross_entropy(logits, labels, c.parametrization, mult=c.loss_mult,
+        return c.parametrization.cross_entropy(logits, labels, mult=c.loss_mult,
                                     check_ids=c.check_ids)
 
     def tag(self, ids: jax.Array, *, mask: Optional[jax.Array] = None,
@@ -159,7 +159,7 @@ class TransformerEncoder(nnx.Module):
         where = _common.check_where(where, ids.shape, "TransformerEncoder.token_classification_loss")
         if where is None and mask is not None and jnp.ndim(mask) == 2:
             where = mask
-        return _maths.cross_entropy(logits, labels, c.parametrization, mult=c.loss_mult,
+        return c.parametrization.cross_entropy(logits, labels, mult=c.loss_mult,
                                     where=where, check_ids=c.check_ids)
 
 

@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unitscale_jax.nn import _common, _maths
+from unitscale_jax.nn import _common
 from unitscale_jax.nn.config import TransformerConfig, resolve_config
 from unitscale_jax.nn.decoder import LOGITS, STREAM, empty_cache
-from unitscale_jax.nn.hooks import tap
 from unitscale_jax.nn.layers import Embedding, LinearReadout, make_norm
 from unitscale_jax.nn.sharding import constrain
 from unitscale_jax.nn.transformer import TransformerStack
+from unitscale_jax.taps import tap
 
 _NAME = "TransformerEncoderDecoder"
 
@@ -117,7 +117,7 @@ class TransformerEncoderDecoder(nnx.Module):
             logits = self(src, tgt, src_mask=src_mask, tgt_mask=tgt_mask, rng=rng)
             if tgt_mask is not None and jnp.ndim(tgt_mask) == 2:
                 where = tgt_mask if where is None else jnp.logical_and(where, tgt_mask)
-            return _maths.cross_entropy(logits, targets, c.parametrization, mult=c.loss_mult, where=where,
+            return c.parametrization.cross_entropy(logits, targets, mult=c.loss_mult, where=where,
                                             check_ids=c.check_ids)
         if tgt.ndim != 2 or tgt.shape[1] < 2:
             raise ValueError(f"{_NAME}.loss: tgt must be [batch, tgt_len >= 2] (start token + targets), got {tgt.shape}.")
@@ -133,7 +133,7 @@ class TransformerEncoderDecoder(nnx.Module):
         if tgt_mask is not None:
             real = jnp.logical_and(tgt_mask[:, 1:], tgt_mask[:, :-1])
             scored = real if scored is None else jnp.logical_and(scored, real)
-        return _maths.cross_entropy(logits, tgt[:, 1:], c.parametrization, mult=c.loss_mult, where=scored,
+        return c.parametrization.cross_entropy(logits, tgt[:, 1:], mult=c.loss_mult, where=scored,
                                         check_ids=c.check_ids)
 
     def init_cache(self, context: jax.Array, length: int) -> dict:

@@ -1,7 +1,9 @@
 """Basic Flax NNX layers: ``Linear``, ``LinearReadout``, ``Embedding``, ``LayerNorm``, ``RMSNorm``.
 
 Every parameter is created with ``umup_param(value, type, fan_in, depth)`` and logical
-sharding names. Initialisation by parametrization (``initial_std``):
+sharding names. Each layer holds a ``Parametrization`` (``parametrization=`` takes the
+object or its name) and asks it for its maths and initialisation
+(``Parametrization.init_std``):
 
   ============  ===============  ====================  ===================
   type          ``"umup"``       ``"sp"``              ``"mup"``
@@ -18,26 +20,18 @@ sharding names. Initialisation by parametrization (``initial_std``):
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unitscale_jax.nn import _maths, hooks
-from unitscale_jax.nn.params import umup_param
+from unitscale_jax.nn import hooks
+from unitscale_jax.nn.parametrization import Parametrization, get_parametrization
 from unitscale_jax.nn.sharding import param_metadata
+from unitscale_jax.params import umup_param
 
-
-def initial_std(parametrization: str, type: str, fan_in: int, sp_std: Optional[float]) -> float:
-    """Standard deviation of a weight / embedding / output parameter at initialisation."""
-    if parametrization == "umup":
-        return 1.0
-    if parametrization == "sp":
-        return float(sp_std) if sp_std is not None else fan_in ** -0.5
-    if parametrization == "mup":
-        return fan_in ** -0.5 if type == "weight" else 1.0
-    raise ValueError(f"unknown parametrization {parametrization!r}; use 'umup', 'sp' or 'mup'.")
+ParametrizationLike = Union[str, Parametrization]
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
@@ -61,7 +55,7 @@ class Linear(nnx.Module):
       bias: add a bias (initialised to 0).
       constraint: the u-muP scale constraint (``"to_output_scale"`` or None, see ops).
       depth: depth of the residual stack this layer belongs to (None outside one).
-      parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
+      parametrization: a ``Parametrization`` or ``"umup"``, ``"sp"``, ``"mup"``.
       init_std: SP's weight std (None: ``fan_in^-1/2``).
       sharding: logical axis names of the kernel ``(in, out)``.
       precision: low-precision policy (see ``unitscale_jax.nn.hooks``), or None.
@@ -73,21 +67,21 @@ class Linear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
                  bias: bool = False, constraint: Optional[str] = "to_output_scale",
-                 depth: Optional[int] = None, parametrization: str = "umup",
+                 depth: Optional[int] = None, parametrization: ParametrizationLike = "umup",
                  init_std: Optional[float] = None,
                  sharding: Sequence[Optional[str]] = (None, None), precision: Any = None,
                  role: str = "linear", layer: Optional[int] = None, dtype: Any = None,
                  param_dtype: Any = jnp.float32, param_type: str = "weight"):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.constraint = constraint
-        self.parametrization = parametrization
+        self.parametrization = p = get_parametrization(parametrization)
         self.precision = precision
         self.role = role
         self.layer = layer
         self.readout = param_type == "output"
         self.dtype = dtype
         hooks.check_policy(precision)
-        std = initial_std(parametrization, param_type, self.in_features, init_std)
+        std = p.init_std(param_type, self.in_features, init_std)
         self.kernel = umup_param(
             _normal(rngs, (self.in_features, self.out_features), std, param_dtype),
             param_type, self.in_features, depth, **param_metadata(tuple(sharding)))
@@ -100,8 +94,8 @@ class Linear(nnx.Module):
         dtype = self.dtype or x.dtype
         kernel = _cast(self.kernel[...], dtype)
         bias = _cast(None if self.bias is None else self.bias[...], dtype)
-        return hooks.project(self.precision, _cast(x, self.dtype), kernel, bias, role=self.role,
-                             parametrization=self.parametrization, constraint=self.constraint,
+        return hooks.project(self.precision, self.parametrization, _cast(x, self.dtype), kernel,
+                             bias, role=self.role, constraint=self.constraint,
                              readout=self.readout, layer=self.layer, rng=rng)
 
 
@@ -115,7 +109,7 @@ class LinearReadout(Linear):
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
                  bias: bool = False, depth: Optional[int] = None,
-                 parametrization: str = "umup", init_std: Optional[float] = None,
+                 parametrization: ParametrizationLike = "umup", init_std: Optional[float] = None,
                  sharding: Sequence[Optional[str]] = ("embed", "vocab"), precision: Any = None,
                  role: str = "readout", dtype: Any = None, param_dtype: Any = jnp.float32):
         super().__init__(in_features, out_features, rngs=rngs, bias=bias, constraint=None,
@@ -134,7 +128,7 @@ class Embedding(nnx.Module):
       num_embeddings: vocabulary size.
       features: embedding width ``d``.
       rngs: ``nnx.Rngs``.
-      parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
+      parametrization: a ``Parametrization`` or ``"umup"``, ``"sp"``, ``"mup"``.
       init_std: SP's std (None: ``d^-1/2``).
       check_ids: raise if an id is outside ``[0, vocab)`` (eagerly or, under jit, when run).
       sharding: logical names of the table.
@@ -143,14 +137,14 @@ class Embedding(nnx.Module):
     """
 
     def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs,
-                 parametrization: str = "umup", init_std: Optional[float] = None,
+                 parametrization: ParametrizationLike = "umup", init_std: Optional[float] = None,
                  check_ids: bool = False, sharding: Sequence[Optional[str]] = ("vocab", "embed"),
                  dtype: Any = None, param_dtype: Any = jnp.float32):
         self.num_embeddings, self.features = int(num_embeddings), int(features)
-        self.parametrization = parametrization
+        self.parametrization = p = get_parametrization(parametrization)
         self.check_ids = check_ids
         self.dtype = dtype
-        std = initial_std(parametrization, "embedding", self.features, init_std)
+        std = p.init_std("embedding", self.features, init_std)
         self.embedding = umup_param(
             _normal(rngs, (self.num_embeddings, self.features), std, param_dtype),
             "embedding", self.features, None, **param_metadata(tuple(sharding)))
@@ -159,15 +153,15 @@ class Embedding(nnx.Module):
         if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
             raise TypeError(f"Embedding: ids must be integer token ids, got dtype {jnp.result_type(ids)}.")
         table = _cast(self.embedding[...], self.dtype)
-        return _maths.embedding(ids, table, self.parametrization, self.check_ids)
+        return self.parametrization.embedding(ids, table, check_ids=self.check_ids)
 
 
 class _Norm(nnx.Module):
     def __init__(self, features: int, *, use_scale: bool, use_bias: bool, eps: float,
-                 depth: Optional[int], parametrization: str, param_dtype: Any):
+                 depth: Optional[int], parametrization: ParametrizationLike, param_dtype: Any):
         self.features = int(features)
         self.eps = float(eps)
-        self.parametrization = parametrization
+        self.parametrization = get_parametrization(parametrization)
         meta = param_metadata(("embed",))
         self.scale = (umup_param(jnp.ones((self.features,), param_dtype), "norm", self.features,
                                  depth, **meta) if use_scale else None)
@@ -189,12 +183,12 @@ class RMSNorm(_Norm):
       use_scale: learnable gain (type ``"norm"``, initialised to 1).
       eps: added to the mean square.
       depth: residual-stack depth of the gain.
-      parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
+      parametrization: a ``Parametrization`` or ``"umup"``, ``"sp"``, ``"mup"``.
       param_dtype: storage dtype.
     """
 
     def __init__(self, features: int, *, use_scale: bool = False, eps: float = 1e-5,
-                 depth: Optional[int] = None, parametrization: str = "umup",
+                 depth: Optional[int] = None, parametrization: ParametrizationLike = "umup",
                  param_dtype: Any = jnp.float32, rngs: Optional[nnx.Rngs] = None):
         del rngs
         super().__init__(features, use_scale=use_scale, use_bias=False, eps=eps, depth=depth,
@@ -202,7 +196,7 @@ class RMSNorm(_Norm):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         scale, _ = self._params()
-        return _maths.rms_norm(x, scale, self.parametrization, self.eps)
+        return self.parametrization.rms_norm(x, scale, eps=self.eps)
 
 
 class LayerNorm(_Norm):
@@ -216,12 +210,12 @@ class LayerNorm(_Norm):
       use_bias: learnable bias (type ``"bias"``, initialised to 0).
       eps: added to the variance.
       depth: residual-stack depth of the parameters.
-      parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
+      parametrization: a ``Parametrization`` or ``"umup"``, ``"sp"``, ``"mup"``.
       param_dtype: storage dtype.
     """
 
     def __init__(self, features: int, *, use_scale: bool = False, use_bias: bool = False,
-                 eps: float = 1e-5, depth: Optional[int] = None, parametrization: str = "umup",
+                 eps: float = 1e-5, depth: Optional[int] = None, parametrization: ParametrizationLike = "umup",
                  param_dtype: Any = jnp.float32, rngs: Optional[nnx.Rngs] = None):
         del rngs
         super().__init__(features, use_scale=use_scale, use_bias=use_bias, eps=eps,
@@ -229,7 +223,7 @@ class LayerNorm(_Norm):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         scale, bias = self._params()
-        return _maths.layer_norm(x, scale, bias, self.parametrization, self.eps)
+        return self.parametrization.layer_norm(x, scale, bias, eps=self.eps)
 
 
 def make_norm(config, *, depth: Optional[int]) -> _Norm:
@@ -241,5 +235,4 @@ def make_norm(config, *, depth: Optional[int]) -> _Norm:
     return LayerNorm(config.d_model, use_bias=config.parametric_norm and config.bias, **kw)
 
 
-__all__ = ["Embedding", "LayerNorm", "Linear", "LinearReadout", "RMSNorm", "initial_std",
-           "make_norm"]
+__all__ = ["Embedding", "LayerNorm", "Linear", "LinearReadout", "RMSNorm", "make_norm"]

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unitscale_jax.nn import _maths
-from unitscale_jax.nn.hooks import tap
-from unitscale_jax.nn.layers import Linear
+from unitscale_jax.nn.layers import Linear, ParametrizationLike
+from unitscale_jax.nn.parametrization import get_parametrization
 from unitscale_jax.nn.sharding import constrain
+from unitscale_jax.taps import tap
 
 MLP_KINDS = ("swiglu", "gelu")
 
@@ -43,14 +43,14 @@ class MLP(nnx.Module):
 
     def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, kind: str = "swiglu",
                  act_mult: float = 1.0, bias: bool = False, depth: Optional[int] = None,
-                 parametrization: str = "umup", init_std: Optional[float] = None,
+                 parametrization: ParametrizationLike = "umup", init_std: Optional[float] = None,
                  out_init_std: Optional[float] = None, precision: Any = None,
                  layer: Optional[int] = None, dtype: Any = None, param_dtype: Any = jnp.float32):
         if kind not in MLP_KINDS:
             raise ValueError(f"MLP kind must be one of {MLP_KINDS}, got {kind!r}.")
         self.kind = kind
         self.act_mult = float(act_mult)
-        self.parametrization = parametrization
+        self.parametrization = get_parametrization(parametrization)
         common = dict(rngs=rngs, bias=bias, constraint=None, depth=depth,
                       parametrization=parametrization, precision=precision, layer=layer,
                       dtype=dtype, param_dtype=param_dtype)
@@ -67,9 +67,9 @@ class MLP(nnx.Module):
         up = tap("mlp.up", self.up_proj(x, rng=k[0]))
         if self.gate_proj is not None:
             gate = tap("mlp.gate", self.gate_proj(x, rng=k[1]))
-            h = _maths.silu_glu(up, gate, self.parametrization, self.act_mult)
+            h = self.parametrization.silu_glu(up, gate, mult=self.act_mult)
         else:
-            h = _maths.gelu(up, self.parametrization, self.act_mult)
+            h = self.parametrization.gelu(up, mult=self.act_mult)
         if h.ndim == 3:
             h = constrain(h, ("batch", "sequence", "mlp"))
         h = tap("mlp.act", h)

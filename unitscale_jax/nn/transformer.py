@@ -6,12 +6,14 @@ with ``tau`` from ``ops.transformer_residual_scaling_rule``: in a stack of ``n``
 attention branch of layer ``l`` has index ``2 l`` and the MLP branch ``2 l + 1`` of ``2 n``.
 Layers with cross attention have three branches (self, cross, MLP); their taus use the
 same rule generalised to any sequence of branches (``branch_taus``): the cross-attention
-branch counts as an attention branch. SP / muP use the plain ``x + f(norm(x))``.
+branch counts as an attention branch. The residual itself is the parametrization's
+(``Parametrization.residual``: ``ops.residual_apply`` for u-muP, the plain
+``x + f(norm(x))`` for SP / muP).
 
 ``scan_layers=True`` builds the layers with ``nnx.vmap`` (parameters stacked on a leading
 ``layers`` axis; each keeps its one-layer fan-in and the stack's depth as metadata) and runs
 them with ``jax.lax.scan``, so compile time does not grow with depth. The per-layer taus are
-then carried as a constant array through the scan (see ``_residual``).
+then carried as a constant array through the scan (``ops.residual_apply`` takes them so).
 """
 
 from __future__ import annotations
@@ -24,13 +26,12 @@ import numpy as np
 from flax import nnx
 
 from unitscale_jax import ops
-from unitscale_jax.nn import _maths, _residual
 from unitscale_jax.nn.attention import MultiHeadAttention
 from unitscale_jax.nn.config import TransformerConfig
-from unitscale_jax.nn.hooks import suspend_taps, tap
 from unitscale_jax.nn.layers import make_norm
 from unitscale_jax.nn.mlp import MLP
 from unitscale_jax.nn.sharding import constrain
+from unitscale_jax.taps import suspend_taps, tap
 
 _STREAM = ("batch", "sequence", "embed")
 
@@ -118,22 +119,17 @@ class TransformerLayer(nnx.Module):
         return 3 if self.cross_attn is not None else 2
 
     def _branch(self, x, tau, norm, fn, rng, name):
-        if self.parametrization == "umup":
-            r, skip = _residual.residual_split(x, tau)
-        else:
-            r = skip = x
-        h = tap(f"{name}.norm", norm(r))
-        y = fn(h)
         rate = 0.0 if self.deterministic else self.dropout
         if rate > 0.0 and rng is None:
             raise ValueError("residual dropout is on (dropout > 0, not deterministic): pass rng=, "
                              "or call model.eval() for deterministic evaluation.")
-        y = _maths.dropout(y, rate, rng, rate == 0.0, self.parametrization)
-        if self.parametrization == "umup":
-            out = _residual.residual_add(y, skip, tau)
-        else:
-            out = skip + y
-        return tap(f"{name}.resid", constrain(out, _STREAM))
+        p = self.parametrization
+
+        def branch(r):
+            y = fn(tap(f"{name}.norm", norm(r)))
+            return p.dropout(y, rate, rng=rng, deterministic=rate == 0.0)
+
+        return tap(f"{name}.resid", constrain(p.residual(branch, x, tau), _STREAM))
 
     def __call__(self, x: jax.Array, taus: Any, *, mask: Optional[jax.Array] = None,
                  context: Optional[jax.Array] = None, context_mask: Optional[jax.Array] = None,

@@ -4,8 +4,12 @@ Every op here computes ``scale_fwd(f(scale_bwd(x, beta)), alpha)`` with ``alpha`
 chosen from static shapes so that unit-variance inputs and incoming gradients give
 unit-variance outputs and outgoing gradients. Values and gradients match the authors'
 PyTorch library ``unit-scaling`` 0.3.5 (``unit_scaling.functional``).
+
+``unitscale_jax.ops.plain`` holds the ordinary maths each unit-scaled op wraps (the same
+cores with no scales), which the standard and muP parametrizations use.
 """
 
+from unitscale_jax.ops import plain
 from unitscale_jax.ops._scale import scale_bwd, scale_fwd
 from unitscale_jax.ops.activations import dropout, gelu, silu, silu_glu, softmax
 from unitscale_jax.ops.attention import attention_scale, scaled_dot_product_attention

@@ -66,3 +66,45 @@ def check_ids_in_range(ids: jax.Array, size: int, name: str, op: str, where=None
         )
     else:
         _raise_out_of_range(lo, hi, size, name, op)
+
+
+def check_linear_inputs(x, kernel, bias, op: str) -> None:
+    """``x[..., fan_in]``, ``kernel[fan_in, fan_out]`` (Flax layout), ``bias[fan_out]``."""
+    require_float(x, "x", op)
+    require_float(kernel, "kernel", op)
+    require_min_rank(x, 1, "x", op)
+    require_rank(kernel, 2, "kernel", op)
+    fan_in, fan_out = kernel.shape
+    if x.shape[-1] != fan_in:
+        raise ValueError(
+            f"{op}: kernel fan-in {fan_in} (kernel shape {kernel.shape}, layout [fan_in, "
+            f"fan_out]) does not match the last axis of x (shape {x.shape}). A PyTorch "
+            f"weight [out, in] must be transposed."
+        )
+    if bias is not None:
+        require_float(bias, "bias", op)
+        if bias.shape != (fan_out,):
+            raise ValueError(f"{op}: bias must have shape ({fan_out},), got {bias.shape}.")
+
+
+def check_ce_inputs(logits, labels, where, check_ids: bool, op: str):
+    """Validates cross-entropy inputs; returns ``where`` as a boolean array (or None)."""
+    require_float(logits, "logits", op)
+    require_min_rank(logits, 1, "logits", op)
+    require_int(labels, "labels", op)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"{op}: labels shape {labels.shape} must equal logits shape without the class "
+            f"axis, {logits.shape[:-1]}."
+        )
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.dtype != jnp.bool_ or where.shape != labels.shape:
+            raise ValueError(f"{op}: where must be boolean with labels' shape {labels.shape}, "
+                             f"got {where.dtype}{where.shape}.")
+    vocab = logits.shape[-1]
+    if vocab < 2:
+        raise ValueError(f"{op}: need at least 2 classes, got {vocab}.")
+    if check_ids:
+        check_ids_in_range(labels, vocab, "labels", op, where=where)
+    return where

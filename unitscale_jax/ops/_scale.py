@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 
 def _check_scale(scale: float, name: str) -> float:
@@ -91,3 +92,58 @@ def scale_bwd(x: jax.Array, scale: float) -> jax.Array:
     if scale == 1.0:
         return x
     return _scale_bwd(x, scale)
+
+
+# Scales carried by an array: a per-layer constant (u-muP's residual tau) that reaches the
+# body of a scanned layer stack as an element of a constant array instead of a Python float.
+# The values are still fixed by the configuration, never measured; the scale gets no gradient.
+@jax.custom_vjp
+def _scale_fwd_array(x, s):
+    return x * s.astype(x.dtype)
+
+
+def _scale_fwd_array_fwd(x, s):
+    return x * s.astype(x.dtype), s
+
+
+def _scale_fwd_array_bwd(s, g):
+    return g, jnp.zeros_like(s)
+
+
+_scale_fwd_array.defvjp(_scale_fwd_array_fwd, _scale_fwd_array_bwd)
+
+
+@jax.custom_vjp
+def _scale_bwd_array(x, s):
+    del s
+    return x
+
+
+def _scale_bwd_array_fwd(x, s):
+    return x, s
+
+
+def _scale_bwd_array_bwd(s, g):
+    return g * s.astype(g.dtype), jnp.zeros_like(s)
+
+
+_scale_bwd_array.defvjp(_scale_bwd_array_fwd, _scale_bwd_array_bwd)
+
+
+def is_static(scale) -> bool:
+    """Whether ``scale`` is a Python number (else a constant array, e.g. under ``lax.scan``)."""
+    return isinstance(scale, (int, float))
+
+
+def scale_fwd_any(x: jax.Array, scale) -> jax.Array:
+    """``scale_fwd`` for a Python float or a constant array scale (no gradient to it)."""
+    if is_static(scale):
+        return scale_fwd(x, scale)
+    return _scale_fwd_array(x, jnp.asarray(scale, jnp.float32))
+
+
+def scale_bwd_any(x: jax.Array, scale) -> jax.Array:
+    """``scale_bwd`` for a Python float or a constant array scale (no gradient to it)."""
+    if is_static(scale):
+        return scale_bwd(x, scale)
+    return _scale_bwd_array(x, jnp.asarray(scale, jnp.float32))

@@ -7,12 +7,14 @@ multiplier deciding where between them it sits; they match ``unit_scaling.functi
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from unitscale_jax.ops import plain
 from unitscale_jax.ops._checks import require_float, require_range_rate
 from unitscale_jax.ops._scale import scale_bwd, scale_fwd
 from unitscale_jax.ops.constraints import Constraint, apply_constraint, logarithmic_interpolation
@@ -23,6 +25,31 @@ def _check_mult(mult: float, op: str) -> float:
     if not mult > 0 or not math.isfinite(mult):
         raise ValueError(f"{op}: mult must be a finite float > 0, got {mult}.")
     return mult
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 2))
+def _tied(f, x, s: float):
+    y = f(x)
+    return y * jnp.asarray(s, y.dtype)
+
+
+@_tied.defjvp
+def _tied_jvp(f, s, primals, tangents):
+    # the tangent is scaled on the way in, so the transposed (backward) pass scales the
+    # input gradient last, as scale_bwd does: the same rounding as the composition
+    (x,), (t,) = primals, tangents
+    y, dy = jax.jvp(f, (x,), (t * jnp.asarray(s, t.dtype),))
+    return y * jnp.asarray(s, y.dtype), dy
+
+
+def _scaled(f, x, output_scale: float, grad_scale: float):
+    """``scale_fwd(f(scale_bwd(x, grad_scale)), output_scale)``. With equal (constrained)
+    scales ``s`` that is exactly ``s * f(x)`` with its ordinary gradient, computed so (one
+    ``custom_jvp``, no custom-VJP scale ops around the nonlinearity). ``f`` must not close
+    over traced values (the ``custom_jvp`` keeps it static)."""
+    if output_scale == grad_scale:
+        return f(x) if output_scale == 1.0 else _tied(f, x, output_scale)
+    return scale_fwd(f(scale_bwd(x, grad_scale)), output_scale)
 
 
 def gelu_scales(mult: float) -> tuple[float, float]:
@@ -60,11 +87,8 @@ def gelu(
     require_float(x, "x", "gelu")
     mult = _check_mult(mult, "gelu")
     output_scale, grad_scale = apply_constraint(constraint, *gelu_scales(mult))
-    x = scale_bwd(x, grad_scale)
-    y = jax.nn.gelu(x, approximate=approximate) if mult == 1.0 else (
-        jax.nn.gelu(x * mult, approximate=approximate) / mult
-    )
-    return scale_fwd(y, output_scale)
+    return _scaled(lambda t: plain.gelu(t, mult=mult, approximate=approximate), x,
+                   output_scale, grad_scale)
 
 
 def silu(x: jax.Array, *, mult: float = 1.0, constraint: Constraint = "to_output_scale") -> jax.Array:
@@ -86,8 +110,7 @@ def silu(x: jax.Array, *, mult: float = 1.0, constraint: Constraint = "to_output
     output_scale = logarithmic_interpolation(a, 2.0, (2.0 / (1.0 - 1.0 / math.pi)) ** 0.5)
     grad_scale = logarithmic_interpolation(1.0 / (1.0 + 1.0 / mult**2), 2.0, 2.0**0.5)
     output_scale, grad_scale = apply_constraint(constraint, output_scale, grad_scale)
-    x = scale_bwd(x, grad_scale)
-    return scale_fwd(x * jax.nn.sigmoid(x * mult), output_scale)
+    return _scaled(lambda t: plain.silu(t, mult=mult), x, output_scale, grad_scale)
 
 
 def silu_glu(x: jax.Array, gate: jax.Array, *, mult: float = 1.0) -> jax.Array:
@@ -110,9 +133,8 @@ def silu_glu(x: jax.Array, gate: jax.Array, *, mult: float = 1.0) -> jax.Array:
         raise ValueError(f"silu_glu: x and gate must have the same shape, got {x.shape} and {gate.shape}.")
     mult = _check_mult(mult, "silu_glu")
     s = logarithmic_interpolation(1.0 / (1.0 + 1.0 / mult**2), 2.0, 2.0**0.5)
-    x = scale_bwd(x, s)
-    gate = scale_bwd(gate, s)
-    return scale_fwd(x * gate * jax.nn.sigmoid(gate * mult), s)
+    # one scale on the output and both input gradients: s * x * silu(gate), ordinary gradient
+    return (x * jnp.asarray(s, x.dtype)) * plain.silu(gate, mult=mult)
 
 
 def softmax(
@@ -144,15 +166,9 @@ def softmax(
     output_scale = logarithmic_interpolation(a, n, n**0.5)
     grad_scale = logarithmic_interpolation(a, n / mult, (n / mult) ** 0.5)
     output_scale, grad_scale = apply_constraint(constraint, output_scale, grad_scale)
-    x = scale_bwd(x, grad_scale)
     # Normalise in float32 (as PyTorch does on CPU): a bf16 softmax backward loses ~1e-2.
-    y = jax.nn.softmax(x.astype(jnp.float32) * mult, axis=axis).astype(x.dtype)
-    return scale_fwd(y, output_scale)
-
-
-def _dropout(x, rate, rng):
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    return _scaled(lambda t: jax.nn.softmax(t.astype(jnp.float32) * mult, axis=axis).astype(t.dtype),
+                   x, output_scale, grad_scale)
 
 
 def dropout(
@@ -181,9 +197,6 @@ def dropout(
     require_float(x, "x", "dropout")
     rate = require_range_rate(rate, "dropout")
     scale = (1.0 - rate) ** 0.5
-    x = scale_bwd(x, scale)
-    if not deterministic and rate > 0.0:
-        if rng is None:
-            raise ValueError("dropout: rng is required when rate > 0 and deterministic=False.")
-        x = _dropout(x, rate, rng)
-    return scale_fwd(x, scale)
+    # alpha = beta: s * dropout(x) with the ordinary gradient (dropout is linear in x)
+    y = plain.dropout(x, rate, rng=rng, deterministic=deterministic)
+    return y if scale == 1.0 else y * jnp.asarray(scale, y.dtype)

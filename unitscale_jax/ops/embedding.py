@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from unitscale_jax.ops import _wide
-from unitscale_jax.ops._checks import check_ids_in_range, require_float, require_int, require_rank
+from unitscale_jax.ops import plain
 
 
 def embedding(ids: jax.Array, table: jax.Array, *, check_ids: bool = False) -> jax.Array:
@@ -24,11 +23,5 @@ def embedding(ids: jax.Array, table: jax.Array, *, check_ids: bool = False) -> j
     Returns:
       ``[*ids.shape, d]`` in ``table``'s dtype.
     """
-    require_int(ids, "ids", "embedding")
-    require_float(table, "table", "embedding")
-    require_rank(table, 2, "table", "embedding")
-    vocab = table.shape[0]
-    if check_ids:
-        check_ids_in_range(ids, vocab, "token ids", "embedding")
     # = take(scale_bwd(table, beta), ids), the row sums accumulated and scaled in float32
-    return _wide.gather_rows(table, ids, (vocab / max(ids.size, 1)) ** 0.5)
+    return plain._gather(ids, table, check_ids, "unit")

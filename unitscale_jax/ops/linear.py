@@ -13,36 +13,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unitscale_jax.ops import _wide
-from unitscale_jax.ops._checks import require_float, require_min_rank, require_rank
+from unitscale_jax.ops import _wide, plain
+from unitscale_jax.ops._checks import check_linear_inputs, require_float, require_min_rank
+from unitscale_jax.ops.plain import DotGeneral
 from unitscale_jax.ops._scale import scale_bwd, scale_fwd
 from unitscale_jax.ops.constraints import Constraint, apply_constraint
 
 
-def _linear(x, kernel, bias, constraint, output_power: float, op: str):
-    require_float(x, "x", op)
-    require_float(kernel, "kernel", op)
-    require_min_rank(x, 1, "x", op)
-    require_rank(kernel, 2, "kernel", op)
+def _linear(x, kernel, bias, constraint, output_power: float, op: str, dot_general):
+    check_linear_inputs(x, kernel, bias, op)
     fan_in, fan_out = kernel.shape
-    if x.shape[-1] != fan_in:
-        raise ValueError(
-            f"{op}: kernel fan-in {fan_in} (kernel shape {kernel.shape}, layout [fan_in, "
-            f"fan_out]) does not match the last axis of x (shape {x.shape}). A PyTorch "
-            f"weight [out, in] must be transposed."
-        )
-    if bias is not None:
-        require_float(bias, "bias", op)
-        if bias.shape != (fan_out,):
-            raise ValueError(f"{op}: bias must have shape ({fan_out},), got {bias.shape}.")
     batch = max(x.size // fan_in, 1)
     output_scale = fan_in ** -output_power
     grad_x_scale = fan_out ** -0.5
     grad_w_scale = batch ** -0.5
     output_scale, grad_x_scale = apply_constraint(constraint, output_scale, grad_x_scale)
-    # = matmul(scale_bwd(x, beta_x), scale_bwd(kernel, beta_w)) + scale_bwd(bias, beta_w), with
-    # the kernel and bias gradients (sums over all B rows) accumulated and scaled in float32
-    y = _wide.affine(x, kernel, bias, grad_x_scale, grad_w_scale)
+    if dot_general is None:
+        # one custom_vjp scaling only weight-sized tensors, token sums in float32
+        return _wide.scaled_affine(x, kernel, bias, output_scale, grad_x_scale, grad_w_scale)
+    # a plugged-in matmul (e.g. a precision policy's FP8 dot) is differentiated through, so
+    # its own backward (rounded gradients, float8 operands) runs inside the same scales
+    y = dot_general(scale_bwd(x, grad_x_scale), scale_bwd(kernel, grad_w_scale),
+                    plain.linear_dims(x))
+    if bias is not None:
+        y = y + scale_bwd(bias, grad_w_scale).astype(y.dtype)
     return scale_fwd(y, output_scale)
 
 
@@ -52,6 +46,7 @@ def linear(
     bias: Optional[jax.Array] = None,
     *,
     constraint: Constraint = "to_output_scale",
+    dot_general: Optional[DotGeneral] = None,
 ) -> jax.Array:
     """Unit-scaled affine map ``y = alpha * (x @ kernel + bias)``.
 
@@ -61,16 +56,23 @@ def linear(
     added before ``alpha``, so it is scaled too. The constraint ties ``alpha`` and
     ``beta_x``; weight gradients are cut edges and keep their own scale.
 
+    Computed as one ``custom_vjp`` that applies every scale to a weight-sized tensor (the
+    kernel forward and in the input-gradient matmul, the kernel gradient), with the token
+    sums of the kernel and bias gradients accumulated in float32.
+
     Args:
       x: ``[..., fan_in]`` floating-point input.
       kernel: ``[fan_in, fan_out]`` weight, initialised N(0, 1).
       bias: optional ``[fan_out]`` bias.
       constraint: a name from ``unitscale_jax.ops.constraints`` or None.
+      dot_general: optional ``jax.lax.dot_general``-compatible matmul (a precision policy's
+        simulated or real FP8 matmul) run inside the same scales and differentiated through;
+        None: the fast form above.
 
     Returns:
       ``[..., fan_out]``, unit variance for unit-variance ``x`` and ``kernel``.
     """
-    return _linear(x, kernel, bias, constraint, 0.5, "linear")
+    return _linear(x, kernel, bias, constraint, 0.5, "linear", dot_general)
 
 
 def linear_readout(
@@ -79,6 +81,7 @@ def linear_readout(
     bias: Optional[jax.Array] = None,
     *,
     constraint: Constraint = None,
+    dot_general: Optional[DotGeneral] = None,
 ) -> jax.Array:
     """Unit-scaled final (readout) projection: ``alpha = 1 / fan_in``.
 
@@ -93,11 +96,12 @@ def linear_readout(
       kernel: ``[fan_in, fan_out]`` weight.
       bias: optional ``[fan_out]`` bias.
       constraint: a constraint name or None.
+      dot_general: optional matmul, as in ``linear``.
 
     Returns:
       ``[..., fan_out]`` logits.
     """
-    return _linear(x, kernel, bias, constraint, 1.0, "linear_readout")
+    return _linear(x, kernel, bias, constraint, 1.0, "linear_readout", dot_general)
 
 
 def matmul(a: jax.Array, b: jax.Array, *, constraint: Constraint = "to_output_scale") -> jax.Array:

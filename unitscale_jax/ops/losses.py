@@ -7,7 +7,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from unitscale_jax.ops._checks import check_ids_in_range, require_float, require_int, require_min_rank
+from unitscale_jax.ops import plain
+from unitscale_jax.ops._checks import check_ce_inputs, require_float
 from unitscale_jax.ops._scale import scale_bwd, scale_fwd
 from unitscale_jax.ops.activations import _check_mult
 
@@ -42,7 +43,9 @@ def cross_entropy(
     loss value is the ordinary mean of ``-log softmax(mult * logits)[label]``, but the
     gradient sent to the logits is ``(softmax(mult * x) - onehot) * V / sqrt(V - 1)`` per
     position: no ``1/B`` from the mean and no ``mult`` factor. With ``V`` classes, the
-    residual ``softmax - onehot`` has std ``sqrt(V - 1) / V`` at init.
+    residual ``softmax - onehot`` has std ``sqrt(V - 1) / V`` at init. Each position's loss is
+    ``logsumexp(x) - x[label]`` (``ops.plain.token_nll``): no log-probabilities are
+    materialised.
 
     Args:
       logits: ``[..., V]``.
@@ -56,33 +59,15 @@ def cross_entropy(
       A scalar float32 loss.
     """
     op = "cross_entropy"
-    require_float(logits, "logits", op)
-    require_min_rank(logits, 1, "logits", op)
-    require_int(labels, "labels", op)
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"{op}: labels shape {labels.shape} must equal logits shape without the class "
-            f"axis, {logits.shape[:-1]}."
-        )
-    if where is not None:
-        where = jnp.asarray(where)
-        if where.dtype != jnp.bool_ or where.shape != labels.shape:
-            raise ValueError(f"{op}: where must be boolean with labels' shape {labels.shape}, got {where.dtype}{where.shape}.")
+    where = check_ce_inputs(logits, labels, where, check_ids, op)
     mult = _check_mult(mult, op)
     vocab = logits.shape[-1]
-    if vocab < 2:
-        raise ValueError(f"{op}: need at least 2 classes, got {vocab}.")
-    if check_ids:
-        check_ids_in_range(labels, vocab, "labels", op, where=where)
-    x = scale_bwd(logits, vocab / (vocab - 1) ** 0.5)
-    x = scale_fwd(x, mult)
-    logp = jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    x = scale_fwd(scale_bwd(logits, vocab / (vocab - 1) ** 0.5), mult)
+    nll = plain.token_nll(x, labels)
     if where is None:
         return scale_fwd(jnp.sum(nll), 1.0 / max(nll.size, 1))
-    nll = jnp.where(where, nll, 0.0)
     count = jnp.maximum(jnp.sum(where), 1).astype(jnp.float32)
-    return _divide_fwd_only(jnp.sum(nll), count)
+    return _divide_fwd_only(jnp.sum(jnp.where(where, nll, 0.0)), count)
 
 
 def mse_loss(pred: jax.Array, target: jax.Array) -> jax.Array:

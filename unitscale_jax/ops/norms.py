@@ -10,17 +10,12 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
-from unitscale_jax.ops._checks import require_float, require_min_rank
-from unitscale_jax.ops import _wide
+from unitscale_jax.ops import plain
 
 
-def _check_param(p, d: int, name: str, op: str) -> None:
-    if p is not None:
-        require_float(p, name, op)
-        if p.shape != (d,):
-            raise ValueError(f"{op}: {name} must have shape ({d},) to match x's last axis, got {p.shape}.")
+def _param_grad_scale(x) -> float:
+    return (x.shape[-1] / max(x.size, 1)) ** 0.5 if x.ndim else 1.0
 
 
 def layer_norm(
@@ -44,21 +39,7 @@ def layer_norm(
     Returns:
       An array of ``x``'s shape and dtype.
     """
-    require_float(x, "x", "layer_norm")
-    require_min_rank(x, 1, "x", "layer_norm")
-    d = x.shape[-1]
-    _check_param(scale, d, "scale", "layer_norm")
-    _check_param(bias, d, "bias", "layer_norm")
-    param_grad_scale = (d / max(x.size, 1)) ** 0.5
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-    if scale is not None:
-        y = _wide.mul_param(y, scale, param_grad_scale)
-    if bias is not None:
-        y = _wide.add_param(y, bias, param_grad_scale)
-    return y
+    return plain._layer_norm(x, scale, bias, eps, _param_grad_scale(x))
 
 
 def rms_norm(x: jax.Array, scale: Optional[jax.Array] = None, *, eps: float = 1e-5) -> jax.Array:
@@ -76,12 +57,4 @@ def rms_norm(x: jax.Array, scale: Optional[jax.Array] = None, *, eps: float = 1e
     Returns:
       An array of ``x``'s shape and dtype.
     """
-    require_float(x, "x", "rms_norm")
-    require_min_rank(x, 1, "x", "rms_norm")
-    d = x.shape[-1]
-    _check_param(scale, d, "scale", "rms_norm")
-    ms = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
-    y = x / jnp.sqrt(ms + eps).astype(x.dtype)
-    if scale is not None:
-        y = _wide.mul_param(y, scale, (d / max(x.size, 1)) ** 0.5)
-    return y
+    return plain._rms_norm(x, scale, eps, _param_grad_scale(x))

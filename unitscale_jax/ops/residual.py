@@ -5,18 +5,32 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
-from unitscale_jax.ops._scale import scale_bwd, scale_fwd
-
-
-def _check_tau(tau: float) -> float:
-    tau = float(tau)
-    if not tau >= 0:
-        raise ValueError(f"residual tau must be >= 0, got {tau}.")
-    return tau
+from unitscale_jax.ops._scale import is_static, scale_bwd_any, scale_fwd_any
 
 
-def residual_split(x: jax.Array, tau: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def _weights(tau):
+    """``(tau / sqrt(1 + tau^2), 1 / sqrt(1 + tau^2))``: the branch and skip weights.
+
+    ``tau`` is a Python float or, in a scanned layer stack, a constant array element (the
+    per-layer value of u-muP's rule): the weights are then arrays, still fixed by the
+    configuration and never given a gradient.
+    """
+    if is_static(tau):
+        tau = float(tau)
+        if not tau >= 0:
+            raise ValueError(f"residual tau must be >= 0, got {tau}.")
+        denom = (1.0 + tau**2) ** 0.5
+        return tau / denom, 1.0 / denom
+    tau = jnp.asarray(tau, jnp.float32)
+    if tau.ndim:
+        raise ValueError(f"residual tau must be a scalar, got shape {tau.shape}.")
+    denom = jnp.sqrt(1.0 + tau * tau)
+    return tau / denom, 1.0 / denom
+
+
+def residual_split(x: jax.Array, tau=1.0) -> tuple[jax.Array, jax.Array]:
     """Splits ``x`` into ``(residual, skip)`` before a residual branch.
 
     Scaling rule (Blake et al., 2023, section 5.3): both are ``x`` in the forward pass; in
@@ -26,17 +40,17 @@ def residual_split(x: jax.Array, tau: float = 1.0) -> tuple[jax.Array, jax.Array
 
     Args:
       x: the residual stream.
-      tau: weight of the residual branch relative to the skip.
+      tau: weight of the residual branch relative to the skip: a Python float, or a scalar
+        constant array (a scanned stack's per-layer value).
 
     Returns:
       ``(residual, skip)``.
     """
-    tau = _check_tau(tau)
-    denom = (1.0 + tau**2) ** 0.5
-    return scale_bwd(x, tau / denom), scale_bwd(x, 1.0 / denom)
+    a, b = _weights(tau)
+    return scale_bwd_any(x, a), scale_bwd_any(x, b)
 
 
-def residual_add(residual: jax.Array, skip: jax.Array, tau: float = 1.0) -> jax.Array:
+def residual_add(residual: jax.Array, skip: jax.Array, tau=1.0) -> jax.Array:
     """Adds a residual branch to its skip: ``r * tau / sqrt(1 + tau^2) + s / sqrt(1 + tau^2)``.
 
     Scaling rule: forward-only weights (gradients pass unscaled; ``residual_split`` applies
@@ -45,20 +59,33 @@ def residual_add(residual: jax.Array, skip: jax.Array, tau: float = 1.0) -> jax.
     Args:
       residual: the branch output.
       skip: the skip connection.
-      tau: weight of the residual branch relative to the skip.
+      tau: as in ``residual_split``.
 
     Returns:
       The weighted sum.
     """
-    tau = _check_tau(tau)
-    denom = (1.0 + tau**2) ** 0.5
-    return scale_fwd(residual, tau / denom) + scale_fwd(skip, 1.0 / denom)
+    a, b = _weights(tau)
+    return scale_fwd_any(residual, a) + scale_fwd_any(skip, b)
 
 
-def residual_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tau: float = 1.0) -> jax.Array:
-    """``residual_add(fn(residual), skip, tau)`` after ``residual_split(x, tau)``."""
-    residual, skip = residual_split(x, tau)
-    return residual_add(fn(residual), skip, tau)
+def residual_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tau=1.0) -> jax.Array:
+    """``residual_add(fn(residual), skip, tau)`` after ``residual_split(x, tau)``.
+
+    Computed with the skip's two scales (``b = 1/sqrt(1 + tau^2)`` backward at the split and
+    forward at the add) as one ``b * x`` with its ordinary gradient, which is what they are
+    together; only the branch keeps custom scales.
+
+    Args:
+      fn: the residual branch.
+      x: the residual stream.
+      tau: as in ``residual_split``.
+
+    Returns:
+      The new residual stream.
+    """
+    a, b = _weights(tau)
+    y = fn(scale_bwd_any(x, a))
+    return scale_fwd_any(y, a) + x * jnp.asarray(b, x.dtype)
 
 
 def transformer_residual_scaling_rule(

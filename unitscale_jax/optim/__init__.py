@@ -6,7 +6,14 @@
 * ``adam`` / ``adamw`` / ``sgd``: the full u-muP optimizers
   (``adamw(schedule, param_info=unitscale_jax.nn.param_info(model), weight_decay=0.1)``).
 * ``warmup_cosine``, ``exponential_decay``, ``reduce_on_plateau``: schedules.
+* ``checks``: chex-checked invariants of these transforms (unit RMS, loss-scale invariance,
+  u-muP's first step, finite updates).
+
+Parameter metadata comes from ``unitscale_jax.params``; this package never imports the
+models (``unitscale_jax.nn``).
 """
+
+from unitscale_jax.optim import checks
 
 from unitscale_jax.optim.optimizers import adam, adamw, sgd
 from unitscale_jax.optim.schedules import exponential_decay, reduce_on_plateau, warmup_cosine
@@ -27,7 +34,7 @@ from unitscale_jax.optim.weight_decay import (
 
 __all__ = [
     "DEFAULT_DECAY_TYPES", "OPTIMIZERS", "PEAK_SEARCH_STEPS", "READOUT_CONSTRAINTS",
-    "UnitScaleState", "adam", "adamw", "add_independent_weight_decay", "exponential_decay",
+    "UnitScaleState", "adam", "checks", "adamw", "add_independent_weight_decay", "exponential_decay",
     "reduce_on_plateau", "resolve_peak_learning_rate", "scale_by_umup", "sgd", "umup_factor",
     "umup_factors", "unit_scale", "warmup_cosine",
 ]

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import optax
 
-from unitscale_jax.nn.params import ParamInfo
+from unitscale_jax.params import ParamInfo
 from unitscale_jax.optim.umup import scale_by_umup
 from unitscale_jax.optim.weight_decay import (
     DEFAULT_DECAY_TYPES,

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import jax
 import optax
 
-from unitscale_jax.nn.params import ParamInfo
+from unitscale_jax.params import ParamInfo
 from unitscale_jax.optim._tree import InfoLookup, array_keys, map_arrays
 
 OPTIMIZERS = ("adam", "sgd")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from unitscale_jax.nn.params import PARAM_TYPES, ParamInfo
+from unitscale_jax.params import PARAM_TYPES, ParamInfo
 from unitscale_jax.optim._tree import InfoLookup, array_keys, map_arrays
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]

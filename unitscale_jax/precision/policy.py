@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 
 from unitscale_jax import ops
-from unitscale_jax.precision._linear import scaled_linear
 from unitscale_jax.precision.formats import BF16, E4M3, E5M2, FloatFormat, get_format
 from unitscale_jax.precision.fp8 import fp8_dot
 from unitscale_jax.precision.quantise import quantise_bwd, quantise_fwd
@@ -234,26 +233,48 @@ class PrecisionPolicy:
         w = self.cast_weight(w, role, layer=layer, rng=rw)
         return self.cast_output(jnp.matmul(x, w), role, layer=layer, rng=ry)
 
+    def dot_general(self, role: str = "linear", *, layer=None, rng=None):
+        """The matmul of ``role`` as a ``jax.lax.dot_general``-compatible function, for the
+        ``dot_general=`` argument of ``ops.linear`` / ``ops.plain.linear``; None where the
+        policy only sets the compute dtype (then the op's own fast matmul runs).
+
+        The function computes ``dot(x, w, role)`` (``x[..., K] @ w[K, N]``, the only layout
+        the linear ops use).
+        """
+        fwd, bwd = self.formats(role, layer)
+        if self.mode == "none" or (fwd is None and bwd is None):
+            return None
+
+        def dot_general(lhs, rhs, dimension_numbers, precision=None,
+                        preferred_element_type=None):
+            del precision, preferred_element_type
+            if tuple(map(tuple, dimension_numbers[0])) != ((lhs.ndim - 1,), (0,)) or any(
+                    dimension_numbers[1]):
+                raise ValueError(f"PrecisionPolicy.dot_general: only x[..., K] @ w[K, N] is "
+                                 f"supported, got dimension_numbers {dimension_numbers}.")
+            return self.dot(lhs, rhs, role, layer=layer, rng=rng)
+
+        return dot_general
+
     def linear(self, x, kernel, bias=None, *, role: str = "linear", layer=None,
                constraint=_UNSET, rng=None) -> jax.Array:
         """``ops.linear`` (``ops.linear_readout`` for role ``"readout"``) under the policy.
 
-        The op's scaling rule around ``dot`` (``scaled_linear``): forward values are the op on
-        the rounded input and weight; the output gradient is rounded to the backward format
-        before the two backward matmuls. The bias gradient uses the unrounded gradient, as
-        real FP8 kernels compute it (the reference's simulator rounds it too). ``constraint``
-        defaults to the op's own default (``"to_output_scale"``; None for the readout).
+        The op with the policy's matmul plugged in (``dot_general``): forward values are the
+        op on the rounded input and weight; the output gradient is rounded to the backward
+        format before the two backward matmuls. The bias gradient uses the unrounded
+        gradient, as real FP8 kernels compute it (the reference's simulator rounds it too).
+        ``constraint`` defaults to the op's own default (``"to_output_scale"``; None for the
+        readout).
         """
         _check_role(role, "PrecisionPolicy.linear")
         readout = role == "readout"
         if constraint is _UNSET:
             constraint = None if readout else "to_output_scale"
-        bias = self.cast_compute(bias)
-        if self.mode == "none":
-            op = ops.linear_readout if readout else ops.linear
-            return op(self.cast_compute(x), self.cast_compute(kernel), bias, constraint=constraint)
-        dot = lambda a, b: self.dot(a, b, role, layer=layer, rng=rng)  # noqa: E731
-        return scaled_linear(x, kernel, bias, dot=dot, constraint=constraint, readout=readout)
+        op = ops.linear_readout if readout else ops.linear
+        x, kernel, bias = (self.cast_compute(t) for t in (x, kernel, bias))
+        return op(x, kernel, bias, constraint=constraint,
+                  dot_general=self.dot_general(role, layer=layer, rng=rng))
 
     def attention_inputs(self, q, k, v, *, layer=None, rng=None):
         """``(q, k, v)`` rounded to the forward formats of roles ``"q"``, ``"k"``, ``"v"``."""

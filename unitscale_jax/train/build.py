@@ -18,7 +18,6 @@ import optax
 from flax import nnx
 
 from unitscale_jax import nn, optim
-from unitscale_jax.nn import _maths
 from unitscale_jax.train.config import Config
 from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train.precision import guard_optimizer, precision_setup
@@ -53,7 +52,7 @@ def _lm_loss(model, batch, rng):
     c = model.config
     logits = model(batch["inputs"], rng=rng)
     where = batch["where"]
-    loss = _maths.cross_entropy(logits, batch["targets"], c.parametrization, mult=c.loss_mult,
+    loss = c.parametrization.cross_entropy(logits, batch["targets"], mult=c.loss_mult,
                                 where=where)
     return loss, jnp.sum(where)
 
@@ -71,8 +70,8 @@ def _seq2seq_loss(model, batch, rng):
     logits = model(batch["encoder_ids"], batch["decoder_input_ids"],
                    src_mask=batch["encoder_mask"], rng=rng)
     where = batch["decoder_where"]
-    loss = _maths.cross_entropy(logits, batch["decoder_target_ids"], c.parametrization,
-                                mult=c.loss_mult, where=where)
+    loss = c.parametrization.cross_entropy(logits, batch["decoder_target_ids"],
+                                           mult=c.loss_mult, where=where)
     return loss, jnp.sum(where)
 
 
