@@ -75,14 +75,14 @@ def check_where(where, shape, model: str) -> Optional[jax.Array]:
     return where
 
 
-def check_targets(targets, shape, model: str) -> jax.Array:
-    """Validates integer ``targets`` of the given shape (next-token ids)."""
-    targets = jnp.asarray(targets)
-    if not jnp.issubdtype(targets.dtype, jnp.integer):
-        raise TypeError(f"{model}: targets must be integer token ids, got dtype {targets.dtype}.")
-    if targets.shape != tuple(shape):
-        raise ValueError(f"{model}: targets must have shape {tuple(shape)}, got {targets.shape}.")
-    return targets
+def check_labels(labels, shape, where: str, name: str = "labels") -> jax.Array:
+    """Validates integer ``labels`` (class ids, tags or next-token targets) of ``shape``."""
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"{where}: {name} must be integers, got {labels.dtype}.")
+    if labels.shape != tuple(shape):
+        raise ValueError(f"{where}: {name} must have shape {tuple(shape)}, got {labels.shape}.")
+    return labels
 
 
 def sample(logits_BxV: jax.Array, key: Optional[jax.Array], temperature: float,

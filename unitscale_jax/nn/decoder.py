@@ -11,7 +11,7 @@ from flax import nnx
 
 from unitscale_jax.nn import _common
 from unitscale_jax.nn.config import TransformerConfig, resolve_config
-from unitscale_jax.nn.layers import Embedding, LinearReadout, make_norm
+from unitscale_jax.nn.layers import make_embedding, make_norm, make_readout
 from unitscale_jax.nn.sharding import constrain
 from unitscale_jax.nn.transformer import TransformerStack
 from unitscale_jax.taps import tap
@@ -22,13 +22,19 @@ LOGITS = ("batch", "sequence", "vocab")
 
 def embed_and_readout(model: nnx.Module, c: TransformerConfig, rngs: nnx.Rngs, n_out: int) -> None:
     """Adds ``embed``, ``final_norm`` and ``readout`` (to ``n_out`` classes) to ``model``."""
-    model.embed = Embedding(c.vocab_size, c.d_model, rngs=rngs, parametrization=c.parametrization,
-                            init_std=c.sp_init_std, check_ids=c.check_ids, dtype=c.dtype,
-                            param_dtype=c.param_dtype)
+    model.embed = make_embedding(c, rngs)
     model.final_norm = make_norm(c, depth=None)
-    model.readout = LinearReadout(c.d_model, n_out, rngs=rngs, bias=c.bias,
-                                  parametrization=c.parametrization, init_std=c.sp_init_std,
-                                  precision=c.precision, dtype=c.dtype, param_dtype=c.param_dtype)
+    model.readout = make_readout(c, rngs, n_out)
+
+
+def stack_outputs(model: nnx.Module, ids: jax.Array, mask: Optional[jax.Array],
+                  rng: Optional[jax.Array], name: str) -> jax.Array:
+    """``final_norm(stack(embed(ids)))`` of a decoder or encoder (``name`` for errors)."""
+    ids = _common.check_ids(ids, "ids", model.config.max_seq_len, name)
+    m = _common.self_attention_mask(mask, *ids.shape, name)
+    x = tap("embed", constrain(model.embed(ids), STREAM))
+    x = model.stack(x, mask=m, rng=rng)
+    return tap("final_norm", model.final_norm(x))
 
 
 def empty_cache(c: TransformerConfig, n_layers: int, batch: int, length: int) -> dict:
@@ -59,12 +65,7 @@ class TransformerDecoder(nnx.Module):
     def hidden(self, ids: jax.Array, *, mask: Optional[jax.Array] = None,
                rng: Optional[jax.Array] = None) -> jax.Array:
         """Final-norm outputs ``[batch, seq, d_model]``."""
-        c = self.config
-        ids = _common.check_ids(ids, "ids", c.max_seq_len, "TransformerDecoder")
-        m = _common.self_attention_mask(mask, *ids.shape, "TransformerDecoder")
-        x = tap("embed", constrain(self.embed(ids), STREAM))
-        x = self.stack(x, mask=m, rng=rng)
-        return tap("final_norm", self.final_norm(x))
+        return stack_outputs(self, ids, mask, rng, "TransformerDecoder")
 
     def __call__(self, ids: jax.Array, *, mask: Optional[jax.Array] = None,
                  rng: Optional[jax.Array] = None) -> jax.Array:
@@ -104,7 +105,7 @@ class TransformerDecoder(nnx.Module):
         logits = self(ids, mask=mask, rng=rng)
         where = _common.check_where(where, ids.shape, "TransformerDecoder.loss")
         if targets is not None:
-            targets = _common.check_targets(targets, ids.shape, "TransformerDecoder.loss")
+            targets = _common.check_labels(targets, ids.shape, "TransformerDecoder.loss", "targets")
             if mask is not None and jnp.ndim(mask) == 2:
                 where = mask if where is None else jnp.logical_and(where, mask)
             return c.parametrization.cross_entropy(logits, targets, mult=c.loss_mult, where=where)

@@ -10,12 +10,11 @@ from flax import nnx
 
 from unitscale_jax.nn import _common
 from unitscale_jax.nn.config import TransformerConfig, resolve_config
-from unitscale_jax.nn.layers import Embedding, LinearReadout, make_norm
-from unitscale_jax.nn.sharding import constrain
+from unitscale_jax.nn.decoder import stack_outputs
+from unitscale_jax.nn.layers import make_embedding, make_norm, make_readout
 from unitscale_jax.nn.transformer import TransformerStack
 from unitscale_jax.taps import tap
 
-STREAM = ("batch", "sequence", "embed")
 POOLINGS = ("cls", "mean")
 
 
@@ -50,22 +49,15 @@ class TransformerEncoder(nnx.Module):
         self.config = c
         self.pooling = pooling
         self.deterministic = False
-        self.embed = Embedding(c.vocab_size, c.d_model, rngs=rngs, parametrization=c.parametrization,
-                               init_std=c.sp_init_std, check_ids=c.check_ids, dtype=c.dtype,
-                               param_dtype=c.param_dtype)
+        self.embed = make_embedding(c, rngs)
         self.stack = TransformerStack(c, n_layers=c.n_layers, rngs=rngs, causal=False)
         self.final_norm = make_norm(c, depth=None)
 
-        def head(n, role, sharding):
-            return LinearReadout(c.d_model, n, rngs=rngs, bias=c.bias, role=role,
-                                 sharding=sharding, parametrization=c.parametrization,
-                                 init_std=c.sp_init_std, precision=c.precision, dtype=c.dtype,
-                                 param_dtype=c.param_dtype)
-
-        self.readout = head(c.vocab_size, "readout", ("embed", "vocab")) if mlm_head else None
-        self.cls_head = head(n_classes, "cls_head", ("embed", None)) if n_classes else None
-        self.token_head = (head(n_token_classes, "token_head", ("embed", None))
-                           if n_token_classes else None)
+        self.readout = make_readout(c, rngs, c.vocab_size) if mlm_head else None
+        self.cls_head = (make_readout(c, rngs, n_classes, role="cls_head", sharding=("embed", None))
+                         if n_classes else None)
+        self.token_head = (make_readout(c, rngs, n_token_classes, role="token_head",
+                                        sharding=("embed", None)) if n_token_classes else None)
 
     def encode(self, ids: jax.Array, *, mask: Optional[jax.Array] = None,
                rng: Optional[jax.Array] = None) -> jax.Array:
@@ -76,12 +68,7 @@ class TransformerEncoder(nnx.Module):
           mask: padding mask ``[batch, seq]`` (True = real token) or an attention mask.
           rng: PRNG key for dropout.
         """
-        c = self.config
-        ids = _common.check_ids(ids, "ids", c.max_seq_len, "TransformerEncoder")
-        m = _common.self_attention_mask(mask, *ids.shape, "TransformerEncoder")
-        x = tap("embed", constrain(self.embed(ids), STREAM))
-        x = self.stack(x, mask=m, rng=rng)
-        return tap("final_norm", self.final_norm(x))
+        return stack_outputs(self, ids, mask, rng, "TransformerEncoder")
 
     def _need(self, head, name: str, arg: str):
         if head is None:
@@ -107,7 +94,7 @@ class TransformerEncoder(nnx.Module):
         """
         c = self.config
         logits = self(ids, mask=mask, rng=rng)
-        labels = _check_labels(labels, ids.shape, "mlm_loss")
+        labels = _common.check_labels(labels, ids.shape, "TransformerEncoder.mlm_loss")
         where = _common.check_where(where, ids.shape, "TransformerEncoder.mlm_loss")
         return c.parametrization.cross_entropy(logits, labels, mult=c.loss_mult,
                                     where=where, check_ids=c.check_ids)
@@ -134,7 +121,7 @@ class TransformerEncoder(nnx.Module):
         """Mean cross-entropy of the sequence labels ``[batch]`` (e.g. SST-2 sentiment)."""
         c = self.config
         logits = self.classify(ids, mask=mask, rng=rng)
-        labels = _check_labels(labels, ids.shape[:1], "classification_loss")
+        labels = _common.check_labels(labels, ids.shape[:1], "TransformerEncoder.classification_loss")
         return c.parametrization.cross_entropy(logits, labels, mult=c.loss_mult,
                                     check_ids=c.check_ids)
 
@@ -155,18 +142,9 @@ class TransformerEncoder(nnx.Module):
         """
         c = self.config
         logits = self.tag(ids, mask=mask, rng=rng)
-        labels = _check_labels(labels, ids.shape, "token_classification_loss")
+        labels = _common.check_labels(labels, ids.shape, "TransformerEncoder.token_classification_loss")
         where = _common.check_where(where, ids.shape, "TransformerEncoder.token_classification_loss")
         if where is None and mask is not None and jnp.ndim(mask) == 2:
             where = mask
         return c.parametrization.cross_entropy(logits, labels, mult=c.loss_mult,
                                     where=where, check_ids=c.check_ids)
-
-
-def _check_labels(labels, shape, what: str) -> jax.Array:
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"TransformerEncoder.{what}: labels must be integers, got {labels.dtype}.")
-    if labels.shape != tuple(shape):
-        raise ValueError(f"TransformerEncoder.{what}: labels must have shape {tuple(shape)}, got {labels.shape}.")
-    return labels

@@ -12,7 +12,7 @@ from flax import nnx
 from unitscale_jax.nn import _common
 from unitscale_jax.nn.config import TransformerConfig, resolve_config
 from unitscale_jax.nn.decoder import LOGITS, STREAM, empty_cache
-from unitscale_jax.nn.layers import Embedding, LinearReadout, make_norm
+from unitscale_jax.nn.layers import make_embedding, make_norm, make_readout
 from unitscale_jax.nn.sharding import constrain
 from unitscale_jax.nn.transformer import TransformerStack
 from unitscale_jax.taps import tap
@@ -42,18 +42,13 @@ class TransformerEncoderDecoder(nnx.Module):
         c = resolve_config(config, overrides)
         self.config = c
         self.deterministic = False
-        self.embed = Embedding(c.vocab_size, c.d_model, rngs=rngs, parametrization=c.parametrization,
-                               init_std=c.sp_init_std, check_ids=c.check_ids, dtype=c.dtype,
-                               param_dtype=c.param_dtype)
+        self.embed = make_embedding(c, rngs)
         self.encoder = TransformerStack(c, n_layers=c.n_layers, rngs=rngs, causal=False)
         self.encoder_norm = make_norm(c, depth=None)
         self.decoder = TransformerStack(c, n_layers=c.decoder_layers, rngs=rngs, causal=True,
                                         cross_attention=True)
         self.final_norm = make_norm(c, depth=None)
-        self.readout = LinearReadout(c.d_model, c.vocab_size, rngs=rngs, bias=c.bias,
-                                     parametrization=c.parametrization, init_std=c.sp_init_std,
-                                     precision=c.precision, dtype=c.dtype,
-                                     param_dtype=c.param_dtype)
+        self.readout = make_readout(c, rngs, c.vocab_size)
 
     def encode(self, src: jax.Array, *, src_mask: Optional[jax.Array] = None,
                rng: Optional[jax.Array] = None) -> jax.Array:
@@ -112,7 +107,7 @@ class TransformerEncoderDecoder(nnx.Module):
         tgt = jnp.asarray(tgt)
         where_shape = tgt.shape
         if targets is not None:
-            targets = _common.check_targets(targets, tgt.shape, f"{_NAME}.loss")
+            targets = _common.check_labels(targets, tgt.shape, f"{_NAME}.loss", "targets")
             where = _common.check_where(where, where_shape, f"{_NAME}.loss")
             logits = self(src, tgt, src_mask=src_mask, tgt_mask=tgt_mask, rng=rng)
             if tgt_mask is not None and jnp.ndim(tgt_mask) == 2:

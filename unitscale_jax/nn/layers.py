@@ -235,4 +235,22 @@ def make_norm(config, *, depth: Optional[int]) -> _Norm:
     return LayerNorm(config.d_model, use_bias=config.parametric_norm and config.bias, **kw)
 
 
-__all__ = ["Embedding", "LayerNorm", "Linear", "LinearReadout", "RMSNorm", "make_norm"]
+def make_embedding(config, rngs: nnx.Rngs) -> Embedding:
+    """The token embedding a ``TransformerConfig`` asks for."""
+    c = config
+    return Embedding(c.vocab_size, c.d_model, rngs=rngs, parametrization=c.parametrization,
+                     init_std=c.sp_init_std, check_ids=c.check_ids, dtype=c.dtype,
+                     param_dtype=c.param_dtype)
+
+
+def make_readout(config, rngs: nnx.Rngs, n_out: int, *, role: str = "readout",
+                 sharding: Sequence[Optional[str]] = ("embed", "vocab")) -> LinearReadout:
+    """A readout from ``d_model`` to ``n_out`` (vocabulary or classes) for a config."""
+    c = config
+    return LinearReadout(c.d_model, n_out, rngs=rngs, bias=c.bias, role=role, sharding=sharding,
+                         parametrization=c.parametrization, init_std=c.sp_init_std,
+                         precision=c.precision, dtype=c.dtype, param_dtype=c.param_dtype)
+
+
+__all__ = ["Embedding", "LayerNorm", "Linear", "LinearReadout", "RMSNorm", "make_embedding",
+           "make_norm", "make_readout"]
