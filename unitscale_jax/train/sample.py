@@ -71,7 +71,7 @@ def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
             if step not in ckpt.steps():
                 raise UsageError(f"--step {step}: no checkpoint at that step in {ckpt_dir} "
                                  f"(have {ckpt.steps()}).")
-            state, _ = ckpt._restore(step, target)
+            state, _ = ckpt.restore(step, target)
             found = (step, state, None)
         else:
             found = ckpt.restore_latest(target)
