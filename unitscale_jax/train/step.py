@@ -35,9 +35,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unitscale_jax import nn
-from unitscale_jax.train.build import Task, plateau_scale
+from unitscale_jax.train.build import plateau_scale
 from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train import precision
+from unitscale_jax.train.tasks import Task
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -144,30 +145,18 @@ def param_shardings(abstract_params: nnx.State, par: Parallel) -> dict:
                         specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
-def _key(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
+def state_shardings(tx: optax.GradientTransformation, abstract_state: dict, p_shardings: dict,
+                    par: Parallel) -> dict:
+    """Shardings of the whole train state: the optimizer-state trees that mirror the
+    parameters (Adam's moments, momentum; found by ``optax.tree.map_params``) take the
+    parameters' shardings; everything else is replicated."""
 
+    def masked(x):
+        return isinstance(x, optax.MaskedNode)
 
-def state_shardings(abstract_state: dict, p_shardings: dict, par: Parallel) -> dict:
-    """Shardings of the whole train state: optimizer-state leaves that mirror a parameter
-    (Adam's moments, momentum) take its sharding; everything else is replicated."""
-    by_path = {}
-    for path, a in jax.tree_util.tree_flatten_with_path(abstract_state["params"])[0]:
-        by_path[tuple(_key(k) for k in path)] = a.shape
-    shard_of = {tuple(_key(k) for k in path): s
-                for path, s in jax.tree_util.tree_flatten_with_path(p_shardings)[0]}
-
-    def opt_leaf(path, a):
-        keys = tuple(_key(k) for k in path)
-        for i in range(len(keys)):
-            if keys[i:] in by_path and by_path[keys[i:]] == getattr(a, "shape", None):
-                return shard_of[keys[i:]]
-        return par.replicated
-
-    opt = jax.tree_util.tree_map_with_path(opt_leaf, abstract_state["opt_state"])
+    opt = optax.tree.map_params(tx, lambda a, s: a if masked(a) else s,
+                                abstract_state["opt_state"], p_shardings,
+                                transform_non_params=lambda _: par.replicated, is_leaf=masked)
     return {"params": p_shardings, "opt_state": opt, "step": par.replicated,
             "rng": par.replicated}
 
@@ -209,13 +198,13 @@ def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef, task: Task) -> Callable:
-    """``eval_step(params, batch) -> (summed loss, scored tokens)`` in eval mode."""
+    """``eval_step(params, batch) -> {name: (sum, count)}`` (``task.eval_sums``) in eval
+    mode."""
 
     def eval_step(params, batch):
         model = nnx.merge(graphdef, params)
         model.eval()
-        loss, count = task.loss(model, batch, None)
-        return loss * count, count
+        return task.eval_sums(model, batch)
 
     return eval_step
 
