@@ -22,13 +22,16 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
+from unitscale_jax import nn
 from unitscale_jax.analysis import naming
-from unitscale_jax.nn.config import TransformerConfig
-from unitscale_jax.nn.hooks import capture_activations
+from unitscale_jax.nn import TransformerConfig
+from unitscale_jax.train.step import make_train_step
+from unitscale_jax.train.tasks import Task
 
 WIDTHS = (64, 128, 256, 512, 1024)
 QUICK_WIDTHS = (64, 128, 256, 512)
@@ -40,9 +43,8 @@ def default_optimizer(parametrization: str, learning_rate: float, model: nnx.Mod
                       ) -> optax.GradientTransformation:
     """u-muP: ``unitscale_jax.optim.adam(lr, param_info=model)``; SP: ``optax.adam(lr)``."""
     if parametrization == "umup":
-        from unitscale_jax.nn.params import param_info
         from unitscale_jax.optim import adam
-        return adam(learning_rate, param_info=param_info(model))
+        return adam(learning_rate, param_info=nn.param_info(model))
     if parametrization == "sp":
         return optax.adam(learning_rate)
     raise ValueError(f"coord_check: no default optimizer for parametrization {parametrization!r}; "
@@ -58,7 +60,6 @@ def default_model(parametrization: str, width: int, *, config: Optional[Transfor
     checks), so every parametrization starts flat and any growth with width comes from
     training (GPT-2's fixed std 0.02 would already grow as ``sqrt(width)`` at step 0).
     """
-    from unitscale_jax.nn.decoder import TransformerDecoder
     if config is None:
         config = TransformerConfig(vocab_size=256, d_model=width, n_layers=2, n_heads=1,
                                    max_seq_len=64, sp_init_std=None)
@@ -66,34 +67,33 @@ def default_model(parametrization: str, width: int, *, config: Optional[Transfor
         raise ValueError(f"coord_check: width {width} is not a multiple of d_head {d_head}.")
     c = config.replace(d_model=width, n_heads=width // d_head, d_head=None,
                        parametrization=parametrization, scan_layers=False)
-    return TransformerDecoder(c, rngs=nnx.Rngs(seed))
+    return nn.TransformerDecoder(c, rngs=nnx.Rngs(seed))
+
+
+class _FixedBatch(Task):
+    """The coordinate check's objective: ``model.loss(ids)`` of one fixed batch of ids."""
+
+    def loss(self, model, batch, rng):
+        ids = batch["ids"]
+        return model.loss(ids), jnp.asarray(ids[:, 1:].size)
 
 
 def _run(model: nnx.Module, tx: optax.GradientTransformation, ids: jax.Array, steps: int,
-         jit: bool) -> list[tuple[float, dict]]:
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def step(params, opt_state):
-        def loss_fn(p):
-            with capture_activations() as cap:
-                loss = nnx.merge(graphdef, p, rest).loss(ids)
-            return loss, cap.values
-
-        (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, acts
-
+         jit: bool, learning_rate: float) -> list[tuple[float, dict]]:
+    graphdef, params = nnx.split(model, nnx.Param)
+    step = make_train_step(graphdef, _FixedBatch(), tx, optax.constant_schedule(learning_rate),
+                           use_value=False, activations=True)
     # the activations leave the step whole and their RMS is taken on the host: fusing the
     # reductions into the step makes XLA's compilation several times slower
     step = jax.jit(step) if jit else step
-    opt_state = tx.init(params)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+             "rng": jax.random.key_data(jax.random.key(0))}
     out = []
     for _ in range(steps + 1):
-        new_params, new_state, loss, acts = step(params, opt_state)
+        state, m = step(state, {"ids": ids})
         rms = {k: float(np.sqrt(np.mean(np.square(np.asarray(v, np.float64)))))
-               for k, v in jax.device_get(acts).items()}
-        out.append((float(loss), rms))
-        params, opt_state = new_params, new_state
+               for k, v in jax.device_get(m["activations"]).items()}
+        out.append((float(m["loss"]), rms))
     return out
 
 
@@ -118,7 +118,7 @@ def coord_check(parametrizations: Sequence[str] = ("umup", "sp"),
       d_head: head width of the default model (heads = width / d_head).
       seed: model init and data seed (the same for every width).
       model_fn: ``(parametrization, width) -> model`` instead of the default decoder; the
-        model needs a ``loss(ids)`` method and unscanned taps.
+        model needs a ``loss(ids)`` method, no state but ``nnx.Param`` and unscanned taps.
       optimizer: ``(parametrization, lr, model) -> optax transform``; default
         ``default_optimizer``.
       jit: compile each training step.
@@ -144,7 +144,7 @@ def coord_check(parametrizations: Sequence[str] = ("umup", "sp"),
                      default_model(p, w, config=config, d_head=d_head, seed=seed))
             vocab = model.config.vocab_size
             ids = jax.random.randint(jax.random.key(seed + 1), (batch_size, seq_len), 0, vocab)
-            history = _run(model, optimizer(p, lrs[p], model), ids, int(steps), jit)
+            history = _run(model, optimizer(p, lrs[p], model), ids, int(steps), jit, lrs[p])
             keys = list(history[0][1])
             names = naming.op_names(keys)
             for t, (loss, rms) in enumerate(history):

@@ -165,22 +165,30 @@ def state_shardings(tx: optax.GradientTransformation, abstract_state: dict, p_sh
 
 def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
                     schedule: Callable, *, use_value: bool,
-                    loss_scale: Optional[float] = None) -> Callable:
+                    loss_scale: Optional[float] = None, activations: bool = False) -> Callable:
     """``train_step(state, batch) -> (state, metrics)`` (not jitted).
 
     With ``loss_scale`` S the step differentiates ``S * loss`` and divides the gradients by
     S (``unitscale_jax.train.precision``); ``tx`` must then come from ``build_optimizer``
     (which skips steps with non-finite gradients) and the metrics carry ``skipped_steps``.
+    With ``activations`` the metrics carry ``activations``: every value the model taps
+    (``nn.capture_activations``) in the step's forward pass.
     """
 
     def train_step(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
         def loss_fn(params):
-            return task.loss(nnx.merge(graphdef, params), batch, key)
+            model = nnx.merge(graphdef, params)
+            if not activations:
+                return task.loss(model, batch, key)
+            with nn.capture_activations() as cap:
+                loss, count = task.loss(model, batch, key)
+            return loss, (count, cap.values)
 
         scaled = precision.scale_loss(loss_fn, loss_scale)
-        (_, (loss, count)), grads = jax.value_and_grad(scaled, has_aux=True)(state["params"])
+        (_, (loss, aux)), grads = jax.value_and_grad(scaled, has_aux=True)(state["params"])
+        count, acts = aux if activations else (aux, None)
         grads = precision.unscale_grads(grads, loss_scale)
         extra = {"value": loss} if use_value else {}
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"], **extra)
@@ -190,6 +198,8 @@ def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
                    "scored_tokens": count}
         if loss_scale is not None:
             metrics["skipped_steps"] = precision.skipped_steps(opt_state)
+        if activations:
+            metrics["activations"] = acts
         new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                "rng": state["rng"]}
         return new, metrics
