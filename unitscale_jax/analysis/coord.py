@@ -22,7 +22,6 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -30,8 +29,8 @@ from flax import nnx
 from unitscale_jax import nn
 from unitscale_jax.analysis import naming
 from unitscale_jax.nn import TransformerConfig
-from unitscale_jax.train.step import make_train_step
-from unitscale_jax.train.tasks import Task
+from unitscale_jax.train.step import make_train_step, new_state
+from unitscale_jax.train.tasks import ModelLoss
 
 WIDTHS = (64, 128, 256, 512, 1024)
 QUICK_WIDTHS = (64, 128, 256, 512)
@@ -70,24 +69,15 @@ def default_model(parametrization: str, width: int, *, config: Optional[Transfor
     return nn.TransformerDecoder(c, rngs=nnx.Rngs(seed))
 
 
-class _FixedBatch(Task):
-    """The coordinate check's objective: ``model.loss(ids)`` of one fixed batch of ids."""
-
-    def loss(self, model, batch, rng):
-        ids = batch["ids"]
-        return model.loss(ids), jnp.asarray(ids[:, 1:].size)
-
-
 def _run(model: nnx.Module, tx: optax.GradientTransformation, ids: jax.Array, steps: int,
          jit: bool, learning_rate: float) -> list[tuple[float, dict]]:
     graphdef, params = nnx.split(model, nnx.Param)
-    step = make_train_step(graphdef, _FixedBatch(), tx, optax.constant_schedule(learning_rate),
+    step = make_train_step(graphdef, ModelLoss(), tx, optax.constant_schedule(learning_rate),
                            use_value=False, activations=True)
     # the activations leave the step whole and their RMS is taken on the host: fusing the
     # reductions into the step makes XLA's compilation several times slower
     step = jax.jit(step) if jit else step
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-             "rng": jax.random.key_data(jax.random.key(0))}
+    state = new_state(params, tx)
     out = []
     for _ in range(steps + 1):
         state, m = step(state, {"ids": ids})

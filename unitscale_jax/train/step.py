@@ -163,6 +163,12 @@ def state_shardings(tx: optax.GradientTransformation, abstract_state: dict, p_sh
 
 # --------------------------------------------------------------------------- steps
 
+def new_state(params, tx: optax.GradientTransformation, seed: int = 0) -> dict:
+    """The train state of ``params`` at step 0: ``{"params", "opt_state", "step", "rng"}``."""
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+            "rng": jax.random.key_data(jax.random.key(seed))}
+
+
 def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
                     schedule: Callable, *, use_value: bool,
                     loss_scale: Optional[float] = None, activations: bool = False) -> Callable:

@@ -95,6 +95,15 @@ class SpanCorruption(Task):
                                                data_config.mean_span))
 
 
+class ModelLoss(Task):
+    """``model.loss(batch["ids"])`` of any model with that method (next-token loss of every
+    id), on batches made outside the data pipeline: the coordinate check, the benchmarks."""
+
+    def loss(self, model, batch, rng):
+        ids = batch["ids"]
+        return model.loss(ids), jnp.asarray(ids[:, 1:].size)
+
+
 TASKS: dict[str, Task] = {"decoder": LanguageModelling(), "encoder": MaskedLanguageModelling(),
                           "encdec": SpanCorruption()}
 """``--model`` -> its task."""

@@ -39,8 +39,7 @@ def init_state_fn(cfg: Config, vocab_size: int, tx) -> Callable[[], dict]:
     def init():
         model = build.build_model(cfg, vocab_size)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-                "rng": jax.random.key_data(jax.random.key(cfg.training.seed))}
+        return steplib.new_state(params, tx, cfg.training.seed)
 
     return init
 
