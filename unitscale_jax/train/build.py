@@ -10,7 +10,7 @@ factors from ``param_info``, independent weight decay relative to the peak learn
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp

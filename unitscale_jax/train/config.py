@@ -5,6 +5,8 @@
 flag (``unitscale_jax.train.flags``): the flag is ``--`` plus the field name with ``-`` for
 ``_``, except where a field's metadata names another (``ModelConfig.kind`` is ``--model``,
 ``OptimizerConfig.name`` is ``--optimizer``). A run saves its config as ``config.json``.
+``ModelConfig`` is generated from ``unitscale_jax.nn.TransformerConfig`` (every field but those
+in ``SET_BY_RUN``, plus ``kind``), so a new model field is a new flag without an edit here.
 
 ``None`` in a field means "the default for the rest of the config", resolved by
 ``resolve`` (e.g. ``lr=None`` -> 1.0 for u-muP Adam, 1e-3 for SP Adam).
