@@ -1,4 +1,5 @@
-"""Shared timing helpers: interleaved runs, medians, a machine description."""
+"""Shared timing helpers: interleaved runs, medians, a machine description, and the
+trainer's train step as a zero-arg callable."""
 
 from __future__ import annotations
 
@@ -40,6 +41,29 @@ def interleaved_times(fns: dict, runs: int, warmup: int = 2) -> dict:
             jax.block_until_ready(f())
             times[k].append(time.perf_counter() - t0)
     return times
+
+
+def train_step_runner(model, tx, ids, *, lr: float):
+    """A zero-arg callable running one jitted step of the trainer's ``make_train_step``
+    (forward, backward, ``tx`` update, gradient norm; state donated) of ``model.loss(ids)``
+    (any model whose state is its ``nnx.Param`` s); returns the loss."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from unitscale_jax.train.step import make_train_step, new_state
+    from unitscale_jax.train.tasks import ModelLoss
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = jax.tree.map(jnp.copy, params)  # donated: the model's own arrays stay valid
+    step = jax.jit(make_train_step(graphdef, ModelLoss(), tx, optax.constant_schedule(lr),
+                                   use_value=False), donate_argnums=(0,))
+    box = {"state": new_state(params, tx), "batch": {"ids": ids}}
+
+    def run():
+        box["state"], metrics = step(box["state"], box["batch"])
+        return metrics["loss"]
+
+    return run
 
 
 def interleaved_medians(fns: dict, runs: int, warmup: int = 2) -> dict:

@@ -1,6 +1,7 @@
 """Train-step time of the u-muP decoder against its SP twin and a plain NNX decoder.
 
-One jitted step (forward, backward, ``optax.adamw`` update) of:
+One jitted step of the trainer's ``make_train_step`` (forward, backward, ``optax.adamw``
+update, gradient norm; ``benchmarks._timing.train_step_runner``) of:
 
 - ``umup``: ``unitscale_jax.nn.TransformerDecoder`` (u-muP, scanned layers: the default);
 - ``umup_unrolled``: the same with ``scan_layers=False``;
@@ -31,7 +32,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._timing import interleaved_times, write_result  # noqa: E402
+from benchmarks._timing import interleaved_times, train_step_runner, write_result  # noqa: E402
 from unitscale_jax import nn as unn  # noqa: E402
 
 
@@ -76,29 +77,6 @@ class PlainDecoder(nnx.Module):
         return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
 
-# -- a train step for any model with .loss(ids) ----------------------------------------------
-class Trainer:
-    """Holds params and AdamW state; ``__call__`` runs one jitted step (buffers donated)."""
-
-    def __init__(self, model, ids, lr=1e-3):
-        graphdef, self.params, rest = nnx.split(model, nnx.Param, ...)
-        tx = optax.adamw(lr)
-        self.opt_state = tx.init(self.params)
-        self.ids = ids
-
-        def step(params, opt_state, ids):
-            loss, grads = jax.value_and_grad(
-                lambda p: nnx.merge(graphdef, p, rest).loss(ids))(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        self.step = jax.jit(step, donate_argnums=(0, 1))
-
-    def __call__(self):
-        self.params, self.opt_state, loss = self.step(self.params, self.opt_state, self.ids)
-        return loss
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d-model", type=int, default=256)
@@ -126,7 +104,7 @@ def main(argv=None) -> dict:
     counts = {k: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
               for k, m in models.items()}
     assert len(set(counts.values())) == 1, f"models differ in size: {counts}"
-    fns = {k: Trainer(m, ids) for k, m in models.items()}
+    fns = {k: train_step_runner(m, optax.adamw(1e-3), ids, lr=1e-3) for k, m in models.items()}
     times = interleaved_times(fns, args.runs)
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}

@@ -20,8 +20,9 @@ XLA counts both branches of a ``lax.cond`` in its byte count, so the unit_scale 
 the exact two-pass fallback (max-abs then mean square) that runs only at step 1 or after a jump
 of more than ~2^30 in a leaf's RMS; the steady state reads each gradient once more than AdamW.
 
-``--train-steps N`` also times N whole training steps (forward, backward, update) of the same
-model on a batch of ``--batch`` x ``--seq`` tokens for each optimizer: the cost a user sees.
+``--train-steps N`` also times N whole training steps (the trainer's ``make_train_step``:
+forward, backward, update, gradient norm) of the same model on a batch of ``--batch`` x
+``--seq`` tokens for each optimizer: the cost a user sees.
 
     python benchmarks/optimizer_overhead.py [--runs 30] [--train-steps 5] [--quick] [--no-write]
 """
@@ -39,7 +40,8 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._timing import interleaved_times, paired_ratios, write_result  # noqa: E402
+from benchmarks._timing import (interleaved_times, paired_ratios, train_step_runner,  # noqa: E402
+                                write_result)
 from unitscale_jax.nn import TransformerDecoder, param_info  # noqa: E402
 from unitscale_jax.optim import adamw, unit_scale  # noqa: E402
 
@@ -54,27 +56,11 @@ def build(d_model: int, layers: int):
     return model, params, param_info(model)
 
 
-def train_step_times(model, txs: dict, batch: int, seq: int, runs: int) -> dict:
-    """Per-round times of one jitted train step (loss, grad, update, apply) per optimizer."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def train_step_times(model, txs: dict, batch: int, seq: int, runs: int, lr: float) -> dict:
+    """Per-round times of one jitted train step (the trainer's: loss, grad, update, gradient
+    norm) per optimizer."""
     ids = jax.random.randint(jax.random.key(1), (batch, seq), 0, 256)
-    fns = {}
-    for name, tx in txs.items():
-        def step(p, s, tx=tx):
-            def loss(p):
-                return nnx.merge(graphdef, p, rest).loss(ids)
-            l, g = jax.value_and_grad(loss)(p)
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s, l
-
-        f = jax.jit(step, donate_argnums=(0, 1))
-        box = {"p": jax.tree.map(jnp.copy, params), "s": tx.init(params)}
-
-        def run(f=f, box=box):
-            box["p"], box["s"], l = f(box["p"], box["s"])
-            return l
-
-        fns[name] = run
+    fns = {name: train_step_runner(model, tx, ids, lr=lr) for name, tx in txs.items()}
     return interleaved_times(fns, runs, warmup=1)
 
 
@@ -170,7 +156,7 @@ def main() -> None:
           f" -> {floor_ratio:.3f}x optax.adamw at best for an exact per-step normaliser")
     if args.train_steps:
         del runners
-        t = train_step_times(model, make_txs(), args.batch, args.seq, args.train_steps)
+        t = train_step_times(model, make_txs(), args.batch, args.seq, args.train_steps, args.lr)
         tp = paired_ratios(t, base)
         for k, v in t.items():
             print(f"train step {k:24s} median {statistics.median(v) * 1e3:8.1f} ms  "

@@ -2,8 +2,9 @@
 
 ``train_lr_group(cfg, lrs)`` trains one model configuration at several peak learning rates at
 once: the trainer's own pieces (``train.build_model``, ``train.build_optimizer``, the data
-pipeline and ``make_train_step`` of ``unitscale_jax.train``) with the learning rate moved into
-the optimizer state and the train step ``jax.vmap``-ed over it. On a small CPU this costs one
+pipeline, the initial state, ``make_train_step`` and ``make_eval_step`` of
+``unitscale_jax.train``) with the learning rate moved into the optimizer state and the train
+step ``jax.vmap``-ed over it (``train.Trainer`` itself runs one sharded state, not lanes). On a small CPU this costs one
 compilation per configuration instead of one per run (compilation dominates runs this small).
 
 Why this equals separate ``train.run`` calls: with no weight decay, both the u-muP Adam of
@@ -109,9 +110,9 @@ def train_lr_group(cfg, lrs: Sequence[float], *, log: Callable[[str], None] = pr
     from flax import nnx
 
     from unitscale_jax import nn, train
-    from unitscale_jax.train import build as buildlib
     from unitscale_jax.train import step as steplib
     from unitscale_jax.train.data import load_data
+    from unitscale_jax.train.trainer import init_state_fn
 
     t0 = time.perf_counter()
     cfg = train.resolve(cfg.replace(optimizer={"lr": 1.0}))
@@ -125,21 +126,19 @@ def train_lr_group(cfg, lrs: Sequence[float], *, log: Callable[[str], None] = pr
         raise ValueError(f"learning rates must be positive and finite, got {lrs}.")
     n = len(lrs)
     data = load_data(cfg, log=lambda msg: None)
-    task = buildlib.get_task(cfg.model.kind)
-    model = train.build_model(cfg, data.vocab_size)
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params)
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    info = nnx.to_pure_dict(nn.param_info(model))
-    tx_ref, schedule = train.build_optimizer(cfg, info)
+    task = train.get_task(cfg.model.kind)
+    model = nnx.eval_shape(lambda: train.build_model(cfg, data.vocab_size))
+    graphdef, abstract = nnx.split(model, nnx.Param)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract))
+    tx_ref, schedule = train.build_optimizer(cfg, nnx.to_pure_dict(nn.param_info(model)))
     tx = optax.chain(tx_ref, scale_by_lane_lr())
-    opt_state = tx.init(params)
-    opt_state = opt_state[:-1] + (LaneLRState(lr=jnp.asarray(lrs, jnp.float32)),)
+    # the trainer's initial state, built eagerly (as the sweeps always were), once per lane
+    init = init_state_fn(cfg, data.vocab_size, tx)()
+    opt_state = init["opt_state"][:-1] + (LaneLRState(lr=jnp.asarray(lrs, jnp.float32)),)
     stack = lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x))  # noqa: E731
-    state = {"params": jax.tree.map(stack, params),
+    state = {"params": jax.tree.map(stack, init["params"]),
              "opt_state": tuple(jax.tree.map(stack, opt_state[:-1])) + (opt_state[-1],),
-             "step": jnp.zeros((n,), jnp.int32),
-             "rng": stack(jax.random.key_data(jax.random.key(cfg.training.seed)))}
+             "step": stack(init["step"]), "rng": stack(init["rng"])}
     train_step = steplib.make_train_step(graphdef, task, tx, schedule, use_value=False)
     step_fn = jax.jit(jax.vmap(train_step, in_axes=(0, None)))
     eval_fn = jax.jit(jax.vmap(steplib.make_eval_step(graphdef, task), in_axes=(0, None)))
@@ -171,7 +170,7 @@ def train_lr_group(cfg, lrs: Sequence[float], *, log: Callable[[str], None] = pr
                 break
     total, count = np.zeros((n,)), 0.0
     for b in data.eval_batches(cfg, cfg.training.eval_batches):
-        s, c = eval_fn(state["params"], {k: jnp.asarray(v) for k, v in b.items()})
+        s, c = eval_fn(state["params"], {k: jnp.asarray(v) for k, v in b.items()})["loss"]
         total += np.asarray(s, np.float64)
         count += float(np.asarray(c)[0])
     val = total / max(count, 1.0)

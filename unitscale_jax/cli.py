@@ -24,11 +24,8 @@ USAGE = """usage: unitscale-jax {train,sample,analyse} [options]
 
 def _quiet_logs() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        from absl import logging as absl_logging
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    except ImportError:
-        pass
+    from absl import logging as absl_logging  # an orbax dependency
+    absl_logging.set_verbosity(absl_logging.WARNING)
     import logging
     for name in ("absl", "orbax", "jax._src.distributed", "grain"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,5 +1,6 @@
-"""Killing a run (SIGKILL mid-training, mid-save) or corrupting its newest checkpoint, then
-rerunning the same command, reproduces the uninterrupted run's curves exactly (CPU)."""
+"""Killing a run (a real SIGKILL mid-training or mid-save, SIGTERM) or corrupting its newest
+checkpoint, then rerunning the same command, reproduces the uninterrupted run's curves
+exactly (CPU)."""
 
 import os
 import re
@@ -13,7 +14,7 @@ import pytest
 
 from tests.train.conftest import (ROOT, SMALL, curves, read_rows, run_train, subprocess_env,
                                   train_cmd)
-from unitscale_jax.train.checkpoint import KILL_DURING_SAVE_ENV, TMP_MARKER
+from unitscale_jax.train.checkpoint import TMP_MARKER
 
 STEPS = 60
 
@@ -99,11 +100,33 @@ def test_sigterm_saves_a_checkpoint_and_rerun_matches(reference, tmp_path, share
     assert curves(run_dir) == reference[1]
 
 
+def _kill_while_saving(proc, run_dir, step, timeout=240):
+    """SIGKILLs ``proc`` as soon as orbax's temporary directory of checkpoint ``step`` holds a
+    file (the save under way, the rename to the final name not yet done)."""
+    tmp = Path(run_dir) / "checkpoints" / f"{step}{TMP_MARKER}"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if any(tmp.rglob("*")):
+                os.kill(proc.pid, signal.SIGKILL)
+                return
+        except FileNotFoundError:  # renamed or not created yet
+            pass
+        time.sleep(0.001)
+    proc.kill()
+    raise AssertionError(f"never saw checkpoint {step} being written (exit {proc.poll()})")
+
+
 def test_sigkill_mid_save_then_rerun_matches(reference, tmp_path, shared_dirs):
+    """A real SIGKILL while checkpoint 30 is being written leaves its temporary directory;
+    the rerun reports and removes it and resumes from checkpoint 20."""
     tfds_dir, cache = shared_dirs
     run_dir = tmp_path / "killed_saving"
-    p = run_train(_args(tfds_dir, run_dir), cache, env_extra={KILL_DURING_SAVE_ENV: "30"})
-    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
+    proc = subprocess.Popen(train_cmd(*_args(tfds_dir, run_dir)), cwd=ROOT,
+                            env=subprocess_env(cache), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _kill_while_saving(proc, run_dir, 30)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
     assert _ckpt_steps(run_dir) == [10, 20]
     partial = list((run_dir / "checkpoints").glob(f"30{TMP_MARKER}*"))
     assert partial and any(partial[0].rglob("*"))  # written, never committed

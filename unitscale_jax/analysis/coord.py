@@ -26,9 +26,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from unitscale_jax import nn
 from unitscale_jax.analysis import naming
-from unitscale_jax.nn.config import TransformerConfig
-from unitscale_jax.taps import capture_activations
+from unitscale_jax.nn import TransformerConfig
+from unitscale_jax.train.step import make_train_step, new_state
+from unitscale_jax.train.tasks import ModelLoss
 
 WIDTHS = (64, 128, 256, 512, 1024)
 QUICK_WIDTHS = (64, 128, 256, 512)
@@ -39,11 +41,11 @@ LEARNING_RATES = {"umup": 2.0**1, "sp": 2.0**-6}
 def default_optimizer(parametrization: str, learning_rate: float, model: nnx.Module
                       ) -> optax.GradientTransformation:
     """u-muP: ``unitscale_jax.optim.adam(lr, param_info=model)``; SP: ``optax.adam(lr)``."""
-    if parametrization == "umup":
-        from unitscale_jax.params import param_info
+    p = nn.get_parametrization(parametrization)
+    if p.unit_scaled:
         from unitscale_jax.optim import adam
-        return adam(learning_rate, param_info=param_info(model))
-    if parametrization == "sp":
+        return adam(learning_rate, param_info=nn.param_info(model))
+    if p == nn.SP():
         return optax.adam(learning_rate)
     raise ValueError(f"coord_check: no default optimizer for parametrization {parametrization!r}; "
                      f"pass optimizer=(parametrization, lr, model) -> optax transform.")
@@ -58,7 +60,6 @@ def default_model(parametrization: str, width: int, *, config: Optional[Transfor
     checks), so every parametrization starts flat and any growth with width comes from
     training (GPT-2's fixed std 0.02 would already grow as ``sqrt(width)`` at step 0).
     """
-    from unitscale_jax.nn.decoder import TransformerDecoder
     if config is None:
         config = TransformerConfig(vocab_size=256, d_model=width, n_layers=2, n_heads=1,
                                    max_seq_len=64, sp_init_std=None)
@@ -66,34 +67,24 @@ def default_model(parametrization: str, width: int, *, config: Optional[Transfor
         raise ValueError(f"coord_check: width {width} is not a multiple of d_head {d_head}.")
     c = config.replace(d_model=width, n_heads=width // d_head, d_head=None,
                        parametrization=parametrization, scan_layers=False)
-    return TransformerDecoder(c, rngs=nnx.Rngs(seed))
+    return nn.TransformerDecoder(c, rngs=nnx.Rngs(seed))
 
 
 def _run(model: nnx.Module, tx: optax.GradientTransformation, ids: jax.Array, steps: int,
-         jit: bool) -> list[tuple[float, dict]]:
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def step(params, opt_state):
-        def loss_fn(p):
-            with capture_activations() as cap:
-                loss = nnx.merge(graphdef, p, rest).loss(ids)
-            return loss, cap.values
-
-        (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, acts
-
+         jit: bool, learning_rate: float) -> list[tuple[float, dict]]:
+    graphdef, params = nnx.split(model, nnx.Param)
+    step = make_train_step(graphdef, ModelLoss(), tx, optax.constant_schedule(learning_rate),
+                           use_value=False, activations=True)
     # the activations leave the step whole and their RMS is taken on the host: fusing the
     # reductions into the step makes XLA's compilation several times slower
     step = jax.jit(step) if jit else step
-    opt_state = tx.init(params)
+    state = new_state(params, tx)
     out = []
     for _ in range(steps + 1):
-        new_params, new_state, loss, acts = step(params, opt_state)
+        state, m = step(state, {"ids": ids})
         rms = {k: float(np.sqrt(np.mean(np.square(np.asarray(v, np.float64)))))
-               for k, v in jax.device_get(acts).items()}
-        out.append((float(loss), rms))
-        params, opt_state = new_params, new_state
+               for k, v in jax.device_get(m["activations"]).items()}
+        out.append((float(m["loss"]), rms))
     return out
 
 
@@ -118,7 +109,7 @@ def coord_check(parametrizations: Sequence[str] = ("umup", "sp"),
       d_head: head width of the default model (heads = width / d_head).
       seed: model init and data seed (the same for every width).
       model_fn: ``(parametrization, width) -> model`` instead of the default decoder; the
-        model needs a ``loss(ids)`` method and unscanned taps.
+        model needs a ``loss(ids)`` method, no state but ``nnx.Param`` and unscanned taps.
       optimizer: ``(parametrization, lr, model) -> optax transform``; default
         ``default_optimizer``.
       jit: compile each training step.
@@ -144,7 +135,7 @@ def coord_check(parametrizations: Sequence[str] = ("umup", "sp"),
                      default_model(p, w, config=config, d_head=d_head, seed=seed))
             vocab = model.config.vocab_size
             ids = jax.random.randint(jax.random.key(seed + 1), (batch_size, seq_len), 0, vocab)
-            history = _run(model, optimizer(p, lrs[p], model), ids, int(steps), jit)
+            history = _run(model, optimizer(p, lrs[p], model), ids, int(steps), jit, lrs[p])
             keys = list(history[0][1])
             names = naming.op_names(keys)
             for t, (loss, rms) in enumerate(history):

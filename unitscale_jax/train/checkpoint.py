@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -31,7 +30,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
-KILL_DURING_SAVE_ENV = "UNITSCALE_JAX_TEST_KILL_DURING_SAVE"
 
 
 def state_digest(state: Any) -> Optional[str]:
@@ -46,23 +44,6 @@ def state_digest(state: Any) -> Optional[str]:
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
-
-
-def _install_kill_during_save(step: int) -> None:
-    """Test hook: SIGKILL this process when orbax is about to commit checkpoint ``step``
-    (every file written, the rename to the final name not done): a deterministic crash in
-    the middle of a save."""
-    from orbax.checkpoint._src.path import atomicity
-
-    for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
-        original = cls.finalize
-
-        async def finalize(self, *args, _original=original, **kwargs):
-            if self.get_final().name == str(step):
-                os.kill(os.getpid(), signal.SIGKILL)
-            return await _original(self, *args, **kwargs)
-
-        cls.finalize = finalize
 
 
 class Checkpoints:
@@ -81,8 +62,6 @@ class Checkpoints:
         self.log = log
         self.directory.mkdir(parents=True, exist_ok=True)
         self._report_partial()
-        if os.environ.get(KILL_DURING_SAVE_ENV):
-            _install_kill_during_save(int(os.environ[KILL_DURING_SAVE_ENV]))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
@@ -106,7 +85,14 @@ class Checkpoints:
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), force=force)
 
-    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """``(state, data_state)`` of checkpoint ``step``, restored into ``abstract_state``'s
+        shapes and shardings and verified (step, digest, data state present).
+
+        Raises:
+          Exception: whatever orbax raises for a missing or unreadable checkpoint, or
+            ``ValueError`` for one that does not verify.
+        """
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
@@ -134,7 +120,7 @@ class Checkpoints:
         result = None
         for step in reversed(self.steps()):
             try:
-                state, data = self._restore(step, abstract_state)
+                state, data = self.restore(step, abstract_state)
             except Exception as e:  # any failure means: do not use this checkpoint
                 reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
                 self.log(f"checkpoint: step {step} in {self.directory} is corrupt or "

@@ -5,6 +5,8 @@
 flag (``unitscale_jax.train.flags``): the flag is ``--`` plus the field name with ``-`` for
 ``_``, except where a field's metadata names another (``ModelConfig.kind`` is ``--model``,
 ``OptimizerConfig.name`` is ``--optimizer``). A run saves its config as ``config.json``.
+``ModelConfig`` is generated from ``unitscale_jax.nn.TransformerConfig`` (every field but those
+in ``SET_BY_RUN``, plus ``kind``), so a new model field is a new flag without an edit here.
 
 ``None`` in a field means "the default for the rest of the config", resolved by
 ``resolve`` (e.g. ``lr=None`` -> 1.0 for u-muP Adam, 1e-3 for SP Adam).
@@ -15,12 +17,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from typing import Any, Optional
 
-from unitscale_jax.train.errors import UsageError
+import docstring_parser
 
-MODEL_KINDS = ("decoder", "encoder", "encdec")
+from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.tasks import TASKS
+
+MODEL_KINDS = tuple(TASKS)
 PARAMETRIZATIONS = ("umup", "sp")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "warmup_cosine", "exponential", "plateau")
@@ -28,7 +34,7 @@ SHARDINGS = ("dp", "fsdp", "tp", "fsdp_tp")
 DISTRIBUTED = ("auto", "on", "off")
 
 
-def _f(default: Any, help: str, *, flag: Optional[str] = None,
+def _f(default: Any, help: str = "", *, flag: Optional[str] = None,
        choices: Optional[tuple] = None) -> Any:
     meta = {"help": help}
     if flag:
@@ -38,35 +44,64 @@ def _f(default: Any, help: str, *, flag: Optional[str] = None,
     return dataclasses.field(default=default, metadata=meta)
 
 
-@dataclasses.dataclass
-class ModelConfig:
-    """The model: which Transformer, its parametrization and its shape (see
-    ``unitscale_jax.nn.TransformerConfig`` for the meaning of each field)."""
+SET_BY_RUN = ("vocab_size", "max_seq_len", "dtype", "param_dtype", "precision")
+"""``TransformerConfig`` fields the run sets itself: from the tokenizer, ``--seq-len`` and
+``--precision`` (parameters stay float32)."""
 
-    kind: str = _f("decoder", "decoder (causal LM), encoder (masked LM) or encdec (span "
-                   "corruption)", flag="--model", choices=MODEL_KINDS)
-    parametrization: str = _f("umup", "umup (unit-scaled muP) or sp (standard)",
-                              choices=PARAMETRIZATIONS)
-    d_model: int = _f(64, "width of the residual stream")
-    n_layers: int = _f(2, "number of layers (of the encoder, for encdec)")
-    n_heads: int = _f(4, "attention heads")
-    d_head: Optional[int] = _f(None, "head width (default d_model / n_heads)")
-    ffn_mult: float = _f(4.0, "MLP hidden width as a multiple of d_model")
-    mlp: str = _f("swiglu", "MLP kind", choices=("swiglu", "gelu"))
-    norm: str = _f("rms", "norm kind", choices=("rms", "layer"))
-    parametric_norm: bool = _f(False, "learnable norm gains")
-    bias: bool = _f(False, "biases in linear layers")
-    dropout: float = _f(0.0, "dropout rate")
-    rope: Optional[bool] = _f(None, "rotary positions (default: off for decoder, on otherwise)")
-    attn_mult: float = _f(1.0, "u-muP alpha_attn-softmax")
-    act_mult: float = _f(1.0, "u-muP alpha_ffn-act")
-    residual_mult: float = _f(1.0, "u-muP alpha_res")
-    residual_attn_ratio: float = _f(1.0, "u-muP alpha_res-attn-ratio")
-    loss_mult: float = _f(1.0, "u-muP alpha_loss-softmax")
-    sp_init_std: Optional[float] = _f(0.02, "SP init std of weights (None: fan_in^-1/2)")
-    n_decoder_layers: Optional[int] = _f(None, "decoder depth of encdec (default n_layers)")
-    scan_layers: bool = _f(True, "run the layer stack with jax.lax.scan")
-    remat: bool = _f(False, "rematerialise layers in the backward pass")
+MODEL_FIELDS: dict[str, tuple[type, Any, dict]] = {
+    "kind": (str, "decoder", dict(help="decoder (causal LM), encoder (masked LM) or encdec "
+                                  "(span corruption)", flag="--model", choices=MODEL_KINDS)),
+    "parametrization": (str, "umup", dict(help="umup (unit-scaled muP) or sp (standard)",
+                                          choices=PARAMETRIZATIONS)),
+    "d_model": (int, 64, {}),
+    "n_layers": (int, 2, {}),
+    "n_heads": (int, 4, {}),
+    "rope": (Optional[bool], None, dict(help="rotary positions (default: off for decoder, on "
+                                        "otherwise)")),
+    "mlp": (str, "swiglu", dict(choices=("swiglu", "gelu"))),
+    "norm": (str, "rms", dict(choices=("rms", "layer"))),
+}
+"""Where the trainer's model fields differ from ``TransformerConfig``'s: ``name -> (type,
+default, metadata)``; ``kind`` is the trainer's own."""
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.replace("``", "").split())
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", text)[0].rstrip(".")
+
+
+def _model_config() -> type:
+    """``ModelConfig``: ``kind`` plus every ``TransformerConfig`` field of a flag's type that
+    the run does not set itself, its help the first sentence of ``TransformerConfig``'s
+    docstring, its type and default ``TransformerConfig``'s unless ``MODEL_FIELDS`` says
+    otherwise."""
+    from unitscale_jax import nn
+    config = nn.TransformerConfig
+    doc = {p.arg_name: _first_sentence(p.description or "")
+           for p in docstring_parser.parse(config.__doc__ or "").params}
+    hints = typing.get_type_hints(config)
+    fields = [("kind", str, _f("decoder", **MODEL_FIELDS["kind"][2]))]
+    for f in dataclasses.fields(config):
+        if f.name in SET_BY_RUN:
+            continue
+        typ, default, meta = MODEL_FIELDS.get(f.name, (hints[f.name], f.default, {}))
+        if _base_type(typ) not in (bool, int, float, str):
+            continue  # not expressible as a flag (tests/train/test_build.py lists these)
+        meta = {"help": doc.get(f.name, ""), **meta}
+        fields.append((f.name, typ, _f(default, **meta)))
+    cls = dataclasses.make_dataclass("ModelConfig", fields)
+    cls.__module__ = __name__
+    cls.__doc__ = ("The model: which Transformer (``kind``) and every field of "
+                   "``unitscale_jax.nn.TransformerConfig`` except those in ``SET_BY_RUN``.")
+    return cls
+
+
+def _base_type(hint) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+ModelConfig = _model_config()
 
 
 @dataclasses.dataclass
@@ -96,7 +131,7 @@ class OptimizerConfig:
     lr: Optional[float] = _f(None, "peak learning rate (default: 1.0 for u-muP Adam(W), 0.5 "
                              "for u-muP SGD; 1e-3 for SP Adam(W), 0.1 for SP SGD)", flag="--lr")
     schedule: str = _f("warmup_cosine", "learning-rate schedule", choices=SCHEDULES)
-    warmup_steps: Optional[int] = _f(None, "warmup steps (default: 10%% of steps, at most 1000)")
+    warmup_steps: Optional[int] = _f(None, "warmup steps (default: 10% of steps, at most 1000)")
     end_lr_fraction: float = _f(0.1, "final / peak learning rate (warmup_cosine, exponential)")
     plateau_factor: float = _f(0.5, "reduce_on_plateau: factor per plateau")
     plateau_patience: int = _f(5, "reduce_on_plateau: evaluations without improvement")
@@ -278,10 +313,15 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"--tensor-parallel must be >= 1, got {t.tensor_parallel}.")
 
 
+def _unit_scaled(parametrization: str) -> bool:
+    from unitscale_jax.nn import get_parametrization
+    return get_parametrization(parametrization).unit_scaled
+
+
 def default_lr(parametrization: str, optimizer: str) -> float:
     """Default peak learning rate: u-muP's optimum sits near 2^0 for Adam at any width (u-muP
     paper, fig. 1); SP's moves with width, 1e-3 is a common middle for small models."""
-    if parametrization == "umup":
+    if _unit_scaled(parametrization):
         return 1.0 if optimizer in ("adam", "adamw") else 0.5
     return 1e-3 if optimizer in ("adam", "adamw") else 0.1
 
@@ -297,7 +337,7 @@ def resolve(cfg: Config) -> Config:
     if o.warmup_steps is None:
         opt["warmup_steps"] = min(1000, t.steps // 10)
     if o.weight_decay is None:
-        opt["weight_decay"] = ((1e-4 if m.parametrization == "umup" else 0.01)
+        opt["weight_decay"] = ((1e-4 if _unit_scaled(m.parametrization) else 0.01)
                                if o.name == "adamw" else 0.0)
     train = {}
     if t.checkpoint_every is None:

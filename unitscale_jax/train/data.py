@@ -14,8 +14,8 @@ from typing import Any, Callable
 from unitscale_jax import data as datalib
 from unitscale_jax.train.config import Config
 from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.tasks import get_task
 
-TASK_OF_MODEL = {"decoder": "lm", "encoder": "mlm", "encdec": "seq2seq"}
 _USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, ImportError, OSError)
 
 
@@ -89,7 +89,7 @@ def load_data(cfg: Config, log: Callable[[str], None] = print) -> RunData:
         raise
     except _USER_ERRORS as e:
         raise UsageError(f"{_name(cfg)}: {e}") from None
-    task = TASK_OF_MODEL[cfg.model.kind]
+    task = get_task(cfg.model.kind).objective
     row_len = d.seq_len + 1 if task == "lm" else d.seq_len
     stats = {}
     for split in ("train", "validation"):

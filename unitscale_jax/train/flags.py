@@ -101,7 +101,7 @@ def add_config_flags(parser: argparse.ArgumentParser, base: Config) -> None:
             dest = f"{section}.{f.name}"
             default = getattr(obj, f.name)
             typ, optional = field_type(klass, f)
-            help_ = f.metadata.get("help", "") + " (default: %(default)s)"
+            help_ = f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)s)"
             choices = f.metadata.get("choices")
             if f.name == "precision":
                 choices = tuple(PRECISIONS)

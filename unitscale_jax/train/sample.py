@@ -24,6 +24,7 @@ from unitscale_jax.train import build
 from unitscale_jax.train.checkpoint import Checkpoints
 from unitscale_jax.train.config import Config, resolve
 from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.trainer import init_state_fn
 
 
 def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
@@ -50,18 +51,11 @@ def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise UsageError(f"tokenizer of {run_dir}: {e}") from None
     abstract_model = nnx.eval_shape(lambda: build.build_model(cfg, tokenizer.vocab_size))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    graphdef, _ = nnx.split(abstract_model, nnx.Param)
     tx, _ = build.build_optimizer(cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
-
-    def init():
-        params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                              nnx.to_pure_dict(abstract_params))
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-                "rng": jnp.zeros((2,), jnp.uint32)}
-
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          jax.eval_shape(init))
+                          jax.eval_shape(init_state_fn(cfg, tokenizer.vocab_size, tx)))
     ckpt_dir = run_dir / "checkpoints"
     if not ckpt_dir.is_dir():
         raise UsageError(f"--run-dir {run_dir}: no checkpoints directory; the run saved none.")
@@ -71,7 +65,7 @@ def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
             if step not in ckpt.steps():
                 raise UsageError(f"--step {step}: no checkpoint at that step in {ckpt_dir} "
                                  f"(have {ckpt.steps()}).")
-            state, _ = ckpt._restore(step, target)
+            state, _ = ckpt.restore(step, target)
             found = (step, state, None)
         else:
             found = ckpt.restore_latest(target)

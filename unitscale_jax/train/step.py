@@ -34,10 +34,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unitscale_jax import nn
-from unitscale_jax.train.build import Task, plateau_scale
+from unitscale_jax import nn, taps
+from unitscale_jax.train.build import plateau_scale
 from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train import precision
+from unitscale_jax.train.tasks import Task
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -144,54 +145,56 @@ def param_shardings(abstract_params: nnx.State, par: Parallel) -> dict:
                         specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
-def _key(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
+def state_shardings(tx: optax.GradientTransformation, abstract_state: dict, p_shardings: dict,
+                    par: Parallel) -> dict:
+    """Shardings of the whole train state: the optimizer-state trees that mirror the
+    parameters (Adam's moments, momentum; found by ``optax.tree.map_params``) take the
+    parameters' shardings; everything else is replicated."""
 
+    def masked(x):
+        return isinstance(x, optax.MaskedNode)
 
-def state_shardings(abstract_state: dict, p_shardings: dict, par: Parallel) -> dict:
-    """Shardings of the whole train state: optimizer-state leaves that mirror a parameter
-    (Adam's moments, momentum) take its sharding; everything else is replicated."""
-    by_path = {}
-    for path, a in jax.tree_util.tree_flatten_with_path(abstract_state["params"])[0]:
-        by_path[tuple(_key(k) for k in path)] = a.shape
-    shard_of = {tuple(_key(k) for k in path): s
-                for path, s in jax.tree_util.tree_flatten_with_path(p_shardings)[0]}
-
-    def opt_leaf(path, a):
-        keys = tuple(_key(k) for k in path)
-        for i in range(len(keys)):
-            if keys[i:] in by_path and by_path[keys[i:]] == getattr(a, "shape", None):
-                return shard_of[keys[i:]]
-        return par.replicated
-
-    opt = jax.tree_util.tree_map_with_path(opt_leaf, abstract_state["opt_state"])
+    opt = optax.tree.map_params(tx, lambda a, s: a if masked(a) else s,
+                                abstract_state["opt_state"], p_shardings,
+                                transform_non_params=lambda _: par.replicated, is_leaf=masked)
     return {"params": p_shardings, "opt_state": opt, "step": par.replicated,
             "rng": par.replicated}
 
 
 # --------------------------------------------------------------------------- steps
 
+def new_state(params, tx: optax.GradientTransformation, seed: int = 0) -> dict:
+    """The train state of ``params`` at step 0: ``{"params", "opt_state", "step", "rng"}``."""
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+            "rng": jax.random.key_data(jax.random.key(seed))}
+
+
 def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
                     schedule: Callable, *, use_value: bool,
-                    loss_scale: Optional[float] = None) -> Callable:
+                    loss_scale: Optional[float] = None, activations: bool = False) -> Callable:
     """``train_step(state, batch) -> (state, metrics)`` (not jitted).
 
     With ``loss_scale`` S the step differentiates ``S * loss`` and divides the gradients by
     S (``unitscale_jax.train.precision``); ``tx`` must then come from ``build_optimizer``
     (which skips steps with non-finite gradients) and the metrics carry ``skipped_steps``.
+    With ``activations`` the metrics carry ``activations``: every value the model taps
+    (``unitscale_jax.taps.capture_activations``) in the step's forward pass.
     """
 
     def train_step(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
         def loss_fn(params):
-            return task.loss(nnx.merge(graphdef, params), batch, key)
+            model = nnx.merge(graphdef, params)
+            if not activations:
+                return task.loss(model, batch, key)
+            with taps.capture_activations() as cap:
+                loss, count = task.loss(model, batch, key)
+            return loss, (count, cap.values)
 
         scaled = precision.scale_loss(loss_fn, loss_scale)
-        (_, (loss, count)), grads = jax.value_and_grad(scaled, has_aux=True)(state["params"])
+        (_, (loss, aux)), grads = jax.value_and_grad(scaled, has_aux=True)(state["params"])
+        count, acts = aux if activations else (aux, None)
         grads = precision.unscale_grads(grads, loss_scale)
         extra = {"value": loss} if use_value else {}
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"], **extra)
@@ -201,6 +204,8 @@ def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
                    "scored_tokens": count}
         if loss_scale is not None:
             metrics["skipped_steps"] = precision.skipped_steps(opt_state)
+        if activations:
+            metrics["activations"] = acts
         new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                "rng": state["rng"]}
         return new, metrics
@@ -209,13 +214,13 @@ def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef, task: Task) -> Callable:
-    """``eval_step(params, batch) -> (summed loss, scored tokens)`` in eval mode."""
+    """``eval_step(params, batch) -> {name: (sum, count)}`` (``task.eval_sums``) in eval
+    mode."""
 
     def eval_step(params, batch):
         model = nnx.merge(graphdef, params)
         model.eval()
-        loss, count = task.loss(model, batch, None)
-        return loss * count, count
+        return task.eval_sums(model, batch)
 
     return eval_step
 

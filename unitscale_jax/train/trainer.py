@@ -1,0 +1,336 @@
+"""``Trainer``: one training run, start to finish (or resumption to finish).
+
+Order of work: resolve the config -> (multi-host init) -> data source and tokenizer ->
+device mesh -> abstract model, optimizer and state shardings (``__init__``) -> restore the
+newest valid checkpoint, else initialise (one jitted init straight into the shardings;
+``build_state``) -> the loop of ``run``: ``step``, metrics, ``evaluate``, ``save`` -> final
+evaluation, checkpoint, plot, summary. What the model learns comes from its ``Task``
+(``unitscale_jax.train.tasks``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from unitscale_jax import nn
+from unitscale_jax.train import build, distributed, step as steplib
+from unitscale_jax.train.checkpoint import Checkpoints
+from unitscale_jax.train.config import Config, resolve
+from unitscale_jax.train.data import load_data
+from unitscale_jax.train.errors import TrainingStopped, UsageError
+from unitscale_jax.train.metrics import MetricsWriter, read_metrics, truncate
+from unitscale_jax.train.plotting import plot_losses
+from unitscale_jax.train.run_dir import Log, StopSignals, prepare_run_dir
+
+
+def init_state_fn(cfg: Config, vocab_size: int, tx) -> Callable[[], dict]:
+    """A function (to jit) returning a freshly initialised train state
+    ``{"params", "opt_state", "step", "rng"}``."""
+
+    def init():
+        model = build.build_model(cfg, vocab_size)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return steplib.new_state(params, tx, cfg.training.seed)
+
+    return init
+
+
+class Trainer:
+    """Trains (or resumes) the run described by a config.
+
+    ``Trainer(cfg).run()`` is ``unitscale_jax.train.run(cfg)``. The pieces are usable
+    alone: ``build_state()`` restores or initialises ``state``, ``step(batch)`` takes one
+    optimizer step, ``evaluate(step)`` writes a validation row, ``save(step)`` a checkpoint.
+
+    Args:
+      config: a ``Config`` (or its ``to_dict()``); ``None`` fields take their defaults.
+      quiet: no progress bar or reports (the metrics files are still written).
+      devices: the devices of the mesh (default every device of every process).
+
+    Raises:
+      UsageError: bad options or data (one-line message).
+    """
+
+    def __init__(self, config: Config | dict, *, quiet: bool = False,
+                 devices: Optional[Sequence[Any]] = None):
+        self.t_start = time.perf_counter()
+        self.given = Config.from_dict(config) if isinstance(config, dict) else config
+        self.cfg = cfg = resolve(self.given)
+        t = cfg.training
+        distributed.maybe_initialize(t.distributed)
+        self.primary = jax.process_index() == 0
+        self.quiet = quiet
+        self.log = Log(self.primary, quiet)
+        self.run_dir = prepare_run_dir(cfg, self.given)
+        self.task = build.get_task(cfg.model.kind)
+        self.data = load_data(cfg, self.log)
+        tcfg = build.transformer_config(cfg, self.data.vocab_size)
+        self.par = par = steplib.make_parallel(
+            t.sharding, tensor_parallel=t.tensor_parallel,
+            tensor_dims=(tcfg.n_heads, tcfg.ffn_dim, tcfg.vocab_size), devices=devices)
+        n_proc = jax.process_count()
+        if t.batch_size % par.batch_shards or t.batch_size % n_proc:
+            raise UsageError(f"--batch-size {t.batch_size} is not divisible by the "
+                             f"{par.batch_shards} device(s) the batch is split over "
+                             f"({par.describe()}); use a multiple of "
+                             f"{math.lcm(par.batch_shards, n_proc)}.")
+
+        abstract_model = nnx.eval_shape(lambda: build.build_model(cfg, self.data.vocab_size))
+        graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        self.n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_params))
+        tx, schedule = build.build_optimizer(cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
+        self._init = init_state_fn(cfg, self.data.vocab_size, tx)
+        self.abstract_state = jax.eval_shape(self._init)
+        p_shardings = steplib.param_shardings(abstract_params, par)
+        self.shardings = steplib.state_shardings(tx, self.abstract_state, p_shardings, par)
+        self.n_sharded = sum(not s.is_fully_replicated for s in jax.tree.leaves(p_shardings))
+        self.log(f"model: {cfg.model.kind}, {cfg.model.parametrization}, "
+                 f"{self.n_params / 1e6:.2f}M params (d_model {tcfg.d_model}, {tcfg.n_layers} "
+                 f"layers, {tcfg.n_heads} heads), {cfg.optimizer.name} lr {cfg.optimizer.lr:g} "
+                 f"{cfg.optimizer.schedule}, precision {t.precision}; {par.describe()}")
+
+        self.ckpt = (Checkpoints(self.run_dir / "checkpoints", keep=t.keep_checkpoints,
+                                 async_save=t.async_checkpointing, log=self.log)
+                     if t.checkpoint else None)
+        self.train_it = self.data.train_iterator(cfg, shard_index=jax.process_index(),
+                                                 shard_count=n_proc)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._train_step, self._eval_step = steplib.jit_steps(
+            steplib.make_train_step(graphdef, self.task, tx, schedule,
+                                    use_value=build.needs_value(cfg), loss_scale=t.loss_scale),
+            steplib.make_eval_step(graphdef, self.task), self.shardings, par,
+            donate=jax.default_backend() != "cpu")
+        self.state: Optional[dict] = None
+        self.start_step = 0
+        self.history: list[dict] = []
+        self.last: dict[str, Optional[dict]] = {"train": None, "validation": None}
+        self.writer: Optional[MetricsWriter] = None
+
+    # ----------------------------------------------------------------------- pieces
+
+    def build_state(self) -> int:
+        """Restores the newest valid checkpoint into ``state``, else initialises it; opens the
+        metrics writer. Returns the step the run starts from.
+
+        Raises:
+          UsageError: the checkpoint is past ``--steps``.
+        """
+        t, ckpt = self.cfg.training, self.ckpt
+        restored = None
+        if ckpt is not None:
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  self.abstract_state, self.shardings)
+            restored = ckpt.restore_latest(target)
+        if restored is not None:
+            start, self.state, data_state = restored
+            if start > t.steps:
+                ckpt.close()
+                raise UsageError(f"the checkpoint in {ckpt.directory} is at step {start}, past "
+                                 f"--steps {t.steps}; pass --steps {start} or more to continue, "
+                                 "or --overwrite to start again.")
+            self.train_it.set_state(data_state)
+            if self.primary:
+                truncate(self.metrics_path, start)
+            for row in read_metrics(self.metrics_path):
+                self.last[row["split"]] = row  # the latest rows already written
+            self.log(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
+                     + ("; the run is already complete (raise --steps to train further)"
+                        if start == t.steps else ""))
+        else:
+            start = 0
+            self.state = jax.jit(self._init, out_shardings=self.shardings)()
+            if self.primary:
+                self.metrics_path.write_text("")
+        if self.primary:
+            (self.run_dir / "config.json").write_text(self.given.to_json() + "\n")
+        self.eval_batches = self.data.eval_batches(self.cfg, t.eval_batches)
+        self.writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard,
+                                    purge_step=start + 1 if start else None, enabled=self.primary)
+        self.start_step = start
+        return start
+
+    def step(self, batch: dict) -> dict:
+        """One optimizer step on this process's rows of ``batch``; returns the step's
+        metrics (device arrays: ``loss``, ``grad_norm``, ``lr``, ``scored_tokens`` and, with
+        ``--loss-scale``, ``skipped_steps``)."""
+        with self.par.context():
+            self.state, metrics = self._train_step(self.state,
+                                                   steplib.put_batch(batch, self.par))
+        return metrics
+
+    def evaluate(self, step: int) -> dict:
+        """Evaluates on the validation batches; writes and returns the validation row."""
+        total: dict[str, float] = {}
+        count: dict[str, int] = {}
+        with self.par.context():
+            for b in self.eval_batches:
+                sums = self._eval_step(self.state["params"], steplib.put_batch(b, self.par))
+                for name, (s, n) in sums.items():
+                    total[name] = total.get(name, 0.0) + float(s)
+                    count[name] = count.get(name, 0) + int(n)
+        means = {k: total[k] / max(count[k], 1) for k in total}
+        row = self.writer.write(step, "validation",
+                                self.task.metrics(means, self.data.bytes_per_token))
+        self.history.append(row)
+        self.last["validation"] = row
+        parts = [f"{v:.4f} bits/byte" if k == "bits_per_byte" else f"{k} {v:.4f}"
+                 for k, v in row.items() if k not in ("step", "split")]
+        self.log(f"step {step}: validation {', '.join(parts)}")
+        return row
+
+    def save(self, step: int, *, force: bool = False) -> None:
+        """Starts saving a checkpoint of ``state`` at ``step`` (no-op without checkpoints)."""
+        if self.ckpt is not None:
+            self.ckpt.save(step, self.state, self.train_it.get_state(), force=force)
+
+    def close(self) -> None:
+        """Waits for a background save; closes the checkpointer and the metrics files."""
+        if self.ckpt is not None:
+            self.ckpt.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    # ----------------------------------------------------------------------- the loop
+
+    def _check_finite(self, s: int, m: dict) -> None:
+        # with --loss-scale, overflowing gradients skip the step (train.precision)
+        ckpt, scaled = self.ckpt, self.cfg.training.loss_scale is not None
+        if math.isfinite(m["loss"]) and (math.isfinite(m["grad_norm"]) or scaled):
+            return
+        if ckpt is not None:
+            ckpt.wait()
+        good = max(ckpt.steps(), default=None) if ckpt is not None else None
+        where = (f"the last good checkpoint is step {good} in {ckpt.directory}" if good
+                 is not None else "no checkpoint was written")
+        raise TrainingStopped(f"non-finite training loss ({m['loss']}, gradient norm "
+                              f"{m['grad_norm']}) at step {s}; stopped, {where}. Lower --lr "
+                              + ("or --loss-scale " if scaled else "")
+                              + "or change --precision.")
+
+    def _write_train_row(self, s: int, m: dict, timing: dict, bar) -> None:
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        now = time.perf_counter()
+        if s > timing["tick_step"]:
+            tps = self.tokens_per_step * (s - timing["tick_step"]) / (now - timing["tick"])
+            timing["train_s"] += now - timing["tick"]
+            timing["steps_timed"] += s - timing["tick_step"]
+        else:
+            tps = float("nan")
+        timing["tick"], timing["tick_step"] = now, s
+        self._check_finite(s, m)
+        values = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"]}
+        if "skipped_steps" in m:
+            values["skipped_steps"] = int(m["skipped_steps"])
+        if math.isfinite(tps):  # not on the step that compiled
+            values["tokens_per_s"] = tps
+            timing["ema_tps"] = (tps if timing["ema_tps"] is None
+                                 else 0.9 * timing["ema_tps"] + 0.1 * tps)
+        row = self.writer.write(s, "train", {**values, "elapsed_s": now - self.t_start})
+        self.history.append(row)
+        self.last["train"] = row
+        ema = timing["ema_tps"]
+        bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False,
+                        tok_s="compiled" if ema is None else f"{ema:,.0f}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.training.batch_size * self.cfg.data.seq_len
+
+    def run(self) -> dict[str, Any]:
+        """Builds the state and trains to ``--steps``; returns the summary (see ``run``).
+
+        Raises:
+          TrainingStopped: a non-finite loss or an interrupt (the last good checkpoint stays).
+        """
+        from tqdm.auto import tqdm
+        t, ckpt = self.cfg.training, self.ckpt
+        start = self.build_state()
+        stop = StopSignals()
+        bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   disable=not (t.progress and self.primary and not self.quiet), desc="train")
+        self.log.bar = bar
+        t_loop = time.perf_counter()
+        startup_s = t_loop - self.t_start
+        timing = {"first_step_s": None, "train_s": 0.0, "steps_timed": 0, "ema_tps": None,
+                  "tick": time.perf_counter(), "tick_step": start}
+        try:
+            if start == 0 and t.eval_every:
+                self.evaluate(0)
+                timing["tick"] = time.perf_counter()
+            for s in range(start + 1, t.steps + 1):
+                m = self.step(next(self.train_it))
+                if timing["first_step_s"] is None:
+                    jax.block_until_ready(m)
+                    timing["first_step_s"] = time.perf_counter() - timing["tick"]
+                    timing["tick"], timing["tick_step"] = time.perf_counter(), s
+                ckpt_now = ckpt is not None and t.checkpoint_every and s % t.checkpoint_every == 0
+                if s % t.log_every == 0 or ckpt_now or s == t.steps:
+                    self._write_train_row(s, m, timing, bar)
+                if t.eval_every and s % t.eval_every == 0:
+                    self.evaluate(s)
+                    timing["tick"] = time.perf_counter()
+                if ckpt_now:
+                    self.save(s)
+                bar.update(1)
+                if stop.received:
+                    saved = ""
+                    if ckpt is not None:
+                        if s not in ckpt.steps():
+                            self.save(s, force=True)
+                        ckpt.wait()
+                        saved = f"checkpoint saved at step {s}; "
+                    raise TrainingStopped(f"{stop.received} received at step {s}: {saved}rerun "
+                                          "the same command to resume.")
+            if self.last["validation"] is None or self.last["validation"]["step"] != t.steps:
+                self.evaluate(t.steps)
+            if ckpt is not None and t.steps not in ckpt.steps():
+                self.save(t.steps, force=True)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the step loop
+            raise TrainingStopped("interrupted; the last complete checkpoint is kept; rerun the "
+                                  "same command to resume.") from None
+        finally:
+            stop.restore()
+            bar.close()
+            self.log.bar = None
+            self.close()
+        return self._summary(startup_s, time.perf_counter() - t_loop, timing)
+
+    def _summary(self, startup_s: float, train_s: float, timing: dict) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.training
+        plot_path = None
+        if t.plot and self.primary:
+            plot_path = plot_losses(self.metrics_path, self.run_dir / "loss.png",
+                                    title=f"{cfg.preset} {cfg.model.kind} "
+                                          f"{cfg.model.parametrization}, {t.precision}")
+        tps = (self.tokens_per_step * timing["steps_timed"] / timing["train_s"]
+               if timing["train_s"] > 0 else None)
+        last_train, last_val = self.last["train"] or {}, self.last["validation"] or {}
+        summary = {
+            "run_dir": str(self.run_dir), "steps": t.steps, "start_step": self.start_step,
+            "final_train_loss": last_train.get("loss"),
+            "final_val_loss": last_val.get("loss"),
+            "final_bits_per_byte": last_val.get("bits_per_byte"),
+            "tokens_per_s": tps, "time_to_first_step_s": timing["first_step_s"],
+            "startup_s": startup_s, "train_s": train_s, "n_params": self.n_params,
+            "devices": int(self.par.mesh.devices.size), "sharded_params": self.n_sharded,
+            "metrics": str(self.metrics_path),
+            "tensorboard": str(self.writer.tb_dir) if t.tensorboard else None,
+            "plot": str(plot_path) if plot_path else None,
+            "checkpoint": (str(self.ckpt.directory / str(t.steps)) if self.ckpt is not None
+                           else None),
+            "config": str(self.run_dir / "config.json"),
+            "skipped_steps": last_train.get("skipped_steps", 0),
+        }
+        if self.primary:
+            (self.run_dir / "summary.json").write_text(
+                json.dumps({**summary, "resolved_config": cfg.to_dict()}, indent=2) + "\n")
+        summary["history"] = self.history
+        return summary
