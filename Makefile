@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` (the main job: train a small u-muP decoder on the
-# built-in corpus, then sample from it) and `make test` (the test suite).
+# built-in corpus, then sample from it) and `make test` (the linters, then the test suite).
 # Each creates the virtual environment .venv (with this package installed in editable mode)
 # when it is missing or older than pyproject.toml.
 PYTHON ?= python3
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ demo: $(STAMP)
 	$(BIN)/unitscale-jax train --preset tiny --run-dir $(DEMO_RUN)
 	$(BIN)/unitscale-jax sample --run-dir $(DEMO_RUN) --prompt "The " --max-new-tokens 120
 
-test: $(STAMP)
+# style (ruff) and the layer contracts (import-linter, pyproject.toml)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -9,7 +9,7 @@ from flax import nnx
 from unitscale_jax import nn
 from unitscale_jax.analysis import KINDS, scale_stats, tensor_stats, track_scales, unroll
 from unitscale_jax.analysis.naming import op_names, param_name, row_order
-from unitscale_jax.nn import _maths
+from unitscale_jax import ops
 
 CFG = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
 IDS = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
@@ -73,8 +73,7 @@ def test_stats_match_direct_computation(umup_records):
     def direct(m):
         logits = m(IDS)
         # gradient flowing into the logits: the (scaled) cross-entropy gradient
-        g = jax.grad(lambda lg: _maths.cross_entropy(lg[:, :-1], IDS[:, 1:], "umup",
-                                                     mult=c.loss_mult))(logits)
+        g = jax.grad(lambda lg: ops.cross_entropy(lg[:, :-1], IDS[:, 1:], mult=c.loss_mult))(logits)
         grads = nnx.grad(lambda m: m.loss(IDS))(m)
         return tensor_stats(logits), tensor_stats(g), {
             "readout.kernel": (tensor_stats(m.readout.kernel[...]),

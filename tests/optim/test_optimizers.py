@@ -25,7 +25,8 @@ from unitscale_jax.optim import (
 
 def test_adamw_equals_manual_formula_over_steps():
     lr, wd = optax.linear_schedule(0.5, 0.1, 5), 0.05
-    tx = adamw(lr, param_info=INFO, weight_decay=wd, b1=0.8, b2=0.9, eps=1e-6)
+    tx = adamw(lr, param_info=INFO, weight_decay=wd, b1=0.8, b2=0.9, eps=1e-6,
+               peak_learning_rate=0.5)  # a plain optax schedule: its peak is given
     ref_adam = optax.scale_by_adam(b1=0.8, b2=0.9, eps=1e-6)
     params = _tree(0)
     state, ref_state = tx.init(params), ref_adam.init(params)

@@ -10,7 +10,6 @@ import pytest
 
 from optim_helpers import FACTORS, INFO, toy_tree as _tree
 from unitscale_jax.optim import (
-    PEAK_SEARCH_STEPS,
     adam,
     adamw,
     exponential_decay,
@@ -26,12 +25,13 @@ def test_peak_learning_rate_resolution():
     assert resolve_peak_learning_rate(0.3, 0.5) == 0.5
     assert resolve_peak_learning_rate(warmup_cosine(2.0, 10, 100)) == 2.0
     assert resolve_peak_learning_rate(exponential_decay(0.7, 0.9)) == 0.7
+    # a plain optax schedule: the peak is given, never probed
     sched = optax.warmup_cosine_decay_schedule(0.0, 1.5, 300_000, 900_000)
-    assert resolve_peak_learning_rate(sched) == pytest.approx(1.5, rel=1e-6)
-    late = optax.linear_schedule(0.0, 1.0, 2 * PEAK_SEARCH_STEPS)  # peak beyond the probe
-    assert resolve_peak_learning_rate(late) < 0.51
+    assert resolve_peak_learning_rate(sched, 1.5) == 1.5
+    with pytest.raises(ValueError, match="pass peak_learning_rate"):
+        resolve_peak_learning_rate(sched)
     with pytest.raises(ValueError, match="must be > 0"):
-        resolve_peak_learning_rate(optax.constant_schedule(0.0))
+        resolve_peak_learning_rate(optax.constant_schedule(0.0), 0.0)
 
 
 @pytest.mark.parametrize("sched", [warmup_cosine(1.0, 3, 8, init_value=0.1, end_value=0.05),

@@ -82,10 +82,10 @@ def _dot_dtypes(jaxpr, out):
 @pytest.mark.parametrize("par", ["sp", "umup"])
 def test_fp16_backward_runs_in_fp16(par):
     """Every matmul of the forward and backward pass has float16 operands; results are float16
-    except u-muP's kernel gradients (sums over every token, accumulated in float32 and scaled
-    by B^-1/2 before the cast, or float16 overflows at large batches: ``ops._wide``; SP's
-    are ordinary float16 products); the gradient reaching every tapped activation is
-    float16; master gradients are float32."""
+    except the kernel gradients (sums over every token, accumulated in float32 and, in u-muP,
+    scaled by B^-1/2 before the cast, or float16 overflows at large batches: ``ops._wide``;
+    SP runs the same linear core with its scales at 1); the gradient reaching every tapped
+    activation is float16; master gradients are float32."""
     cfg = _cfg(par, "fp16", n_layers=2, scan=False)
     batch = _batch(2, 8)
     loss, params = _loss_fn(cfg, batch)
@@ -94,7 +94,7 @@ def test_fp16_backward_runs_in_fp16(par):
     assert len(dots) >= 3 * (2 * 5 + 1)
     wide = ("float16", "float16", "float32")
     assert set(dots) - {wide} == {("float16", "float16", "float16")}, set(dots)
-    assert dots.count(wide) == (2 * 5 + 1 if par == "umup" else 0)  # one per kernel
+    assert dots.count(wide) == 2 * 5 + 1  # one per kernel
 
     model = build.build_model(cfg, VOCAB)
     graphdef, state = nnx.split(model)

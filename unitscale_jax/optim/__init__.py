@@ -27,13 +27,12 @@ from unitscale_jax.optim.umup import (
 from unitscale_jax.optim.unit_scale import UnitScaleState, unit_scale
 from unitscale_jax.optim.weight_decay import (
     DEFAULT_DECAY_TYPES,
-    PEAK_SEARCH_STEPS,
     add_independent_weight_decay,
     resolve_peak_learning_rate,
 )
 
 __all__ = [
-    "DEFAULT_DECAY_TYPES", "OPTIMIZERS", "PEAK_SEARCH_STEPS", "READOUT_CONSTRAINTS",
+    "DEFAULT_DECAY_TYPES", "OPTIMIZERS", "READOUT_CONSTRAINTS",
     "UnitScaleState", "adam", "checks", "adamw", "add_independent_weight_decay", "exponential_decay",
     "reduce_on_plateau", "resolve_peak_learning_rate", "scale_by_umup", "sgd", "umup_factor",
     "umup_factors", "unit_scale", "warmup_cosine",

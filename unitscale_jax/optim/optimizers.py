@@ -73,8 +73,8 @@ def adamw(
       weight_decay_mask: optional optax-style mask on top of ``weight_decay_types`` (under
         ``inject_hyperparams`` pass a callable mask via ``static_args``).
       peak_learning_rate: ``eta_peak``; default as in
-        ``unitscale_jax.optim.resolve_peak_learning_rate`` (the float, the schedule's
-        ``peak_value`` or its maximum over the first ``PEAK_SEARCH_STEPS`` steps).
+        ``unitscale_jax.optim.resolve_peak_learning_rate`` (the float, or the schedule's
+        ``peak_value``; a plain optax schedule needs it given).
       default, allow_missing: for parameters without u-muP metadata (see ``scale_by_umup``).
 
     Returns:

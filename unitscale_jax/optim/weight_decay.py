@@ -19,44 +19,36 @@ from unitscale_jax.optim._tree import InfoLookup, array_keys, map_arrays
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
-#: Steps probed (0 .. PEAK_SEARCH_STEPS - 1) to find a schedule's peak when none is given.
-PEAK_SEARCH_STEPS = 1_000_000
 #: Parameter types decayed by default: the matrices (hidden weights, embedding, readout).
 DEFAULT_DECAY_TYPES = ("weight", "embedding", "output")
 
 
 def resolve_peak_learning_rate(learning_rate: ScalarOrSchedule,
                                peak_learning_rate: Optional[float] = None) -> Any:
-    """``eta_peak`` of the independent weight decay, defined as follows:
+    """``eta_peak`` of the independent weight decay, always given, never probed:
 
-    1. ``peak_learning_rate`` if given;
+    1. ``peak_learning_rate`` if given (what a plain optax schedule needs);
     2. else, for a schedule with a ``peak_value`` attribute (the schedules of
-       ``unitscale_jax.optim.schedules`` have one), that value;
-    3. else, for any other schedule, ``max(schedule(t))`` over integer steps
-       ``t = 0 .. PEAK_SEARCH_STEPS - 1`` (evaluated once, at construction);
-    4. else (a number, or an array injected by ``optax.inject_hyperparams``) the learning rate
-       itself, so ``eta_t / eta_peak = 1``.
+       ``unitscale_jax.optim.schedules`` carry the peak they were built with), that value;
+    3. else, for a number (or an array injected by ``optax.inject_hyperparams``), the learning
+       rate itself, so ``eta_t / eta_peak = 1``.
 
-    Case 4 means that under ``optax.inject_hyperparams`` the decay stays ``lambda`` per step when
+    Case 3 means that under ``optax.inject_hyperparams`` the decay stays ``lambda`` per step when
     the learning rate is changed; pass ``peak_learning_rate`` to make it follow ``eta_t``.
 
     Raises:
-      ValueError: if the peak found is not positive.
+      ValueError: a schedule without ``peak_value`` and no ``peak_learning_rate``, or a peak
+        that is not positive.
     """
     if peak_learning_rate is not None:
         peak = peak_learning_rate
     elif callable(learning_rate):
         peak = getattr(learning_rate, "peak_value", None)
         if peak is None:
-            with jax.ensure_compile_time_eval():
-                steps = jnp.arange(PEAK_SEARCH_STEPS, dtype=jnp.int32)
-                try:
-                    values = jnp.asarray(learning_rate(steps))
-                    if values.shape != steps.shape:
-                        raise ValueError
-                except Exception:  # schedules that do not broadcast over a vector of steps
-                    values = jax.vmap(learning_rate)(steps)
-                peak = float(jnp.max(values))
+            raise ValueError(
+                "independent weight decay needs the schedule's peak learning rate: pass "
+                "peak_learning_rate=... (the value the schedule was built with), or use a "
+                "schedule of unitscale_jax.optim, which carries it.")
     else:
         peak = learning_rate
     if isinstance(peak, (int, float)) and not peak > 0:
