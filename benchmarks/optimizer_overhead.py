@@ -40,11 +40,14 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._timing import (interleaved_times, paired_ratios, train_step_runner,  # noqa: E402
-                                write_result)
+from benchmarks._timing import (  # noqa: E402
+    interleaved_times,
+    paired_ratios,
+    train_step_runner,
+    write_result,
+)
 from unitscale_jax.nn import TransformerDecoder, param_info  # noqa: E402
 from unitscale_jax.optim import adamw, unit_scale  # noqa: E402
-
 
 FLOOR = "one read of the gradients"
 

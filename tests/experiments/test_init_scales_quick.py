@@ -3,9 +3,8 @@ deviation from unit scale at init, and everything else in the decoder is within 
 
 import csv
 
-import pytest
-
 import init_scales
+import pytest
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unitscale_jax import ops
 from unitscale_jax import nn as unn
+from unitscale_jax import ops
 from unitscale_jax.params import ParamInfo
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from optim_helpers import FACTORS, INFO, TinyLM, lm_loss
+from optim_helpers import toy_tree as _tree
 
-from optim_helpers import FACTORS, INFO, TinyLM, lm_loss, toy_tree as _tree
 from unitscale_jax import checks
 from unitscale_jax.nn import param_info
 from unitscale_jax.optim import (
@@ -20,7 +21,6 @@ from unitscale_jax.optim import (
     unit_scale,
     warmup_cosine,
 )
-
 
 
 def test_adamw_equals_manual_formula_over_steps():

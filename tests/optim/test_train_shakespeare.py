@@ -8,11 +8,11 @@ import optax
 import pytest
 from flax import nnx
 
+from tests.shared_data import TINYSHAKESPEARE as CORPUS
 from unitscale_jax import checks
 from unitscale_jax.nn import TransformerDecoder, param_info
 from unitscale_jax.optim import adamw, unit_scale, warmup_cosine
 
-from tests.shared_data import TINYSHAKESPEARE as CORPUS
 STEPS, BATCH, SEQ = 40, 16, 64
 
 

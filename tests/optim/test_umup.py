@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-
 from optim_helpers import TINY_ADAM_FACTORS, TinyLM
+
 from unitscale_jax import checks
 from unitscale_jax.nn import ParamInfo, param_info
 from unitscale_jax.optim import adam, scale_by_umup, umup_factor

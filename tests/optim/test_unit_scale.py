@@ -7,8 +7,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from optim_helpers import lm_loss
+from optim_helpers import random_grads as _grads
+from optim_helpers import unit_scale_reference as _reference
 
-from optim_helpers import lm_loss, random_grads as _grads, unit_scale_reference as _reference
 from unitscale_jax import checks
 from unitscale_jax.optim import UnitScaleState, unit_scale
 

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from optim_helpers import random_grads as _grads
+from optim_helpers import unit_scale_reference as _reference
 
-from optim_helpers import random_grads as _grads, unit_scale_reference as _reference
 from unitscale_jax import checks
 from unitscale_jax.optim import unit_scale
 

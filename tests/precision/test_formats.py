@@ -5,7 +5,15 @@ import ml_dtypes
 import pytest
 
 from unitscale_jax.precision import (
-    BF16, E4M3, E4M3_FNUZ, E5M2, E5M2_FNUZ, FP16, FP32, FloatFormat, get_format,
+    BF16,
+    E4M3,
+    E4M3_FNUZ,
+    E5M2,
+    E5M2_FNUZ,
+    FP16,
+    FP32,
+    FloatFormat,
+    get_format,
 )
 
 from ._probes import NAMED_FORMATS

@@ -10,8 +10,16 @@ import pytest
 
 from unitscale_jax import ops
 from unitscale_jax.precision import (
-    BF16, E4M3, E5M2, PRESETS, ROLES, UMUP_LARGE_RUN_OVERRIDES, Override, PrecisionPolicy,
-    get_policy, simulate,
+    BF16,
+    E4M3,
+    E5M2,
+    PRESETS,
+    ROLES,
+    UMUP_LARGE_RUN_OVERRIDES,
+    Override,
+    PrecisionPolicy,
+    get_policy,
+    simulate,
 )
 
 X = jax.random.normal(jax.random.key(0), (2, 5, 32))

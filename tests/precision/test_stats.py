@@ -6,7 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from unitscale_jax.precision import (
-    E4M3, E5M2, FP16, format_stats, saturation_fraction, simulate, tree_format_stats,
+    E4M3,
+    E5M2,
+    FP16,
+    format_stats,
+    saturation_fraction,
+    simulate,
+    tree_format_stats,
     underflow_fraction,
 )
 

@@ -38,7 +38,10 @@ import torch.nn.functional as F
 import unit_scaling as uu
 import unit_scaling.functional as U
 from unit_scaling import constraints as UC
-from unit_scaling.core.functional import logarithmic_interpolation, transformer_residual_scaling_rule
+from unit_scaling.core.functional import (
+    logarithmic_interpolation,
+    transformer_residual_scaling_rule,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -19,7 +19,14 @@ from unitscale_jax.analysis.plot import plot_scales
 from unitscale_jax.analysis.records import read_csv, write_csv
 from unitscale_jax.analysis.stats import FORMATS, SCALE_STATS, stat_names, tensor_stats
 from unitscale_jax.analysis.tracking import (
-    KINDS, default_loss, forward_backward, scale_stats, stats_of, to_records, track_scales, unroll,
+    KINDS,
+    default_loss,
+    forward_backward,
+    scale_stats,
+    stats_of,
+    to_records,
+    track_scales,
+    unroll,
 )
 
 __all__ = [

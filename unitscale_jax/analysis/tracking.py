@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unitscale_jax.analysis import naming
-from unitscale_jax.analysis.stats import FORMATS, stat_names, tensor_stats
 from unitscale_jax.analysis.activations import tapped_value_and_grad
+from unitscale_jax.analysis.stats import FORMATS, stat_names, tensor_stats
 
 KINDS = ("fwd", "bwd", "weight", "weight_grad")
 LossFn = Callable[[nnx.Module, Any], jax.Array]

@@ -18,8 +18,14 @@ import jax.numpy as jnp
 
 from unitscale_jax.ops import _wide
 from unitscale_jax.ops._checks import (
-    check_ce_inputs, check_ids_in_range, check_linear_inputs, require_float, require_int,
-    require_min_rank, require_range_rate, require_rank,
+    check_ce_inputs,
+    check_ids_in_range,
+    check_linear_inputs,
+    require_float,
+    require_int,
+    require_min_rank,
+    require_range_rate,
+    require_rank,
 )
 
 F32 = jnp.float32

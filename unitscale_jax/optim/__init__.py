@@ -14,7 +14,6 @@ models (``unitscale_jax.nn``).
 """
 
 from unitscale_jax.optim import checks
-
 from unitscale_jax.optim.optimizers import adam, adamw, sgd
 from unitscale_jax.optim.schedules import exponential_decay, reduce_on_plateau, warmup_cosine
 from unitscale_jax.optim.umup import (

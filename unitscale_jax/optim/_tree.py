@@ -18,7 +18,8 @@ import jax
 import optax
 from flax import nnx
 
-from unitscale_jax.params import ParamInfo, param_info as _param_info
+from unitscale_jax.params import ParamInfo
+from unitscale_jax.params import param_info as _param_info
 
 PathKey = Tuple[str, ...]
 

@@ -9,7 +9,7 @@ the gradient magnitudes drift during training.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

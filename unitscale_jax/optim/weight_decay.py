@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from unitscale_jax.params import PARAM_TYPES, ParamInfo
 from unitscale_jax.optim._tree import InfoLookup, array_keys, map_arrays
+from unitscale_jax.params import PARAM_TYPES, ParamInfo
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
