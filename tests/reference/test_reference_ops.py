@@ -111,7 +111,8 @@ def assert_close(name, what, ours, ref, rtol, atol, scaled_atol=False):
     if np.any(bad) or not np.all(np.isfinite(ours)):
         raise AssertionError(
             f"{name} {what}: {int(bad.sum())}/{bad.size} elements differ; max abs diff "
-            f"{float(diff.max()):.3e} (max |ref| {float(np.abs(ref).max()):.3e}, rtol={rtol}, atol={atol})"
+            f"{float(diff.max()):.3e} (max |ref| {float(np.abs(ref).max()):.3e}, rtol={rtol}, "
+            f"atol={atol})"
         )
 
 

@@ -129,7 +129,8 @@ def coord_check(parametrizations: Sequence[str] = ("umup", "sp"),
     records = []
     for p in parametrizations:
         if p not in lrs:
-            raise ValueError(f"coord_check: no learning rate for {p!r}; pass learning_rates={{{p!r}: ...}}.")
+            raise ValueError(f"coord_check: no learning rate for {p!r}; "
+                             f"pass learning_rates={{{p!r}: ...}}.")
         for w in widths:
             model = (model_fn(p, w) if model_fn else
                      default_model(p, w, config=config, d_head=d_head, seed=seed))
@@ -144,7 +145,8 @@ def coord_check(parametrizations: Sequence[str] = ("umup", "sp"),
                                     "name": name, "rms": rms[k], "loss": loss,
                                     "learning_rate": lrs[p]})
             if progress:
-                progress(f"coord_check {p} width {w}: loss {history[0][0]:.3f} -> {history[-1][0]:.3f}")
+                progress(f"coord_check {p} width {w}: "
+                         f"loss {history[0][0]:.3f} -> {history[-1][0]:.3f}")
     return records
 
 

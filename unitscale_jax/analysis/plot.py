@@ -95,7 +95,8 @@ def plot_scales(records: Sequence[dict], path: str, *, metric: str = "rms", titl
         raise ValueError("plot_scales: no records (run track_scales first).")
     unknown = {r.get("kind") for r in records} - set(KIND_STYLE)
     if unknown:
-        raise ValueError(f"plot_scales: unknown record kind(s) {sorted(map(str, unknown))}; expected {list(KIND_STYLE)}.")
+        raise ValueError(f"plot_scales: unknown record kind(s) {sorted(map(str, unknown))}; "
+                         f"expected {list(KIND_STYLE)}.")
     rows = _rows(records)
     y_of = {n: i for i, n in enumerate(rows)}
     fig = Figure(figsize=(11, 2.6 + 0.24 * len(rows)))

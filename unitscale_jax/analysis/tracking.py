@@ -33,7 +33,8 @@ LossFn = Callable[[nnx.Module, Any], jax.Array]
 def default_loss(model: nnx.Module, batch: Any) -> jax.Array:
     """``model.loss(**batch)`` for a dict batch, else ``model.loss(batch)``."""
     if not callable(getattr(model, "loss", None)):
-        raise TypeError(f"{type(model).__name__} has no loss method; pass loss_fn=(model, batch) -> scalar.")
+        raise TypeError(f"{type(model).__name__} has no loss method; "
+                        "pass loss_fn=(model, batch) -> scalar.")
     return model.loss(**batch) if isinstance(batch, dict) else model.loss(batch)
 
 

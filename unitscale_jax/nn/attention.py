@@ -89,7 +89,8 @@ class MultiHeadAttention(nnx.Module):
                  param_dtype: Any = jnp.float32):
         if d_head is None:
             if d_model % n_heads:
-                raise ValueError(f"MultiHeadAttention: d_model {d_model} not divisible by n_heads {n_heads}; pass d_head.")
+                raise ValueError(f"MultiHeadAttention: d_model {d_model} not divisible by n_heads "
+                                 f"{n_heads}; pass d_head.")
             d_head = d_model // n_heads
         if use_rope and d_head % 2:
             raise ValueError(f"MultiHeadAttention: RoPE needs an even d_head, got {d_head}.")
@@ -157,7 +158,8 @@ class MultiHeadAttention(nnx.Module):
             if cache is None and context is None:
                 raise ValueError("cross attention needs a context (or a cache of its keys/values).")
             if cache is None and context.shape[0] != x.shape[0]:
-                raise ValueError(f"cross attention: context batch {context.shape[0]} != query batch {x.shape[0]}.")
+                raise ValueError(f"cross attention: context batch {context.shape[0]} != query "
+                                 f"batch {x.shape[0]}.")
             q, = self._split(self.q_proj(x, rng=keys[0]), 1)
             if cache is not None:
                 k, v = cache["k"], cache["v"]

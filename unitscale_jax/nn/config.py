@@ -24,7 +24,8 @@ def _dtype(value: Any, name: str) -> jnp.dtype:
     try:
         dtype = jnp.dtype(value)
     except TypeError as e:
-        raise ValueError(f"TransformerConfig.{name}: {value!r} is not a dtype (use e.g. 'float32' or 'bfloat16').") from e
+        raise ValueError(f"TransformerConfig.{name}: {value!r} is not a dtype (use e.g. 'float32' "
+                         "or 'bfloat16').") from e
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"TransformerConfig.{name} must be a floating-point dtype, got {dtype}.")
     return dtype

@@ -42,10 +42,12 @@ class TransformerEncoder(nnx.Module):
                  mlm_head: bool = True, pooling: str = "cls", **overrides: Any):
         c = resolve_config(config, overrides)
         if pooling not in POOLINGS:
-            raise ValueError(f"TransformerEncoder: pooling must be one of {POOLINGS}, got {pooling!r}.")
+            raise ValueError(f"TransformerEncoder: pooling must be one of {POOLINGS}, "
+                             f"got {pooling!r}.")
         for name, n in (("n_classes", n_classes), ("n_token_classes", n_token_classes)):
             if n is not None and (not isinstance(n, int) or n < 2):
-                raise ValueError(f"TransformerEncoder: {name} must be an int >= 2 or None, got {n!r}.")
+                raise ValueError(f"TransformerEncoder: {name} must be an int >= 2 or None, "
+                                 f"got {n!r}.")
         self.config = c
         self.pooling = pooling
         self.deterministic = False

@@ -115,13 +115,15 @@ class TransformerEncoderDecoder(nnx.Module):
             return c.parametrization.cross_entropy(logits, targets, mult=c.loss_mult, where=where,
                                             check_ids=c.check_ids)
         if tgt.ndim != 2 or tgt.shape[1] < 2:
-            raise ValueError(f"{_NAME}.loss: tgt must be [batch, tgt_len >= 2] (start token + targets), got {tgt.shape}.")
+            raise ValueError(f"{_NAME}.loss: tgt must be [batch, tgt_len >= 2] "
+                             f"(start token + targets), got {tgt.shape}.")
         where = _common.check_where(where, where_shape, f"{_NAME}.loss")
         in_mask = None
         if tgt_mask is not None:
             tgt_mask = jnp.asarray(tgt_mask)
             if tgt_mask.ndim != 2 or tgt_mask.shape != tgt.shape:
-                raise ValueError(f"{_NAME}.loss: tgt_mask must be a padding mask of shape {tgt.shape}, got {tgt_mask.shape}.")
+                raise ValueError(f"{_NAME}.loss: tgt_mask must be a padding mask of shape "
+                                 f"{tgt.shape}, got {tgt_mask.shape}.")
             in_mask = tgt_mask[:, :-1]
         logits = self(src, tgt[:, :-1], src_mask=src_mask, tgt_mask=in_mask, rng=rng)
         scored = None if where is None else where[:, 1:]
@@ -175,7 +177,8 @@ class TransformerEncoderDecoder(nnx.Module):
         if int(max_new_tokens) < 1:
             raise ValueError(f"{_NAME}.generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
         if total > c.max_seq_len:
-            raise ValueError(f"{_NAME}.generate: 1 + max_new_tokens = {total} exceeds max_seq_len {c.max_seq_len}.")
+            raise ValueError(f"{_NAME}.generate: 1 + max_new_tokens = {total} exceeds max_seq_len "
+                             f"{c.max_seq_len}.")
         if not 0 <= int(start_id) < c.vocab_size:
             raise ValueError(f"{_NAME}.generate: start_id {start_id} outside [0, {c.vocab_size}).")
         _common.key_padding_mask(src_mask, *src.shape, _NAME, "src_mask")

@@ -151,7 +151,8 @@ class Embedding(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
-            raise TypeError(f"Embedding: ids must be integer token ids, got dtype {jnp.result_type(ids)}.")
+            raise TypeError("Embedding: ids must be integer token ids, "
+                            f"got dtype {jnp.result_type(ids)}.")
         table = _cast(self.embedding[...], self.dtype)
         return self.parametrization.embedding(ids, table, check_ids=self.check_ids)
 

@@ -130,7 +130,8 @@ def silu_glu(x: jax.Array, gate: jax.Array, *, mult: float = 1.0) -> jax.Array:
     require_float(x, "x", "silu_glu")
     require_float(gate, "gate", "silu_glu")
     if x.shape != gate.shape:
-        raise ValueError(f"silu_glu: x and gate must have the same shape, got {x.shape} and {gate.shape}.")
+        raise ValueError("silu_glu: x and gate must have the same shape, "
+                         f"got {x.shape} and {gate.shape}.")
     mult = _check_mult(mult, "silu_glu")
     s = logarithmic_interpolation(1.0 / (1.0 + 1.0 / mult**2), 2.0, 2.0**0.5)
     # one scale on the output and both input gradients: s * x * silu(gate), ordinary gradient

@@ -132,6 +132,7 @@ class InfoLookup:
             raise ValueError(
                 f"{len(missing)} parameter(s) have no u-muP metadata (ParamInfo) in param_info: "
                 f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}. Create them with "
-                "unitscale_jax.nn.umup_param and pass param_info=unitscale_jax.nn.param_info(model), "
+                "unitscale_jax.nn.umup_param and pass "
+                "param_info=unitscale_jax.nn.param_info(model), "
                 "or opt in with default=ParamInfo(...) or allow_missing=True (factor 1).")
         return out

@@ -115,7 +115,8 @@ def unit_scale(decay: float = 0.0, eps: float = 0.0) -> optax.GradientTransforma
         if len(idx) != state.rms.shape[0]:
             raise ValueError(
                 f"unit_scale: the updates have {len(idx)} array leaves but the state was "
-                f"initialised for {state.rms.shape[0]}; call init with a tree of the same structure.")
+                f"initialised for {state.rms.shape[0]}; call init with a tree of the same "
+                "structure.")
         count = optax.safe_increment(state.count)
         d = jnp.asarray(decay, jnp.float32)
         t = count.astype(jnp.float32)

@@ -117,7 +117,8 @@ def add_independent_weight_decay(
         del extra_args
         if params is None:
             raise ValueError(
-                "Independent weight decay needs the parameters: call tx.update(grads, state, params).")
+                "Independent weight decay needs the parameters: "
+                "call tx.update(grads, state, params).")
         sel = selected(updates)
         coeff = jnp.asarray(weight_decay, jnp.float32) / jnp.asarray(peak_learning_rate, jnp.float32)
 
