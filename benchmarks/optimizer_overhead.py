@@ -87,7 +87,8 @@ def main() -> None:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(0), len(leaves))
-    grads = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    grads = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype)
+                               for k, x in zip(keys, leaves)])
     print(f"{n_params / 1e6:.2f}M parameters in {len(leaves)} leaves, {jax.devices()[0]}")
 
     def make_txs():

@@ -384,7 +384,8 @@ def main(argv=None) -> int:
     ap.add_argument("--large-batch", action="store_true",
                     help="fp32 against fp16 (SP also with a loss scale) at 16k tokens per step, "
                          "one seed; writes low_precision_large_batch*.csv/png")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="text file (default tiny Shakespeare)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA),
+                    help="text file (default tiny Shakespeare)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "low_precision",
                     help="run directories (checkpoints, metrics)")

@@ -30,7 +30,8 @@ from unitscale_jax.analysis.tracking import (
 )
 
 __all__ = [
-    "FORMATS", "KINDS", "SCALE_STATS", "activation_stats", "coord_check", "default_loss", "forward_backward",
-    "named_params", "plot_coord_check", "plot_scales", "read_csv", "scale_stats", "stat_names", "stats_of",
-    "tapped_value_and_grad", "tensor_stats", "to_records", "track_scales", "unroll", "width_slopes", "write_csv",
+    "FORMATS", "KINDS", "SCALE_STATS", "activation_stats", "coord_check", "default_loss",
+    "forward_backward", "named_params", "plot_coord_check", "plot_scales", "read_csv",
+    "scale_stats", "stat_names", "stats_of", "tapped_value_and_grad", "tensor_stats", "to_records",
+    "track_scales", "unroll", "width_slopes", "write_csv",
 ]

@@ -54,7 +54,8 @@ def parser(prog: str = "unitscale-jax analyse") -> argparse.ArgumentParser:
     return p
 
 
-def text_batch(source: str, batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> np.ndarray:
+def text_batch(source: str, batch_size: int, seq_len: int, vocab_size: int,
+               seed: int = 0) -> np.ndarray:
     """``[batch_size, seq_len]`` int32 ids: random windows of byte-level text, or random ids.
 
     Args:
@@ -133,7 +134,8 @@ def analyse_main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-ja
                   file=sys.stderr)
             return 2
     if ns.no_scales and not ns.coord_check:
-        print(f"{prog}: error: --no-scales without --coord-check leaves nothing to do.", file=sys.stderr)
+        print(f"{prog}: error: --no-scales without --coord-check leaves nothing to do.",
+              file=sys.stderr)
         return 2
 
     def log(msg: str) -> None:

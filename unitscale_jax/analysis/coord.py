@@ -237,7 +237,8 @@ def plot_coord_check(records: Sequence[dict], path: str, *, names: Optional[Sequ
             ax = axes[i][j]
             for n in names:
                 pts = sorted((r["width"], r["rms"]) for r in records
-                             if r["parametrization"] == p and int(r["step"]) == t and r["name"] == n)
+                             if r["parametrization"] == p and int(r["step"]) == t
+                             and r["name"] == n)
                 if pts:
                     w, v = zip(*pts)
                     lines[n], = ax.plot(w, v, marker=".", color=colors[n], lw=1.3, label=n)

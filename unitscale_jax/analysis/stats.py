@@ -50,7 +50,8 @@ def tensor_stats(x: jax.Array, formats: Sequence[Union[FloatFormat, str]] = FORM
         raise TypeError("tensor_stats needs a floating-point array, "
                         f"got {getattr(x, 'dtype', type(x))}.")
     if x.size == 0:
-        raise ValueError("tensor_stats: the array is empty (shape {}); nothing to measure.".format(x.shape))
+        raise ValueError(
+            "tensor_stats: the array is empty (shape {}); nothing to measure.".format(x.shape))
     x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
     a = jnp.abs(x32)
     out = {

@@ -55,7 +55,8 @@ def unroll(model: nnx.Module) -> nnx.Module:
         value = _scanned_value(src, path)
         if value is None:
             raise ValueError(f"unroll: no variable of the scanned {type(model).__name__} matches "
-                             f"{'.'.join(map(str, path))}; build it with scan_layers=False instead.")
+                             f"{'.'.join(map(str, path))}; "
+                             "build it with scan_layers=False instead.")
         flat.append((path, var.replace(value)))
     nnx.update(new, nnx.from_flat_state(flat))
     flags = [m.deterministic for _, m in nnx.iter_modules(model) if hasattr(m, "deterministic")]

@@ -14,7 +14,8 @@ Models (u-muP by default; ``parametrization="sp"`` or ``"mup"`` switches the sam
     info = unn.param_info(model)                               # type / fan_in / depth per param
 
     enc = unn.TransformerEncoder(cfg.replace(rope=True), n_classes=2, rngs=nnx.Rngs(0))
-    enc.mlm_loss(ids, labels, where); enc.classification_loss(ids, y); enc.token_classification_loss(ids, tags)
+    enc.mlm_loss(ids, labels, where); enc.classification_loss(ids, y)
+    enc.token_classification_loss(ids, tags)
     s2s = unn.TransformerEncoderDecoder(cfg, rngs=nnx.Rngs(0))
     s2s.loss(src, tgt); s2s.generate(src, 32, start_id=0)
 

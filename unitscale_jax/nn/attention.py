@@ -175,8 +175,10 @@ class MultiHeadAttention(nnx.Module):
                 k = rope(k, positions, self.rope_theta)
             new_cache = cache
             if cache is not None:
-                k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
-                v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
+                k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                            start, axis=1)
+                v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                            start, axis=1)
                 new_cache = {"k": k_all, "v": v_all}
                 k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
                 q_pos = start + jnp.arange(q_len)
@@ -197,7 +199,8 @@ class MultiHeadAttention(nnx.Module):
                              "or call model.eval() for deterministic evaluation.")
         out = self.parametrization.attention(
             q, k, v, mask=mask, is_causal=is_causal, mult=self.mult,
-            dropout_rate=rate, rng=keys[3], scale_seq_len=scale_seq_len, scale_is_causal=scale_causal)
+            dropout_rate=rate, rng=keys[3], scale_seq_len=scale_seq_len,
+            scale_is_causal=scale_causal)
         out = hooks.attention_output(self.precision, out, layer=self.layer, rng=keys[4])
         out = tap(f"{self.role}.out", constrain(out, _QKV_NAMES))
         y = tap(f"{self.role}.proj", self.out_proj(out.reshape(*out.shape[:2], -1), rng=keys[5]))

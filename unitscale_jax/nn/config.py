@@ -173,7 +173,8 @@ class TransformerConfig:
     @property
     def ffn_dim(self) -> int:
         """Hidden width of the MLP (``d_ff``, or ``round(ffn_mult * d_model)``)."""
-        return self.d_ff if self.d_ff is not None else max(1, int(round(self.ffn_mult * self.d_model)))
+        return (self.d_ff if self.d_ff is not None
+                else max(1, int(round(self.ffn_mult * self.d_model))))
 
     @property
     def decoder_layers(self) -> int:
@@ -194,7 +195,8 @@ def resolve_config(config: Optional[TransformerConfig], overrides: dict) -> Tran
         try:
             return TransformerConfig(**overrides)
         except TypeError as e:
-            raise TypeError(f"pass a TransformerConfig or its fields as keyword arguments: {e}") from e
+            raise TypeError(
+                f"pass a TransformerConfig or its fields as keyword arguments: {e}") from e
     if not isinstance(config, TransformerConfig):
         raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}.")
     return config.replace(**overrides) if overrides else config

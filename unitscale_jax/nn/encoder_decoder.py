@@ -66,14 +66,16 @@ class TransformerEncoderDecoder(nnx.Module):
         tgt = _common.check_ids(tgt, "tgt", c.max_seq_len, _NAME)
         _check_batch(context.shape[0], tgt.shape[0])
         m = _common.self_attention_mask(tgt_mask, *tgt.shape, _NAME, "tgt_mask")
-        cm = _common.key_padding_mask(src_mask, context.shape[0], context.shape[1], _NAME, "src_mask")
+        cm = _common.key_padding_mask(src_mask, context.shape[0], context.shape[1], _NAME,
+                                      "src_mask")
         x = tap("tgt_embed", constrain(self.embed(tgt), STREAM))
         x = self.decoder(x, mask=m, context=context, context_mask=cm, rng=rng)
         x = tap("final_norm", self.final_norm(x))
         return tap("logits", constrain(self.readout(x, rng=_common.head_key(rng)), LOGITS))
 
     def __call__(self, src: jax.Array, tgt: jax.Array, *, src_mask: Optional[jax.Array] = None,
-                 tgt_mask: Optional[jax.Array] = None, rng: Optional[jax.Array] = None) -> jax.Array:
+                 tgt_mask: Optional[jax.Array] = None,
+                 rng: Optional[jax.Array] = None) -> jax.Array:
         """Logits ``[batch, tgt_len, vocab]``.
 
         Args:
@@ -175,7 +177,8 @@ class TransformerEncoderDecoder(nnx.Module):
         src = _common.check_ids(src, "src", c.max_seq_len, f"{_NAME}.generate")
         total = 1 + int(max_new_tokens)
         if int(max_new_tokens) < 1:
-            raise ValueError(f"{_NAME}.generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
+            raise ValueError(
+                f"{_NAME}.generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
         if total > c.max_seq_len:
             raise ValueError(f"{_NAME}.generate: 1 + max_new_tokens = {total} exceeds max_seq_len "
                              f"{c.max_seq_len}.")

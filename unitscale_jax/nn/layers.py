@@ -216,7 +216,8 @@ class LayerNorm(_Norm):
     """
 
     def __init__(self, features: int, *, use_scale: bool = False, use_bias: bool = False,
-                 eps: float = 1e-5, depth: Optional[int] = None, parametrization: ParametrizationLike = "umup",
+                 eps: float = 1e-5, depth: Optional[int] = None,
+                 parametrization: ParametrizationLike = "umup",
                  param_dtype: Any = jnp.float32, rngs: Optional[nnx.Rngs] = None):
         del rngs
         super().__init__(features, use_scale=use_scale, use_bias=use_bias, eps=eps,

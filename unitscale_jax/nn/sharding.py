@@ -80,7 +80,8 @@ def logical_rules(kind: str = "dp", mesh: Optional[jax.sharding.Mesh] = None) ->
     return tuple((name, keep(axes)) for name, axes in rules)
 
 
-def logical_to_spec(names: Sequence[Optional[str]], rules: Optional[Sequence] = None) -> PartitionSpec:
+def logical_to_spec(names: Sequence[Optional[str]],
+                    rules: Optional[Sequence] = None) -> PartitionSpec:
     """Maps logical axis names to a ``PartitionSpec``; a mesh axis is used at most once.
 
     Args:

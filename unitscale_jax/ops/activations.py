@@ -91,7 +91,8 @@ def gelu(
                    output_scale, grad_scale)
 
 
-def silu(x: jax.Array, *, mult: float = 1.0, constraint: Constraint = "to_output_scale") -> jax.Array:
+def silu(x: jax.Array, *, mult: float = 1.0,
+         constraint: Constraint = "to_output_scale") -> jax.Array:
     """Unit-scaled SiLU: ``alpha * x * sigmoid(mult * x)``.
 
     Scaling rule: ``alpha`` as GELU's; ``beta = interp(1 / (1 + 1/mult^2), 2, sqrt(2))``.
@@ -168,8 +169,9 @@ def softmax(
     grad_scale = logarithmic_interpolation(a, n / mult, (n / mult) ** 0.5)
     output_scale, grad_scale = apply_constraint(constraint, output_scale, grad_scale)
     # Normalise in float32 (as PyTorch does on CPU): a bf16 softmax backward loses ~1e-2.
-    return _scaled(lambda t: jax.nn.softmax(t.astype(jnp.float32) * mult, axis=axis).astype(t.dtype),
-                   x, output_scale, grad_scale)
+    return _scaled(
+        lambda t: jax.nn.softmax(t.astype(jnp.float32) * mult, axis=axis).astype(t.dtype),
+        x, output_scale, grad_scale)
 
 
 def dropout(

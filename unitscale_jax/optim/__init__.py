@@ -33,7 +33,8 @@ from unitscale_jax.optim.weight_decay import (
 
 __all__ = [
     "DEFAULT_DECAY_TYPES", "OPTIMIZERS", "PEAK_SEARCH_STEPS", "READOUT_CONSTRAINTS",
-    "UnitScaleState", "adam", "checks", "adamw", "add_independent_weight_decay", "exponential_decay",
-    "reduce_on_plateau", "resolve_peak_learning_rate", "scale_by_umup", "sgd", "umup_factor",
+    "UnitScaleState", "adam", "checks", "adamw", "add_independent_weight_decay",
+    "exponential_decay", "reduce_on_plateau", "resolve_peak_learning_rate", "scale_by_umup", "sgd",
+    "umup_factor",
     "umup_factors", "unit_scale", "warmup_cosine",
 ]

@@ -57,8 +57,8 @@ def unit_scale(decay: float = 0.0, eps: float = 0.0) -> optax.GradientTransforma
     ``decay > 0`` the output RMS is 1 at step 1 and follows the drift of gradient magnitudes
     smoothly afterwards. The state holds one float32 scalar per leaf (``sqrt(ms_hat)``, in one
     vector, kept bias-corrected through the equivalent recursion
-    ``ms_hat_t = w_t ms_hat_{t-1} + (1 - w_t) x_t``, ``w_t = decay (1 - decay^(t-1)) / (1 - decay^t)``)
-    and a step count.
+    ``ms_hat_t = w_t ms_hat_{t-1} + (1 - w_t) x_t``,
+    ``w_t = decay (1 - decay^(t-1)) / (1 - decay^t)``) and a step count.
 
     Loss-scale invariance: the mean square is computed after normalising the leaf by a power of
     two, the one just above its max-abs at step 1 and, from step 2 on, the one just above the

@@ -120,7 +120,8 @@ def add_independent_weight_decay(
                 "Independent weight decay needs the parameters: "
                 "call tx.update(grads, state, params).")
         sel = selected(updates)
-        coeff = jnp.asarray(weight_decay, jnp.float32) / jnp.asarray(peak_learning_rate, jnp.float32)
+        coeff = (jnp.asarray(weight_decay, jnp.float32)
+                 / jnp.asarray(peak_learning_rate, jnp.float32))
 
         def decay(k, u, p):
             return (u + (coeff * p).astype(u.dtype)) if sel[k] else u

@@ -127,7 +127,8 @@ class FloatFormat:
     @property
     def is_float32(self) -> bool:
         """True for the float32 format itself (simulation is the identity)."""
-        return (self.exponent_bits, self.mantissa_bits, self.bias, self.variant) == (8, 23, 127, "ieee")
+        return ((self.exponent_bits, self.mantissa_bits, self.bias, self.variant)
+                == (8, 23, 127, "ieee"))
 
     def __str__(self) -> str:
         return self.name

@@ -38,7 +38,8 @@ from unitscale_jax.train.tasks import TASKS, Task, get_task
 from unitscale_jax.train.trainer import Trainer
 
 __all__ = [
-    "TASKS", "Task", "Trainer", "get_task", "build_model", "build_optimizer", "build_schedule", "transformer_config",
+    "TASKS", "Task", "Trainer", "get_task", "build_model", "build_optimizer", "build_schedule",
+    "transformer_config",
     "Config", "DataConfig", "ModelConfig", "OptimizerConfig", "TrainingConfig", "default_lr",
     "resolve", "validate", "TrainingStopped", "UsageError", "format_summary", "run",
     "loss_curve", "read_metrics", "PRESETS", "get_preset", "PRECISIONS", "precision_setup",
