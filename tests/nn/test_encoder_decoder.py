@@ -85,7 +85,8 @@ def test_seq2seq_loss_masks_and_causality():
 
     @nnx.jit
     def run(m, s, t):  # the loss feeds tgt[:, :-1] (u-muP's attention scale depends on length)
-        return m(s, t[:, :-1], src_mask=src_mask), m.loss(s, t, src_mask=src_mask, tgt_mask=tgt_mask)
+        return (m(s, t[:, :-1], src_mask=src_mask),
+                m.loss(s, t, src_mask=src_mask, tgt_mask=tgt_mask))
 
     logits, loss = run(model, src, tgt)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tgt[:, 1:, None], -1)[..., 0]

@@ -53,7 +53,8 @@ def _train(make_tx):
                          weight_decay=1e-4)),
 ])
 def test_decoder_learns_tiny_shakespeare(name, make_tx):
-    assert os.path.exists(CORPUS), f"tiny Shakespeare not found at {CORPUS} (set USJ_TINYSHAKESPEARE)"
+    assert os.path.exists(CORPUS), (f"tiny Shakespeare not found at {CORPUS} "
+                                    "(set USJ_TINYSHAKESPEARE)")
     losses = _train(make_tx)
     assert np.all(np.isfinite(losses))
     assert losses[0] > np.log(256) - 0.5          # starts near uniform over bytes (5.55)

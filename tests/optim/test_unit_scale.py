@@ -78,7 +78,8 @@ def test_sudden_jumps_in_gradient_scale_keep_exact_normalisation_and_invariance(
     # from step 2 the mean square is taken in one pass, normalised by the previous RMS; a jump
     # of 2^40 between steps (or a leaf going to zero and back) takes the exact two-pass path
     base = _grads((1e-3, 1.0, 1e4))
-    steps = [jax.tree.map(lambda x, f=f: x * f, base) for f in (1.0, 1.5, 2.0 ** 40, 2.0 ** -40, 0.0, 1.0)]
+    steps = [jax.tree.map(lambda x, f=f: x * f, base)
+             for f in (1.0, 1.5, 2.0 ** 40, 2.0 ** -40, 0.0, 1.0)]
     tx = unit_scale()
     state, update = tx.init(base), jax.jit(tx.update)
     for t, g in enumerate(steps):
