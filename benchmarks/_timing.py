@@ -50,6 +50,7 @@ def train_step_runner(model, tx, ids, *, lr: float):
     import jax.numpy as jnp
     import optax
     from flax import nnx
+
     from unitscale_jax.train.step import make_train_step, new_state
     from unitscale_jax.train.tasks import ModelLoss
 

@@ -38,7 +38,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -189,6 +188,7 @@ def model_flops_per_token(params, c) -> float:
 def bench_train_step(size: dict, policy_name: str, batches: np.ndarray, peak) -> dict:
     import optax
     from flax import nnx
+
     from unitscale_jax import nn, optim
     from unitscale_jax.precision import UMUP_LARGE_RUN_OVERRIDES, get_policy
 

@@ -51,8 +51,9 @@ def main(argv=None) -> dict:
     w_up = jax.random.normal(k[1], (d, f), dt)
     w_down = jax.random.normal(k[2], (f, d), dt)
     g = jax.random.normal(k[3], (args.batch, d), dt)
-    fns = {name: (lambda s=fwd_bwd(b): s(x, w_up, w_down, g))
-           for name, b in (("unit_scaled", unit_scaled_block), ("plain", plain_block))}
+    steps = {name: fwd_bwd(b)
+             for name, b in (("unit_scaled", unit_scaled_block), ("plain", plain_block))}
+    fns = {name: (lambda s=s: s(x, w_up, w_down, g)) for name, s in steps.items()}
     med = interleaved_medians(fns, args.runs)
     ratio = med["unit_scaled"] / med["plain"]
     print(f"FFN block fwd+bwd, width {d}, hidden {f}, batch {args.batch}, {args.dtype}, "

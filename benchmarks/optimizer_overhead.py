@@ -40,11 +40,14 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._timing import (interleaved_times, paired_ratios, train_step_runner,  # noqa: E402
-                                write_result)
+from benchmarks._timing import (  # noqa: E402
+    interleaved_times,
+    paired_ratios,
+    train_step_runner,
+    write_result,
+)
 from unitscale_jax.nn import TransformerDecoder, param_info  # noqa: E402
 from unitscale_jax.optim import adamw, unit_scale  # noqa: E402
-
 
 FLOOR = "one read of the gradients"
 
@@ -84,7 +87,8 @@ def main() -> None:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(0), len(leaves))
-    grads = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    grads = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype)
+                               for k, x in zip(keys, leaves)])
     print(f"{n_params / 1e6:.2f}M parameters in {len(leaves)} leaves, {jax.devices()[0]}")
 
     def make_txs():

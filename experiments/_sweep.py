@@ -4,8 +4,9 @@
 once: the trainer's own pieces (``train.build_model``, ``train.build_optimizer``, the data
 pipeline, the initial state, ``make_train_step`` and ``make_eval_step`` of
 ``unitscale_jax.train``) with the learning rate moved into the optimizer state and the train
-step ``jax.vmap``-ed over it (``train.Trainer`` itself runs one sharded state, not lanes). On a small CPU this costs one
-compilation per configuration instead of one per run (compilation dominates runs this small).
+step ``jax.vmap``-ed over it (``train.Trainer`` itself runs one sharded state, not lanes). On a
+small CPU this costs one compilation per configuration instead of one per run (compilation
+dominates runs this small).
 
 Why this equals separate ``train.run`` calls: with no weight decay, both the u-muP Adam of
 ``unitscale_jax.optim`` and optax's Adam return ``-eta_t * f * m_hat / (sqrt(v_hat) + eps)``

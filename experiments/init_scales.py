@@ -41,7 +41,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -163,8 +162,10 @@ def summarise(rows: list[dict]) -> list[dict]:
             "grad_std_max_excl_qk": max(r["grad_std"] for r in not_qk),
             "qk_grad_std_min": min((r["grad_std"] for r in acts
                                     if r["tensor"].endswith((".q", ".k"))), default=float("nan")),
-            "param_grad_std_min": min(r["grad_std"] for r in rs if r["tensor"].startswith("param/")),
-            "param_grad_std_max": max(r["grad_std"] for r in rs if r["tensor"].startswith("param/")),
+            "param_grad_std_min": min(r["grad_std"] for r in rs
+                                      if r["tensor"].startswith("param/")),
+            "param_grad_std_max": max(r["grad_std"] for r in rs
+                                      if r["tensor"].startswith("param/")),
             "attn_out_std_max": max((m for m, _ in pred), default=float("nan")),
             "measured_over_flat_prediction_min": min(ratios, default=float("nan")),
             "measured_over_flat_prediction_max": max(ratios, default=float("nan")),

@@ -37,13 +37,12 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "experiments" / "results"
@@ -150,8 +149,8 @@ def text_batch(data: str, batch_size: int, seq_len: int, *, offset_fraction: flo
                ) -> dict:
     """A fixed batch of byte tokens from the held-out end of the text (byte tokenizer: ids
     are byte values)."""
-    import numpy as np
     import jax.numpy as jnp
+    import numpy as np
     raw = np.frombuffer(Path(data).read_bytes(), np.uint8).astype(np.int32)
     need = batch_size * (seq_len + 1)
     start = min(int(len(raw) * offset_fraction), len(raw) - need)
@@ -176,6 +175,7 @@ class Fractions:
         import jax
         import jax.numpy as jnp
         from flax import nnx
+
         from unitscale_jax import analysis
         from unitscale_jax.precision import E4M3, E5M2, FP16, format_stats
         from unitscale_jax.train import build
@@ -212,6 +212,7 @@ class Fractions:
         import jax.numpy as jnp
         import numpy as np
         from flax import nnx
+
         from unitscale_jax import analysis, train
         cfg32 = train.resolve(cfg.replace(training={"precision": "fp32", "loss_scale": None}))
         model = nnx.eval_shape(lambda: train.build_model(cfg32, vocab))
@@ -223,15 +224,17 @@ class Fractions:
         return {k: float(v) for k, v in jax.device_get(out).items()}
 
     def at_init(self, cfg, vocab: int, batch, grad_scale: float = 1.0) -> dict:
-        from flax import nnx
-        from unitscale_jax import train
         import jax
+        from flax import nnx
+
+        from unitscale_jax import train
         cfg = train.resolve(cfg)
         params = jax.jit(lambda: nnx.state(train.build_model(cfg, vocab), nnx.Param))()
         return self.of_params(cfg, vocab, params, batch, grad_scale)
 
     def at_end(self, run_dir: Path, vocab: int, batch, grad_scale: float = 1.0) -> dict:
         from flax import nnx
+
         from unitscale_jax import train
         cfg, _, model, _ = train.load_run(run_dir, log=lambda *a, **k: None)
         return self.of_params(cfg, vocab, nnx.state(model, nnx.Param), batch, grad_scale)
@@ -381,7 +384,8 @@ def main(argv=None) -> int:
     ap.add_argument("--large-batch", action="store_true",
                     help="fp32 against fp16 (SP also with a loss scale) at 16k tokens per step, "
                          "one seed; writes low_precision_large_batch*.csv/png")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="text file (default tiny Shakespeare)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA),
+                    help="text file (default tiny Shakespeare)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "low_precision",
                     help="run directories (checkpoints, metrics)")
@@ -401,7 +405,6 @@ def main(argv=None) -> int:
         lr_sweep(args, size, args.data, runs)
         return 0
 
-    from unitscale_jax import train
     vocab = 260  # the byte tokenizer: 256 bytes and 4 special tokens
     batch = text_batch(args.data, size["batch_size"], size["seq_len"])
     fr = Fractions()

@@ -240,7 +240,8 @@ def plot(curves: dict, base: list[dict], path: Path, *, title: str) -> Path:
             ax.plot([o["best"]], [o["loss"]], "*", ms=14, mec="k")
         for r in runs:
             if not math.isfinite(_sweep.score(r)):
-                ax.annotate("diverged", (r["multiplier_value_log2"], 0.98), xycoords=("data", "axes fraction"),
+                ax.annotate("diverged", (r["multiplier_value_log2"], 0.98),
+                            xycoords=("data", "axes fraction"),
                             ha="center", va="top", fontsize=7, rotation=90)
         ax.axvline(0, color="k", lw=0.5)
         ax.set_title(m)

@@ -31,7 +31,8 @@ def test_structure(records):
     assert all(np.isfinite(r["rms"]) and r["rms"] > 0 for r in records)
     # training makes progress on the memorised batch
     for p in ("umup", "sp"):
-        loss = {r["step"]: r["loss"] for r in records if r["parametrization"] == p and r["width"] == 128}
+        loss = {r["step"]: r["loss"] for r in records
+                if r["parametrization"] == p and r["width"] == 128}
         assert loss[STEPS] < loss[0], (p, loss)
 
 
@@ -53,7 +54,8 @@ def test_umup_flat_sp_growing(records):
     assert grow_sp > 0.25, grow_sp
     assert grow_sp > abs(grow_umup) + 0.2, (grow_umup, grow_sp)
     # slopes are exact for exact power laws
-    fake = [{"parametrization": "x", "step": 0, "index": 0, "name": "a", "width": w, "rms": 3 * w**0.5}
+    fake = [{"parametrization": "x", "step": 0, "index": 0, "name": "a", "width": w,
+             "rms": 3 * w**0.5}
             for w in (16, 64, 256)]
     assert width_slopes(fake)[0]["slope"] == pytest.approx(0.5)
 

@@ -32,7 +32,8 @@ def test_stats_match_direct_computation():
     for k in stat_names():
         np.testing.assert_allclose(float(got[k]), exp[k], rtol=1e-5, atol=1e-7, err_msg=k)
     n = x.size
-    # FP16: 1e-9 and 2e-8 flush (<= 2^-25 ~ 2.98e-8), 1e-6 survives (subnormal), 7e4 > 65504 saturates
+    # FP16: 1e-9 and 2e-8 flush (<= 2^-25 ~ 2.98e-8), 1e-6 survives (subnormal),
+    # 7e4 > 65504 saturates
     assert float(got["fp16_underflow"]) == pytest.approx(2 / n)
     assert float(got["fp16_saturation"]) == pytest.approx(1 / n)
     # E4M3 (max 448): 1000, 5e4, 7e4 saturate; tiny values flush (2^-10 ~ 9.8e-4)
@@ -56,7 +57,8 @@ def test_stats_under_jit_and_vmap_and_bf16():
 
 def test_stats_formats_argument_and_bad_input():
     s = tensor_stats(jnp.ones((3,)), formats=("e4m3fnuz",))
-    assert set(s) == {"std", "rms", "mean_abs", "max_abs", "e4m3fnuz_underflow", "e4m3fnuz_saturation"}
+    assert set(s) == {"std", "rms", "mean_abs", "max_abs", "e4m3fnuz_underflow",
+                      "e4m3fnuz_saturation"}
     assert stat_names((FP16, E4M3, E5M2)) == stat_names()
     with pytest.raises(TypeError, match="floating-point"):
         tensor_stats(jnp.arange(4))

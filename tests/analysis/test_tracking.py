@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unitscale_jax import nn
+from unitscale_jax import nn, ops
 from unitscale_jax.analysis import KINDS, scale_stats, tensor_stats, track_scales, unroll
 from unitscale_jax.analysis.naming import op_names, param_name, row_order
-from unitscale_jax import ops
 
 CFG = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
 IDS = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
@@ -111,7 +110,8 @@ def test_works_under_a_users_jit(sp_records):
                 np.testing.assert_allclose(float(s[k]), rec[names[key]][k], rtol=1e-5, atol=1e-9)
     rec = _by(sp_records, "weight_grad")
     for key, s in stats["weight_grad"].items():
-        np.testing.assert_allclose(float(s["std"]), rec[param_name(key.split("."))]["std"], rtol=1e-5)
+        np.testing.assert_allclose(float(s["std"]), rec[param_name(key.split("."))]["std"],
+                                   rtol=1e-5)
 
 
 def test_umup_is_unit_scaled_and_sp_is_not(umup_records, sp_records):
@@ -157,7 +157,8 @@ def test_naming_helpers():
                               "S0.L1.attn.q", "enc_out", "S1.L0.attn.norm",
                               "S1.L0.cross_attn.q", "logits", "logits#2"]
     assert param_name(("stack", "layers", 3, "mlp", "up_proj", "kernel")) == "L3.mlp.up_proj.kernel"
-    assert param_name(("encoder", "layers", 0, "attn", "out_proj", "kernel")) == "encoder.L0.attn.out_proj.kernel"
+    assert (param_name(("encoder", "layers", 0, "attn", "out_proj", "kernel"))
+            == "encoder.L0.attn.out_proj.kernel")
     assert param_name(("readout", "kernel")) == "readout.kernel"
     assert row_order(["embed", "L0.mlp.up", "logits"],
                      ["readout.kernel", "L0.mlp.up_proj.kernel", "other.w"]) == [

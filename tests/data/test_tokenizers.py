@@ -3,8 +3,14 @@
 import numpy as np
 import pytest
 
-from unitscale_jax.data import (ByteTokenizer, SubwordTokenizer, Tokenizer, get_tokenizer,
-                                regular_ids, special_ids)
+from unitscale_jax.data import (
+    ByteTokenizer,
+    SubwordTokenizer,
+    Tokenizer,
+    get_tokenizer,
+    regular_ids,
+    special_ids,
+)
 
 
 def test_byte_round_trip_non_ascii():

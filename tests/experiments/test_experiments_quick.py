@@ -6,12 +6,11 @@ import csv
 import json
 import math
 
-import pytest
-
 import _sweep
 import depth_transfer
 import lr_transfer
 import multiplier_sweeps
+import pytest
 
 DATA = str(_sweep.DEFAULT_DATA) if _sweep.DEFAULT_DATA.is_file() else "builtin"
 

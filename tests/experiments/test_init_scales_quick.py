@@ -3,9 +3,8 @@ deviation from unit scale at init, and everything else in the decoder is within 
 
 import csv
 
-import pytest
-
 import init_scales
+import pytest
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,8 @@ def rows(tmp_path_factory):
 
 def test_flat_softmax_prediction_matches_every_attention_layer(rows):
     preds = [(r["std"], r["flat_prediction"]) for r in rows if "flat_prediction" in r]
-    grads = [(r["grad_std"], r["flat_prediction_grad"]) for r in rows if "flat_prediction_grad" in r]
+    grads = [(r["grad_std"], r["flat_prediction_grad"]) for r in rows
+             if "flat_prediction_grad" in r]
     # decoder 2 + encoder 2 + encoder-decoder (2 encoder + 2 x 2 decoder) attention layers
     assert len(preds) == 10 and len(grads) == 20
     for measured, predicted in preds + grads:

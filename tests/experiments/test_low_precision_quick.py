@@ -6,9 +6,8 @@ underflow in E5M2, u-muP's do not, a loss scale lifts SP's)."""
 import csv
 import math
 
-import pytest
-
 import low_precision
+import pytest
 
 DATA = str(low_precision.DEFAULT_DATA)
 

@@ -3,10 +3,10 @@ calls, and a diverging lane is recorded without disturbing the others."""
 
 import math
 
+import _sweep
 import numpy as np
 import pytest
 
-import _sweep
 from unitscale_jax import train
 
 

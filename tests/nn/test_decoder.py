@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.nn.helpers import flat_infos, loss_and_grads, random_ids, unstack_into
 from unitscale_jax import nn as unn
 from unitscale_jax.analysis import activation_stats
 from unitscale_jax.params import ParamInfo
-
-from tests.nn.helpers import flat_infos, loss_and_grads, random_ids, unstack_into
 
 V = 4096
 CFG = unn.TransformerConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
@@ -151,14 +150,19 @@ def test_sampling():
 
 def test_param_info_of_every_parameter():
     for scan in (True, False):
-        cfg = CFG.replace(n_layers=3, parametric_norm=True, bias=True, norm="layer", scan_layers=scan)
+        cfg = CFG.replace(n_layers=3, parametric_norm=True, bias=True, norm="layer",
+                          scan_layers=scan)
         infos = flat_infos(nnx.eval_shape(lambda: unn.TransformerDecoder(cfg, rngs=nnx.Rngs(0))))
         expected_layer = {
-            ("attn", "qkv_proj", "kernel"): ("weight", 64), ("attn", "qkv_proj", "bias"): ("bias", 192),
-            ("attn", "out_proj", "kernel"): ("weight", 64), ("attn", "out_proj", "bias"): ("bias", 64),
+            ("attn", "qkv_proj", "kernel"): ("weight", 64),
+            ("attn", "qkv_proj", "bias"): ("bias", 192),
+            ("attn", "out_proj", "kernel"): ("weight", 64),
+            ("attn", "out_proj", "bias"): ("bias", 64),
             ("mlp", "up_proj", "kernel"): ("weight", 64), ("mlp", "up_proj", "bias"): ("bias", 256),
-            ("mlp", "gate_proj", "kernel"): ("weight", 64), ("mlp", "gate_proj", "bias"): ("bias", 256),
-            ("mlp", "down_proj", "kernel"): ("weight", 256), ("mlp", "down_proj", "bias"): ("bias", 64),
+            ("mlp", "gate_proj", "kernel"): ("weight", 64),
+            ("mlp", "gate_proj", "bias"): ("bias", 256),
+            ("mlp", "down_proj", "kernel"): ("weight", 256),
+            ("mlp", "down_proj", "bias"): ("bias", 64),
         }
         for norm in ("attn_norm", "mlp_norm"):
             expected_layer[(norm, "scale")] = ("norm", 64)
@@ -210,7 +214,8 @@ def test_bf16_compute():
 
 
 def test_mup_twin_init_and_loss():
-    model = unn.TransformerDecoder(SMALL, parametrization="mup", scan_layers=False, rngs=nnx.Rngs(0))
+    model = unn.TransformerDecoder(SMALL, parametrization="mup", scan_layers=False,
+                                   rngs=nnx.Rngs(0))
     layer = model.stack.layers[0]
     assert abs(float(jnp.std(layer.attn.qkv_proj.kernel[...])) - 32 ** -0.5) < 0.02
     assert abs(float(jnp.std(layer.mlp.down_proj.kernel[...])) - 128 ** -0.5) < 0.01  # fan_in d_ff

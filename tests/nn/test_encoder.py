@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.nn.helpers import flat_infos, loss_and_grads, random_ids
 from unitscale_jax import nn as unn
 from unitscale_jax.analysis import activation_stats
 from unitscale_jax.params import ParamInfo
-
-from tests.nn.helpers import flat_infos, loss_and_grads, random_ids
 
 V = 4096
 CFG = unn.TransformerConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.nn.helpers import flat_infos, random_ids
 from unitscale_jax import nn as unn
 from unitscale_jax.analysis import activation_stats
 from unitscale_jax.params import ParamInfo
-
-from tests.nn.helpers import flat_infos, random_ids
 
 V = 4096
 CFG = unn.TransformerConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
@@ -86,7 +85,8 @@ def test_seq2seq_loss_masks_and_causality():
 
     @nnx.jit
     def run(m, s, t):  # the loss feeds tgt[:, :-1] (u-muP's attention scale depends on length)
-        return m(s, t[:, :-1], src_mask=src_mask), m.loss(s, t, src_mask=src_mask, tgt_mask=tgt_mask)
+        return (m(s, t[:, :-1], src_mask=src_mask),
+                m.loss(s, t, src_mask=src_mask, tgt_mask=tgt_mask))
 
     logits, loss = run(model, src, tgt)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tgt[:, 1:, None], -1)[..., 0]

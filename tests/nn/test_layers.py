@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unitscale_jax import ops
 from unitscale_jax import nn as unn
+from unitscale_jax import ops
 from unitscale_jax.params import ParamInfo
 
 
@@ -44,7 +44,8 @@ def test_linear_is_ops_linear_and_unit_scaled(constraint):
     layer = unn.Linear(256, fan_out, rngs=nnx.Rngs(0), constraint=constraint)
     x = jax.random.normal(jax.random.key(1), (1024, 256))
     y, gx, gp = _grad_std(layer, x)
-    chex.assert_trees_all_close(y, ops.linear(x, layer.kernel[...], constraint=constraint), rtol=1e-6)
+    chex.assert_trees_all_close(y, ops.linear(x, layer.kernel[...], constraint=constraint),
+                                rtol=1e-6)
     for t in (y, gx, gp["kernel"][...], layer.kernel[...]):
         assert abs(_std(t) - 1) < 0.1
     assert _infos(layer)[("kernel",)] == ParamInfo("weight", 256, None)
@@ -180,7 +181,8 @@ def test_rope_preserves_norm_and_is_relative():
     r = jax.jit(unn.rope)(x, pos)
     chex.assert_trees_all_close(jnp.linalg.norm(r, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
     q, k = x[:, :1], x[:, 1:2]
-    dot = jax.jit(lambda a, b: jnp.sum(unn.rope(q, jnp.array([[a]])) * unn.rope(k, jnp.array([[b]]))))
+    dot = jax.jit(lambda a, b: jnp.sum(unn.rope(q, jnp.array([[a]]))
+                                       * unn.rope(k, jnp.array([[b]]))))
     np.testing.assert_allclose(dot(3, 1), dot(7, 5), rtol=1e-5)
     assert abs(float(dot(3, 1) - dot(3, 2))) > 1e-4
 
@@ -218,7 +220,8 @@ def test_traced_tau_residual_matches_static(tau):
 
     def applied(tau_):
         def f(x, w):
-            return jnp.sum(ops.residual_apply(lambda r: ops.linear(r, w), x, tau_) * jnp.arange(16.0))
+            return jnp.sum(ops.residual_apply(lambda r: ops.linear(r, w), x, tau_)
+                           * jnp.arange(16.0))
         return jax.value_and_grad(f, argnums=(0, 1))(x, w)
 
     ref = jax.jit(lambda: pair(tau))()
@@ -235,7 +238,8 @@ def test_branch_taus():
     assert taus == tuple(rule(i, 6) for i in range(6))
     # cross-attention stacks: tau_i = alpha_i / sqrt(n_layers + sum_{j<i} alpha_j^2)
     t = unn.branch_taus(("attn", "attn", "mlp") * 2)
-    np.testing.assert_allclose(t, [1 / 2 ** 0.5, 1 / 3 ** 0.5, 1 / 2, 1 / 5 ** 0.5, 1 / 6 ** 0.5, 1 / 7 ** 0.5])
+    np.testing.assert_allclose(t, [1 / 2 ** 0.5, 1 / 3 ** 0.5, 1 / 2, 1 / 5 ** 0.5, 1 / 6 ** 0.5,
+                                   1 / 7 ** 0.5])
     with pytest.raises(ValueError, match="branch kinds"):
         unn.branch_taus(("attn", "ffn"))
 
@@ -303,7 +307,8 @@ def test_parametrization_losses(mult, use_where):
         return jnp.sum(nll * w) / jnp.sum(w)
 
     for p in (unn.SP(), unn.MuP()):
-        sp = jax.jit(jax.value_and_grad(lambda x: p.cross_entropy(x, labels, mult=mult, where=where)))(logits)
+        sp = jax.jit(jax.value_and_grad(
+            lambda x: p.cross_entropy(x, labels, mult=mult, where=where)))(logits)
         chex.assert_trees_all_close(sp, jax.value_and_grad(mean_nll)(logits), rtol=1e-5, atol=1e-7)
 
 
@@ -314,8 +319,10 @@ def test_parametrization_objects():
     assert unn.UMuP().unit_scaled and not unn.SP().unit_scaled and not unn.MuP().unit_scaled
     with pytest.raises(ValueError, match="unknown parametrization 'spp'"):
         unn.get_parametrization("spp")
-    cfg = unn.TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, parametrization="mup")
-    assert cfg.parametrization == unn.MuP() and cfg.replace(parametrization=unn.SP()).parametrization == unn.SP()
+    cfg = unn.TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2,
+                                parametrization="mup")
+    assert (cfg.parametrization == unn.MuP()
+            and cfg.replace(parametrization=unn.SP()).parametrization == unn.SP())
     model = unn.TransformerDecoder(cfg, rngs=nnx.Rngs(0))
     assert model.readout.parametrization == unn.MuP()
     assert model.stack.layers.mlp.up_proj.parametrization == unn.MuP()

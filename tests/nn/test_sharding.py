@@ -15,9 +15,11 @@ from unitscale_jax import nn as unn
 
 
 def test_rules_and_specs():
-    assert unn.logical_to_spec(("batch", "sequence", "embed"), unn.LOGICAL_RULES["fsdp"]) == P(("data", "fsdp"), None, None)
+    assert (unn.logical_to_spec(("batch", "sequence", "embed"), unn.LOGICAL_RULES["fsdp"])
+            == P(("data", "fsdp"), None, None))
     # a mesh axis is used at most once: the later "embed" is replicated
-    assert unn.logical_to_spec(("embed", "mlp"), (("embed", "fsdp"), ("mlp", "fsdp"))) == P("fsdp", None)
+    assert (unn.logical_to_spec(("embed", "mlp"), (("embed", "fsdp"), ("mlp", "fsdp")))
+            == P("fsdp", None))
     with pytest.raises(ValueError, match="no rule"):
         unn.logical_to_spec(("nonsense",), unn.LOGICAL_RULES["dp"])
     mesh = jax.sharding.AbstractMesh((1, 1), ("data", "tensor"))
@@ -27,7 +29,8 @@ def test_rules_and_specs():
         unn.logical_rules("zero3")
     model = nnx.eval_shape(lambda: unn.TransformerDecoder(
         vocab_size=64, d_model=16, n_layers=2, n_heads=2, rngs=nnx.Rngs(0)))
-    specs = {tuple(p): s for p, s in nnx.to_flat_state(unn.partition_specs(model, unn.LOGICAL_RULES["fsdp_tp"]))}
+    specs = {tuple(p): s for p, s in
+             nnx.to_flat_state(unn.partition_specs(model, unn.LOGICAL_RULES["fsdp_tp"]))}
     assert specs[("embed", "embedding")] == P("tensor", "fsdp")
     assert specs[("readout", "kernel")] == P("fsdp", "tensor")
     assert specs[("stack", "layers", "attn", "qkv_proj", "kernel")] == P(None, "fsdp", "tensor")
@@ -78,7 +81,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_decoder_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,
                          text=True, timeout=240)

@@ -77,7 +77,8 @@ def test_norm_gain_and_bias_gradients(norm):
     if norm == "rms_norm":
         fn, args = (lambda x, s: ops.rms_norm(x, s)), [x, scale]
     else:
-        fn, args = (lambda x, s, b: ops.layer_norm(x, s, b)), [x, scale, jnp.zeros((8,), jnp.float16)]
+        fn, args = ((lambda x, s, b: ops.layer_norm(x, s, b)),
+                    [x, scale, jnp.zeros((8,), jnp.float16)])
     g = 8.0 * jnp.sign(x.astype(jnp.float32))  # correlated with x: the gain's sum grows as B
     y, pullback = jax.vjp(fn, *args)
     got = pullback(g.astype(y.dtype))

@@ -1,4 +1,5 @@
-"""Each op's value is the unscaled op times alpha and each gradient the unscaled gradient times beta.
+"""Each op's value is the unscaled op times alpha and each gradient the unscaled gradient
+times beta.
 
 The expected scales are written out independently of the implementation, from the rules in
 shared/design/unit-scaling.md, so a wrong constant in the library fails here.
@@ -50,14 +51,16 @@ def test_scale_primitives():
         jax.jit(lambda x, s: ops.scale_fwd(x, s))(x, 2.0)
 
 
-@pytest.mark.parametrize("constraint", [None, "to_output_scale", "to_grad_input_scale", "gmean", "hmean", "amean"])
+@pytest.mark.parametrize("constraint", [None, "to_output_scale", "to_grad_input_scale", "gmean",
+                                        "hmean", "amean"])
 def test_linear_scales(constraint):
     x, w, b = _rand(0, (3, 5, 16)), _rand(1, (16, 64)), _rand(2, (64,))
     fan_in, fan_out, batch = 16, 64, 15
     a, bx = fan_in ** -0.5, fan_out ** -0.5
     a, bx = {
         None: (a, bx), "to_output_scale": (a, a), "to_grad_input_scale": (bx, bx),
-        "gmean": ((a * bx) ** 0.5,) * 2, "hmean": (2 / (1 / a + 1 / bx),) * 2, "amean": ((a + bx) / 2,) * 2,
+        "gmean": ((a * bx) ** 0.5,) * 2, "hmean": (2 / (1 / a + 1 / bx),) * 2,
+        "amean": ((a + bx) / 2,) * 2,
     }[constraint]
     bw = batch ** -0.5
     check_op(lambda x, w, b: ops.linear(x, w, b, constraint=constraint),
@@ -72,7 +75,8 @@ def test_linear_readout_scales():
              lambda x, w: x @ w, (x, w), 1 / 32, (1 / 32, 6 ** -0.5))
 
 
-@pytest.mark.parametrize("constraint", [None, "to_output_scale", "to_left_grad_scale", "to_right_grad_scale", "gmean"])
+@pytest.mark.parametrize("constraint", [None, "to_output_scale", "to_left_grad_scale",
+                                        "to_right_grad_scale", "gmean"])
 def test_matmul_scales(constraint):
     a, b = _rand(0, (2, 8, 16)), _rand(1, (2, 16, 32))
     s = {"out": 16 ** -0.5, "left": 32 ** -0.5, "right": 8 ** -0.5}
@@ -81,17 +85,20 @@ def test_matmul_scales(constraint):
     elif constraint == "gmean":
         al = ba = bb = (s["out"] * s["left"] * s["right"]) ** (1 / 3)
     else:
-        al = ba = bb = s[{"to_output_scale": "out", "to_left_grad_scale": "left", "to_right_grad_scale": "right"}[constraint]]
+        al = ba = bb = s[{"to_output_scale": "out", "to_left_grad_scale": "left",
+                          "to_right_grad_scale": "right"}[constraint]]
     check_op(lambda a, b: ops.matmul(a, b, constraint=constraint), jnp.matmul, (a, b), al, (ba, bb))
 
 
 def test_add_scales():
     a, b = _rand(0, (4, 8)), _rand(1, (8,))
-    check_op(lambda a, b: ops.add(a, b, constraint=None), jnp.add, (a, b), 2 ** -0.5, (1.0, 4 ** -0.5))
+    check_op(lambda a, b: ops.add(a, b, constraint=None), jnp.add, (a, b), 2 ** -0.5,
+             (1.0, 4 ** -0.5))
     check_op(lambda a, b: ops.add(a, b), jnp.add, (a, b), 2 ** -0.5, (2 ** -0.5, 2 ** -0.5))
     assert ops.add(2.0, 3.0) == 5.0  # Python scalars: plain add
     chex.assert_trees_all_close(ops.add(a, 1.0), a + 1.0)
-    check_op(lambda a, b: ops.add(a, b, constraint=None), jnp.add, (a, jnp.ones((1,))), 1.0, (1.0, 32 ** -0.5))
+    check_op(lambda a, b: ops.add(a, b, constraint=None), jnp.add, (a, jnp.ones((1,))), 1.0,
+             (1.0, 32 ** -0.5))
 
 
 @pytest.mark.parametrize("mult", [1.0, 0.5, 4.0])
@@ -102,8 +109,10 @@ def test_gelu_scales(mult, approximate):
     alpha = interp(a, 2, (2 / (1 - 1 / math.pi)) ** 0.5)
     beta = interp(a, 2, 2**0.5)
     plain = lambda x: jax.nn.gelu(x * mult, approximate=approximate) / mult  # noqa: E731
-    check_op(lambda x: ops.gelu(x, mult=mult, constraint=None, approximate=approximate), plain, (x,), alpha, (beta,))
-    check_op(lambda x: ops.gelu(x, mult=mult, approximate=approximate), plain, (x,), alpha, (alpha,))
+    check_op(lambda x: ops.gelu(x, mult=mult, constraint=None, approximate=approximate), plain,
+             (x,), alpha, (beta,))
+    check_op(lambda x: ops.gelu(x, mult=mult, approximate=approximate), plain, (x,), alpha,
+             (alpha,))
 
 
 @pytest.mark.parametrize("mult", [1.0, 2.0])
@@ -113,15 +122,16 @@ def test_silu_scales(mult):
     beta = interp(1 / (1 + 1 / mult**2), 2, 2**0.5)
     plain = lambda x: x * jax.nn.sigmoid(mult * x)  # noqa: E731
     check_op(lambda x: ops.silu(x, mult=mult, constraint=None), plain, (x,), alpha, (beta,))
-    check_op(lambda x: ops.silu(x, mult=mult, constraint="to_grad_input_scale"), plain, (x,), beta, (beta,))
+    check_op(lambda x: ops.silu(x, mult=mult, constraint="to_grad_input_scale"), plain, (x,), beta,
+             (beta,))
 
 
 @pytest.mark.parametrize("mult", [1.0, 0.7])
 def test_silu_glu_scales(mult):
     x, g = _rand(0, (4, 64)), _rand(1, (4, 64))
     s = interp(1 / (1 + 1 / mult**2), 2, 2**0.5)
-    check_op(lambda x, g: ops.silu_glu(x, g, mult=mult), lambda x, g: x * g * jax.nn.sigmoid(mult * g),
-             (x, g), s, (s, s))
+    check_op(lambda x, g: ops.silu_glu(x, g, mult=mult),
+             lambda x, g: x * g * jax.nn.sigmoid(mult * g), (x, g), s, (s, s))
 
 
 @pytest.mark.parametrize("mult", [1.0, 3.0])
@@ -132,7 +142,8 @@ def test_softmax_scales(mult, axis):
     a = 1 / (1 + 4 / mult**2)
     alpha, beta = interp(a, n, n**0.5), interp(a, n / mult, (n / mult) ** 0.5)
     plain = lambda x: jax.nn.softmax(mult * x, axis=axis)  # noqa: E731
-    check_op(lambda x: ops.softmax(x, axis, mult=mult, constraint=None), plain, (x,), alpha, (beta,))
+    check_op(lambda x: ops.softmax(x, axis, mult=mult, constraint=None), plain, (x,), alpha,
+             (beta,))
     check_op(lambda x: ops.softmax(x, axis, mult=mult), plain, (x,), alpha, (alpha,))
 
 
@@ -158,7 +169,8 @@ def test_norm_scales():
         v = ((x - m) ** 2).mean(-1, keepdims=True)
         return (x - m) / jnp.sqrt(v + 1e-5) * w + b
 
-    check_op(lambda x, w, b: ops.layer_norm(x, w, b), ln, (x, w, b), 1.0, (1.0, s, s), rtol=1e-4, atol=1e-5)
+    check_op(lambda x, w, b: ops.layer_norm(x, w, b), ln, (x, w, b), 1.0, (1.0, s, s), rtol=1e-4,
+             atol=1e-5)
     rms = lambda x, w: x / jnp.sqrt((x**2).mean(-1, keepdims=True) + 1e-5) * w  # noqa: E731
     check_op(lambda x, w: ops.rms_norm(x, w), rms, (x, w), 1.0, (1.0, s), rtol=1e-4, atol=1e-5)
 
@@ -183,7 +195,8 @@ def test_attention_scales(is_causal, mult):
             logits = jnp.where(jnp.tril(jnp.ones((6, 6), bool)), logits, -jnp.inf)
         return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, -1), v)
 
-    check_op(lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=is_causal, mult=mult),
+    check_op(lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
+                                                               mult=mult),
              plain, (q, k, v), s, (s, s, s), rtol=1e-4, atol=1e-5)
 
 
@@ -197,7 +210,8 @@ def test_attention_mask_and_dropout():
     # The dropout path (explicit softmax) agrees with the fused path when nothing is dropped in
     # expectation: with a tiny rate the outputs are close.
     ref = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
-    dropped = ops.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_rate=1e-6, rng=jax.random.key(0))
+    dropped = ops.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_rate=1e-6,
+                                               rng=jax.random.key(0))
     chex.assert_trees_all_close(dropped, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -210,11 +224,14 @@ def test_cross_entropy_scales(mult):
     expected = -jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1))
     chex.assert_trees_all_close(loss, expected, rtol=1e-6)
     onehot = jax.nn.one_hot(labels, 11)
-    chex.assert_trees_all_close(g, (jax.nn.softmax(mult * logits) - onehot) * 11 / 10 ** 0.5, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(g, (jax.nn.softmax(mult * logits) - onehot) * 11 / 10 ** 0.5,
+                                rtol=1e-5, atol=1e-6)
     where = jnp.arange(20).reshape(4, 5) % 3 != 0
-    loss_w, g_w = jax.value_and_grad(lambda x: ops.cross_entropy(x, labels, mult=mult, where=where))(logits)
+    loss_w, g_w = jax.value_and_grad(
+        lambda x: ops.cross_entropy(x, labels, mult=mult, where=where))(logits)
     nll = -jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
-    chex.assert_trees_all_close(loss_w, jnp.sum(jnp.where(where, nll, 0)) / jnp.sum(where), rtol=1e-6)
+    chex.assert_trees_all_close(loss_w, jnp.sum(jnp.where(where, nll, 0)) / jnp.sum(where),
+                                rtol=1e-6)
     chex.assert_trees_all_close(g_w, jnp.where(where[..., None], g, 0.0), rtol=1e-5, atol=1e-6)
 
 
@@ -283,5 +300,6 @@ class TestResidualRule:
         np.testing.assert_allclose(attn, attn[0], rtol=1e-9)  # equal per-layer contributions
         np.testing.assert_allclose(mlp, mlp[0], rtol=1e-9)
         assert attn[0] / mlp[0] == pytest.approx(ratio**2)  # attention / MLP ratio rho (in std)
-        # all attention and all MLP branches together, on average, weigh residual_mult^2 against the embedding
+        # all attention and all MLP branches together, on average, weigh residual_mult^2 against
+        # the embedding
         assert (sum(attn) + sum(mlp)) / 2 / emb == pytest.approx(mult**2)

@@ -3,8 +3,8 @@
 import jax
 import pytest
 from flax import nnx
-
 from optim_helpers import TinyLM, lm_loss
+
 from unitscale_jax.nn import param_info
 
 

@@ -35,7 +35,8 @@ class _Block(nnx.Module):
         self.norm = umup_param(jnp.ones((d,)), "norm", d, depth)
         self.up = umup_param(jax.random.normal(rngs.params(), (d, hidden)), "weight", d, depth)
         self.up_bias = umup_param(jnp.zeros((hidden,)), "bias", hidden, depth)
-        self.down = umup_param(jax.random.normal(rngs.params(), (hidden, d)), "weight", hidden, depth)
+        self.down = umup_param(jax.random.normal(rngs.params(), (hidden, d)), "weight", hidden,
+                               depth)
 
     def __call__(self, x):
         h = ops.linear(ops.rms_norm(x, self.norm[...]), self.up[...], self.up_bias[...])
@@ -62,7 +63,8 @@ def lm_loss(model, ids):
 def random_grads(scales=(1e-3, 1.0, 1e4)):
     """Gradient-like dict of normal arrays with the given scales."""
     keys = jax.random.split(jax.random.key(0), len(scales))
-    return {f"g{i}": s * jax.random.normal(k, (8, 5 + i)) for i, (s, k) in enumerate(zip(scales, keys))}
+    return {f"g{i}": s * jax.random.normal(k, (8, 5 + i))
+            for i, (s, k) in enumerate(zip(scales, keys))}
 
 
 def unit_scale_reference(grad_steps, decay):

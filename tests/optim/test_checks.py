@@ -9,9 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
-from unitscale_jax.optim import checks
 from unitscale_jax.nn import ParamInfo
-from unitscale_jax.optim import _pow2, adam, unit_scale
+from unitscale_jax.optim import _pow2, adam, checks, unit_scale
 
 
 def _chexified(fn):

@@ -9,8 +9,8 @@ first update of u-muP Adam, whose per-tensor RMS is ``eta * factor``
 
 import pytest
 from flax import nnx
-
 from optim_helpers import check_model_factors
+
 from unitscale_jax.nn import TransformerDecoder
 
 N_LAYERS = 3

@@ -3,8 +3,8 @@
 
 import pytest
 from flax import nnx
-
 from optim_helpers import check_model_factors
+
 from unitscale_jax.nn import TransformerEncoder
 
 N_LAYERS = 3

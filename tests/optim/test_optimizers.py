@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from optim_helpers import FACTORS, INFO, TinyLM, lm_loss
+from optim_helpers import toy_tree as _tree
 
-from optim_helpers import FACTORS, INFO, TinyLM, lm_loss, toy_tree as _tree
 from unitscale_jax import checks
 from unitscale_jax.nn import param_info
 from unitscale_jax.optim import (
@@ -20,7 +21,6 @@ from unitscale_jax.optim import (
     unit_scale,
     warmup_cosine,
 )
-
 
 
 def test_adamw_equals_manual_formula_over_steps():
@@ -35,14 +35,16 @@ def test_adamw_equals_manual_formula_over_steps():
         u, state = tx.update(g, state, params)
         a, ref_state = ref_adam.update(g, ref_state)
         decayed = {"w", "e", "o"}
-        want = {k: -float(lr(t)) * (FACTORS[k] * a[k] + (wd / 0.5 if k in decayed else 0) * params[k])
+        want = {k: -float(lr(t)) * (FACTORS[k] * a[k]
+                                    + (wd / 0.5 if k in decayed else 0) * params[k])
                 for k in params}
         chex.assert_trees_all_close(u, want, rtol=1e-6, atol=1e-7)
         params = optax.apply_updates(params, u)
 
 
 def test_independent_decay_follows_schedule_not_peak_or_factor():
-    """With zero gradients the update is pure decay: theta <- theta (1 - lambda eta_t / eta_peak)."""
+    """With zero gradients the update is pure decay:
+    theta <- theta (1 - lambda eta_t / eta_peak)."""
     params = _tree(0)
     zeros = jax.tree.map(jnp.zeros_like, params)
     for peak in (1e-3, 1.0, 64.0):
@@ -81,7 +83,8 @@ def test_weight_decay_types_and_mask():
 def test_sgd_chain_with_momentum_and_rules():
     params = _tree(0)
     for rc, factors in ((None, FACTORS),
-                        ("to_output_scale", {"w": 4.0 / 2, "e": 3.0, "o": 1.0, "b": 8.0, "n": 4.0})):
+                        ("to_output_scale",
+                         {"w": 4.0 / 2, "e": 3.0, "o": 1.0, "b": 8.0, "n": 4.0})):
         tx = sgd(0.1, param_info=INFO, momentum=0.9, readout_constraint=rc)
         state, trace = tx.init(params), jax.tree.map(jnp.zeros_like, params)
         for t in range(3):

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optim_helpers import FACTORS, INFO
+from optim_helpers import toy_tree as _tree
 
-from optim_helpers import FACTORS, INFO, toy_tree as _tree
 from unitscale_jax.optim import (
     adam,
     adamw,
@@ -17,7 +18,6 @@ from unitscale_jax.optim import (
     resolve_peak_learning_rate,
     warmup_cosine,
 )
-
 
 
 def test_peak_learning_rate_resolution():
@@ -66,7 +66,7 @@ def test_reduce_on_plateau_in_chain():
     tx = optax.chain(base, reduce_on_plateau(factor=0.5, patience=2))
     state = tx.init(params)
     scales, plateau_scales = [], []
-    for t in range(6):
+    for _ in range(6):
         u, state = tx.update(g, state, params, value=jnp.asarray(1.0))  # the loss never improves
         r, _ = base.update(g, base.init(params), params)
         scales.append(float(u["w"][0, 0] / r["w"][0, 0]))

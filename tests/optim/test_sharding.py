@@ -78,7 +78,8 @@ SCRIPT = textwrap.dedent('''
                     assert s0 == s1 and d0 == d1, (name, s0, s1, d0, d1)
                     assert sh1.is_equivalent_to(sh0, len(s0)), (name, s0, sh0, sh1)
                 for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)):
-                    assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (name, a.sharding, b.sharding)
+                    assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (
+                        name, a.sharding, b.sharding)
                     assert bool(jnp.all(jnp.isfinite(a)))
             # the moments follow the parameters' shardings
             sharded_state = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state))

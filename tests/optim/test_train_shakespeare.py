@@ -8,11 +8,11 @@ import optax
 import pytest
 from flax import nnx
 
+from tests.shared_data import TINYSHAKESPEARE as CORPUS
 from unitscale_jax import checks
 from unitscale_jax.nn import TransformerDecoder, param_info
 from unitscale_jax.optim import adamw, unit_scale, warmup_cosine
 
-from tests.shared_data import TINYSHAKESPEARE as CORPUS
 STEPS, BATCH, SEQ = 40, 16, 64
 
 
@@ -53,7 +53,8 @@ def _train(make_tx):
                          weight_decay=1e-4)),
 ])
 def test_decoder_learns_tiny_shakespeare(name, make_tx):
-    assert os.path.exists(CORPUS), f"tiny Shakespeare not found at {CORPUS} (set USJ_TINYSHAKESPEARE)"
+    assert os.path.exists(CORPUS), (f"tiny Shakespeare not found at {CORPUS} "
+                                    "(set USJ_TINYSHAKESPEARE)")
     losses = _train(make_tx)
     assert np.all(np.isfinite(losses))
     assert losses[0] > np.log(256) - 0.5          # starts near uniform over bytes (5.55)

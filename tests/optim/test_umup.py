@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-
 from optim_helpers import TINY_ADAM_FACTORS, TinyLM
+
 from unitscale_jax import checks
 from unitscale_jax.nn import ParamInfo, param_info
 from unitscale_jax.optim import adam, scale_by_umup, umup_factor
@@ -119,7 +119,8 @@ def test_missing_metadata_is_an_error_naming_the_parameters():
 
 
 def test_sgd_rules_applied_to_updates():
-    info = {"w": ParamInfo("weight", 16, 4), "b": ParamInfo("bias", 8), "o": ParamInfo("output", 16)}
+    info = {"w": ParamInfo("weight", 16, 4), "b": ParamInfo("bias", 8),
+            "o": ParamInfo("output", 16)}
     u = {"w": jnp.ones((16, 8)), "b": jnp.ones((8,)), "o": jnp.ones((16, 2))}
     out, _ = scale_by_umup(info, optimizer="sgd").update(u, optax.EmptyState())
     chex.assert_trees_all_equal(out, {"w": u["w"] / 8, "b": u["b"], "o": u["o"]})
@@ -146,4 +147,5 @@ def test_first_step_rms_is_lr_times_factor(tiny_grads):
     with pytest.raises(AssertionError):
         checks.assert_umup_first_step(u, info, 2 * lr)
     with pytest.raises(AssertionError):
-        checks.assert_umup_first_step(u, info, lr, optimizer="sgd", readout_constraint="to_output_scale")
+        checks.assert_umup_first_step(u, info, lr, optimizer="sgd",
+                                      readout_constraint="to_output_scale")

@@ -7,8 +7,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from optim_helpers import lm_loss
+from optim_helpers import random_grads as _grads
+from optim_helpers import unit_scale_reference as _reference
 
-from optim_helpers import lm_loss, random_grads as _grads, unit_scale_reference as _reference
 from unitscale_jax import checks
 from unitscale_jax.optim import UnitScaleState, unit_scale
 
@@ -76,7 +78,8 @@ def test_sudden_jumps_in_gradient_scale_keep_exact_normalisation_and_invariance(
     # from step 2 the mean square is taken in one pass, normalised by the previous RMS; a jump
     # of 2^40 between steps (or a leaf going to zero and back) takes the exact two-pass path
     base = _grads((1e-3, 1.0, 1e4))
-    steps = [jax.tree.map(lambda x, f=f: x * f, base) for f in (1.0, 1.5, 2.0 ** 40, 2.0 ** -40, 0.0, 1.0)]
+    steps = [jax.tree.map(lambda x, f=f: x * f, base)
+             for f in (1.0, 1.5, 2.0 ** 40, 2.0 ** -40, 0.0, 1.0)]
     tx = unit_scale()
     state, update = tx.init(base), jax.jit(tx.update)
     for t, g in enumerate(steps):

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from optim_helpers import random_grads as _grads
+from optim_helpers import unit_scale_reference as _reference
 
-from optim_helpers import random_grads as _grads, unit_scale_reference as _reference
 from unitscale_jax import checks
 from unitscale_jax.optim import unit_scale
 
@@ -50,7 +51,8 @@ def test_chain_with_schedule_matches_manual():
     for t in range(3):
         u, state = tx.update(g, state)
         normed, _ = unit_scale().update(g, unit_scale().init(g))
-        chex.assert_trees_all_close(u, jax.tree.map(lambda x: -float(sched(t)) * x, normed), rtol=1e-6)
+        chex.assert_trees_all_close(u, jax.tree.map(lambda x: -float(sched(t)) * x, normed),
+                                    rtol=1e-6)
 
 
 def test_inject_hyperparams_can_change_decay():
@@ -60,7 +62,8 @@ def test_inject_hyperparams_can_change_decay():
     u, state = tx.update(g, state)
     state.hyperparams["decay"] = jnp.asarray(0.5)
     u2, state = tx.update(jax.tree.map(lambda x: 2 * x, g), state)
-    # step 2 with decay 0.5: ms_hat = (0.5 * 0.5 * ms + 0.5 * 4 ms) / 0.75 = 3 ms -> out = 2g / sqrt(3 ms)
+    # step 2 with decay 0.5: ms_hat = (0.5 * 0.5 * ms + 0.5 * 4 ms) / 0.75 = 3 ms
+    # -> out = 2g / sqrt(3 ms)
     ref = _reference([g, jax.tree.map(lambda x: 2 * x, g)], 0.5)[1]
     chex.assert_trees_all_close(u2, ref, rtol=2e-6)
 

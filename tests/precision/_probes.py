@@ -10,7 +10,8 @@ NAMED_FORMATS = [E4M3, E5M2, E4M3_FNUZ, E5M2_FNUZ, FP16, BF16]
 def all_finite_values(fmt) -> np.ndarray:
     """Every finite value of ``fmt`` as float32 (from its bit patterns), sorted."""
     n_bytes = fmt.bits // 8
-    patterns = np.arange(2 ** fmt.bits, dtype=np.uint64).astype({1: np.uint8, 2: np.uint16}[n_bytes])
+    patterns = np.arange(2 ** fmt.bits, dtype=np.uint64).astype(
+        {1: np.uint8, 2: np.uint16}[n_bytes])
     values = patterns.view(fmt.dtype).astype(np.float32)
     return np.unique(values[np.isfinite(values)])
 

@@ -5,7 +5,15 @@ import ml_dtypes
 import pytest
 
 from unitscale_jax.precision import (
-    BF16, E4M3, E4M3_FNUZ, E5M2, E5M2_FNUZ, FP16, FP32, FloatFormat, get_format,
+    BF16,
+    E4M3,
+    E4M3_FNUZ,
+    E5M2,
+    E5M2_FNUZ,
+    FP16,
+    FP32,
+    FloatFormat,
+    get_format,
 )
 
 from ._probes import NAMED_FORMATS
@@ -31,7 +39,8 @@ def test_named_maxima_and_variants():
 
 
 def test_reference_fpformat_ranges_equal_fnuz():
-    # unit_scaling.formats.FPFormat(e, m): max = 2^(2^(e-1)-1) * (2 - 2^-m), min normal 2^(1-2^(e-1)).
+    # unit_scaling.formats.FPFormat(e, m): max = 2^(2^(e-1)-1) * (2 - 2^-m),
+    # min normal 2^(1-2^(e-1)).
     for fmt, (e, m) in ((E4M3_FNUZ, (4, 3)), (E5M2_FNUZ, (5, 2))):
         assert fmt.max == 2 ** (2 ** (e - 1) - 1) * (2 - 2.0**-m)
         assert fmt.min_normal == 2.0 ** (1 - 2 ** (e - 1))

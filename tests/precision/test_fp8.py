@@ -6,7 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unitscale_jax.precision import E4M3, E4M3_FNUZ, E5M2, E5M2_FNUZ, fp8_dot, quantise_bwd, quantise_fwd
+from unitscale_jax.precision import (
+    E4M3,
+    E4M3_FNUZ,
+    E5M2,
+    E5M2_FNUZ,
+    fp8_dot,
+    quantise_bwd,
+    quantise_fwd,
+)
 
 
 def _sim_dot(x, w, fwd=E4M3, bwd=E5M2, xs=1.0, ws=1.0, gs=1.0):

@@ -10,8 +10,16 @@ import pytest
 
 from unitscale_jax import ops
 from unitscale_jax.precision import (
-    BF16, E4M3, E5M2, PRESETS, ROLES, UMUP_LARGE_RUN_OVERRIDES, Override, PrecisionPolicy,
-    get_policy, simulate,
+    BF16,
+    E4M3,
+    E5M2,
+    PRESETS,
+    ROLES,
+    UMUP_LARGE_RUN_OVERRIDES,
+    Override,
+    PrecisionPolicy,
+    get_policy,
+    simulate,
 )
 
 X = jax.random.normal(jax.random.key(0), (2, 5, 32))
@@ -30,10 +38,12 @@ def test_presets():
     p = {n: get_policy(n) for n in PRESETS}
     assert p["fp32"].is_identity and not p["bf16"].is_identity
     assert p["bf16"].compute_dtype == jnp.bfloat16 and p["fp16"].compute_dtype == jnp.float16
-    assert (p["fp8-sim"].fwd_format, p["fp8-sim"].bwd_format, p["fp8-sim"].mode) == (E4M3, E5M2, "sim")
+    assert ((p["fp8-sim"].fwd_format, p["fp8-sim"].bwd_format, p["fp8-sim"].mode)
+            == (E4M3, E5M2, "sim"))
     assert (p["fp8"].fwd_format, p["fp8"].bwd_format, p["fp8"].mode) == (E4M3, E5M2, "real")
     assert p["fp8"].compute_dtype == jnp.bfloat16 and p["fp8-sim"].compute_dtype == jnp.float32
-    assert all(p[n].formats(r) == (p[n].fwd_format, p[n].bwd_format) for n in PRESETS for r in ROLES)
+    assert all(p[n].formats(r) == (p[n].fwd_format, p[n].bwd_format)
+               for n in PRESETS for r in ROLES)
     assert len({hash(v) for v in p.values()}) == len(PRESETS)
 
 
@@ -92,7 +102,8 @@ def test_real_fp8_linear_matches_simulated(role):
     got, want = _vjp(f(get_policy("fp8")), xb, wb, bb), _vjp(f(sim16), xb, wb, bb)
     assert got[0].dtype == jnp.bfloat16 and got[2].dtype == jnp.float32
     for a, b in zip(got, want):
-        chex.assert_trees_all_close(a.astype(jnp.float32), b.astype(jnp.float32), rtol=1e-2, atol=1e-2)
+        chex.assert_trees_all_close(a.astype(jnp.float32), b.astype(jnp.float32), rtol=1e-2,
+                                    atol=1e-2)
 
 
 def test_real_fp8_linear_hlo_has_float8_matmuls():

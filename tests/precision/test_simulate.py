@@ -123,7 +123,8 @@ def test_stochastic_is_unbiased(fmt):
         [fmt.max * 0.99, 0.25 * s, 0.75 * s, 1.25 * s, 1 + 2.0 ** -(fmt.mantissa_bits + 2)],
     ]).astype(np.float32)
     keys = jax.random.split(jax.random.key(1), n)
-    draws = jax.jit(jax.vmap(lambda k: simulate(jnp.asarray(x), fmt, rounding="stochastic", rng=k)))(keys)
+    draws = jax.jit(jax.vmap(
+        lambda k: simulate(jnp.asarray(x), fmt, rounding="stochastic", rng=k)))(keys)
     lo, hi = _neighbours(x.astype(np.float64), fmt)
     mean = np.asarray(draws, np.float64).mean(0)
     tol = 5 * (hi - lo) / 2 / np.sqrt(n) + 1e-12

@@ -6,7 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from unitscale_jax.precision import (
-    E4M3, E5M2, FP16, format_stats, saturation_fraction, simulate, tree_format_stats,
+    E4M3,
+    E5M2,
+    FP16,
+    format_stats,
+    saturation_fraction,
+    simulate,
+    tree_format_stats,
     underflow_fraction,
 )
 
@@ -28,7 +34,8 @@ def test_underflow_agrees_with_simulate():
         q = simulate(x, fmt)
         flushed = jnp.mean((x != 0) & (q == 0))
         assert float(underflow_fraction(x, fmt)) == float(flushed)
-        assert float(saturation_fraction(x * 1e9, fmt)) == float(jnp.mean(jnp.abs(x * 1e9) > fmt.max))
+        assert (float(saturation_fraction(x * 1e9, fmt))
+                == float(jnp.mean(jnp.abs(x * 1e9) > fmt.max)))
 
 
 def test_unit_scale_fits_fp8_but_small_scale_underflows():
@@ -40,7 +47,8 @@ def test_unit_scale_fits_fp8_but_small_scale_underflows():
 
 
 def test_tree_jit_and_bf16():
-    tree = {"a": jnp.ones((3,)) * 1e-9, "b": (jnp.full((2,), 1e6, jnp.bfloat16),), "n": jnp.arange(3)}
+    tree = {"a": jnp.ones((3,)) * 1e-9, "b": (jnp.full((2,), 1e6, jnp.bfloat16),),
+            "n": jnp.arange(3)}
     st = jax.jit(lambda t: tree_format_stats(t, E4M3))(tree)
     assert float(st["a"].underflow) == 1.0 and float(st["b"][0].saturation) == 1.0
     assert st["n"] is None

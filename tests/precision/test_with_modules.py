@@ -46,7 +46,8 @@ def test_fp8_real_matches_fp8_sim_in_a_decoder():
 
 def test_bf16_fp8_preset_with_large_run_overrides():
     (loss, grads), text = _loss_and_grads(get_policy("fp8", overrides=UMUP_LARGE_RUN_OVERRIDES))
-    assert bool(jnp.isfinite(loss)) and all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    assert bool(jnp.isfinite(loss)) and all(bool(jnp.isfinite(g).all())
+                                            for g in jax.tree.leaves(grads))
     dots = [ln for ln in text.splitlines() if "stablehlo.dot_general" in ln]
     # attn_out and ffn_down now run in bf16: 4 projections in float8.
     assert sum("f8E4M3FN>" in ln for ln in dots) == 12

@@ -38,7 +38,10 @@ import torch.nn.functional as F
 import unit_scaling as uu
 import unit_scaling.functional as U
 from unit_scaling import constraints as UC
-from unit_scaling.core.functional import logarithmic_interpolation, transformer_residual_scaling_rule
+from unit_scaling.core.functional import (
+    logarithmic_interpolation,
+    transformer_residual_scaling_rule,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -90,7 +93,8 @@ def record(name, op, fn, inputs, diff, *, args, kwarrays=(), kwargs=None, layout
     outs = fn(**leaves)
     outs = outs if isinstance(outs, tuple) else (outs,)
     out_layouts = out_layouts or [IDENT] * len(outs)
-    gs = [torch.from_numpy(rng.standard_normal(o.shape).astype(np.float32)).to(o.dtype) for o in outs]
+    gs = [torch.from_numpy(rng.standard_normal(o.shape).astype(np.float32)).to(o.dtype)
+          for o in outs]
     grads = torch.autograd.grad(outs, [leaves[k] for k in diff], grad_outputs=gs)
     for k, v in inputs.items():
         ARRAYS[f"{name}/in/{k}"] = layouts.get(k, IDENT)(to_np(v))
@@ -132,7 +136,8 @@ def linear_cases():
             inputs = dict(x=randn(name, "x", xshape, dt), kernel=randn(name, "w", (12, 16), dt))
             if bias:
                 inputs["bias"] = randn(name, "b", (12,), dt)
-            fn = (lambda op, c: lambda x, kernel, bias=None: op(x, kernel, bias, constraint=c))(op, c)
+            fn = (lambda op, c: lambda x, kernel, bias=None: op(x, kernel, bias,
+                                                                constraint=c))(op, c)
             record(name, fn_name, fn, inputs, list(inputs), args=["x", "kernel"],
                    kwarrays=["bias"] if bias else [], kwargs=dict(constraint=c),
                    layouts=dict(kernel=KERNEL), dtype=dt)
@@ -144,7 +149,8 @@ def matmul_cases():
                ("bcast", (4, 8, 16), (16, 12), "to_output_scale", "float32"),
                ("bf16", (4, 8, 16), (4, 16, 12), "to_output_scale", "bfloat16")]
     configs += [(f"c_{c}", (4, 8, 16), (4, 16, 12), c, "float32")
-                for c in ("to_left_grad_scale", "to_right_grad_scale", "gmean", "hmean", "amean", "none")]
+                for c in ("to_left_grad_scale", "to_right_grad_scale", "gmean", "hmean", "amean",
+                          "none")]
     for tag, ashape, bshape, c, dt in configs:
         c = None if c == "none" else c
         name = f"matmul/{tag}"
@@ -161,7 +167,8 @@ def add_cases():
                ("bcast_size1", (1,), (8, 16), "to_output_scale", "float32"),
                ("bf16", (4, 8, 16), (8, 16), "to_output_scale", "bfloat16")]
     configs += [(f"c_{c}", (4, 8, 16), (8, 1), c, "float32")
-                for c in ("to_left_grad_scale", "to_right_grad_scale", "gmean", "hmean", "amean", "none")]
+                for c in ("to_left_grad_scale", "to_right_grad_scale", "gmean", "hmean", "amean",
+                          "none")]
     for tag, ashape, bshape, c, dt in configs:
         c = None if c == "none" else c
         name = f"add/{tag}"
@@ -178,19 +185,22 @@ def elementwise_cases():
     shape = (4, 8, 16)
     for mult in (1.0, 0.5):
         for approx in (False, True):
-            for c in ("to_output_scale",) + (("to_grad_input_scale", "gmean", "hmean", "amean", None)
-                                             if mult == 0.5 and not approx else ()):
+            for c in (("to_output_scale",)
+                      + (("to_grad_input_scale", "gmean", "hmean", "amean", None)
+                         if mult == 0.5 and not approx else ())):
                 name = f"gelu/mult{mult}_approx{int(approx)}_c{c}"
                 x = randn(name, "x", shape, scale=2.0)
                 fn = (lambda m, a, c: lambda x: U.gelu(x, mult=m, constraint=c,
-                                                      approximate="tanh" if a else "none"))(mult, approx, c)
+                                                      approximate="tanh" if a else "none"))(
+                    mult, approx, c)
                 record(name, "gelu", fn, dict(x=x), ["x"], args=["x"],
                        kwargs=dict(mult=mult, approximate=approx, constraint=c))
     name = "gelu/bf16"
     record(name, "gelu", lambda x: U.gelu(x, mult=0.5), dict(x=randn(name, "x", shape, "bfloat16")),
            ["x"], args=["x"], kwargs=dict(mult=0.5), dtype="bfloat16")
     for mult in (1.0, 2.0):
-        for c in ("to_output_scale",) + (("to_grad_input_scale", "gmean", None) if mult == 2.0 else ()):
+        for c in ("to_output_scale",) + (("to_grad_input_scale", "gmean", None)
+                                         if mult == 2.0 else ()):
             name = f"silu/mult{mult}_c{c}"
             fn = (lambda m, c: lambda x: U.silu(x, mult=m, constraint=c))(mult, c)
             record(name, "silu", fn, dict(x=randn(name, "x", shape, scale=2.0)), ["x"], args=["x"],
@@ -205,7 +215,8 @@ def elementwise_cases():
         for axis in (-1, 0, 1):
             for c in ("to_output_scale",) + (("to_grad_input_scale", None) if axis == -1 else ()):
                 name = f"softmax/mult{mult}_axis{axis}_c{c}"
-                fn = (lambda m, a, c: lambda x: U.softmax(x, dim=a, mult=m, constraint=c))(mult, axis, c)
+                fn = (lambda m, a, c: lambda x: U.softmax(x, dim=a, mult=m, constraint=c))(
+                    mult, axis, c)
                 record(name, "softmax", fn, dict(x=randn(name, "x", shape)), ["x"], args=["x"],
                        kwargs=dict(axis=axis, mult=mult, constraint=c))
     name = "softmax/bf16"
@@ -213,7 +224,8 @@ def elementwise_cases():
            dict(x=randn(name, "x", shape, "bfloat16")), ["x"], args=["x"],
            kwargs=dict(axis=-1, mult=3.0), dtype="bfloat16")
     # Dropout: RNGs differ between frameworks, so only p=0 and evaluation mode.
-    for tag, p, training in (("p0_train", 0.0, True), ("p0.3_eval", 0.3, False), ("p0_eval", 0.0, False)):
+    for tag, p, training in (("p0_train", 0.0, True), ("p0.3_eval", 0.3, False),
+                             ("p0_eval", 0.0, False)):
         name = f"dropout/{tag}"
         fn = (lambda p, t: lambda x: U.dropout(x, p, training=t))(p, training)
         record(name, "dropout", fn, dict(x=randn(name, "x", shape)), ["x"], args=["x"],
@@ -228,7 +240,8 @@ def norm_cases():
                 name = f"layer_norm/w{int(w)}_b{int(b)}_{dt}"
                 inputs = dict(x=randn(name, "x", shape, dt, 3.0))
                 if w:
-                    inputs["scale"] = (1.0 + randn(name, "scale", (16,), "float32", 0.5)).to(TORCH_DTYPES[dt])
+                    inputs["scale"] = (1.0 + randn(name, "scale", (16,), "float32", 0.5)).to(
+                        TORCH_DTYPES[dt])
                 if b:
                     inputs["bias"] = randn(name, "bias", (16,), dt)
                 fn = lambda x, scale=None, bias=None: U.layer_norm(x, (16,), scale, bias)  # noqa: E731
@@ -236,14 +249,15 @@ def norm_cases():
                        kwarrays=[k for k in ("scale", "bias") if k in inputs], dtype=dt)
     name = "layer_norm/eps1e-2"
     inputs = dict(x=randn(name, "x", shape, scale=0.1), scale=randn(name, "scale", (16,)))
-    record(name, "layer_norm", lambda x, scale: U.layer_norm(x, (16,), scale, None, eps=1e-2), inputs,
-           ["x", "scale"], args=["x"], kwarrays=["scale"], kwargs=dict(eps=1e-2))
+    record(name, "layer_norm", lambda x, scale: U.layer_norm(x, (16,), scale, None, eps=1e-2),
+           inputs, ["x", "scale"], args=["x"], kwarrays=["scale"], kwargs=dict(eps=1e-2))
     for w in (False, True):
         for dt in ("float32", "bfloat16"):
             name = f"rms_norm/w{int(w)}_{dt}"
             inputs = dict(x=randn(name, "x", shape, dt, 3.0))
             if w:
-                inputs["scale"] = (1.0 + randn(name, "scale", (16,), "float32", 0.5)).to(TORCH_DTYPES[dt])
+                inputs["scale"] = (1.0 + randn(name, "scale", (16,), "float32", 0.5)).to(
+                    TORCH_DTYPES[dt])
             fn = lambda x, scale=None: U.rms_norm(x, (16,), scale)  # noqa: E731
             record(name, "rms_norm", fn, inputs, list(inputs), args=["x"],
                    kwarrays=["scale"] if w else [], dtype=dt)
@@ -272,7 +286,8 @@ def attention_cases():
                 ("causal1_bf16", 8, 8, True, 1.0, False, "bfloat16")]
     for tag, sq, skv, causal, mult, use_mask, dt in configs:
         name = f"scaled_dot_product_attention/{tag}"
-        inputs = dict(q=randn(name, "q", (b, h, sq, d), dt, 4.0), k=randn(name, "k", (b, h, skv, d), dt, 4.0),
+        inputs = dict(q=randn(name, "q", (b, h, sq, d), dt, 4.0),
+                      k=randn(name, "k", (b, h, skv, d), dt, 4.0),
                       v=randn(name, "v", (b, h, skv, d), dt))
         kwarrays = []
         if use_mask:  # padding mask [b, 1, 1, kv]; key 0 always visible (no empty rows)
@@ -318,8 +333,10 @@ def loss_cases():
         valid[0] = True
         ref_labels = torch.where(valid, labels, torch.full_like(labels, -100))
         manual = F.cross_entropy(mult * logits.double(), ref_labels, reduction="mean")
-        fn = (lambda m, rl: lambda logits, labels, where: U.cross_entropy(logits, rl, mult=m))(mult, ref_labels)
-        record(name, "cross_entropy", fn, dict(logits=logits, labels=labels, where=valid), ["logits"],
+        fn = (lambda m, rl: lambda logits, labels, where: U.cross_entropy(logits, rl, mult=m))(
+            mult, ref_labels)
+        record(name, "cross_entropy", fn, dict(logits=logits, labels=labels, where=valid),
+               ["logits"],
                args=["logits", "labels"], kwarrays=["where"], kwargs=dict(mult=mult),
                extra=dict(manual_mean=np.array(manual.item(), np.float32)),
                note="out/0 is the reference's sum/n_rows; ours is the mean over valid rows "
@@ -344,7 +361,8 @@ def residual_cases():
         # residual_apply with fn = unit-scaled linear (kernel is an input, so its grad is checked).
         name = f"residual_apply/linear_tau{tau}"
         inputs = dict(x=randn(name, "x", shape), w=randn(name, "w", (16, 16)))
-        fn = (lambda t: lambda x, w: U.residual_apply(lambda r: U.linear(r, w, None), x, tau=t))(tau)
+        fn = (lambda t: lambda x, w: U.residual_apply(lambda r: U.linear(r, w, None), x,
+                                                      tau=t))(tau)
         record(name, "residual_apply_linear", fn, inputs, ["x", "w"], args=["x", "w"],
                kwargs=dict(tau=tau), layouts=dict(w=KERNEL),
                note="our fn: lambda r: ops.linear(r, w)")
@@ -356,8 +374,8 @@ def primitive_cases():
     for op, f in (("scale_fwd", scale_fwd), ("scale_bwd", scale_bwd)):
         for s in (0.25, 3.0):
             name = f"{op}/s{s}"
-            record(name, op, (lambda f, s: lambda x: f(x, s))(f, s), dict(x=randn(name, "x", (8, 16))),
-                   ["x"], args=["x", {"scalar": s}])
+            record(name, op, (lambda f, s: lambda x: f(x, s))(f, s),
+                   dict(x=randn(name, "x", (8, 16))), ["x"], args=["x", {"scalar": s}])
 
 
 def scalar_cases():
@@ -377,9 +395,11 @@ def scalar_cases():
     cons = []
     for scales in ((0.25, 0.5), (0.125, 2.0), (0.25, 0.5, 0.1), (1.0, 0.3, 3.0)):
         names = ["to_output_scale", "gmean", "hmean", "amean", None]
-        names += ["to_grad_input_scale"] if len(scales) == 2 else ["to_left_grad_scale", "to_right_grad_scale"]
+        names += (["to_grad_input_scale"] if len(scales) == 2
+                  else ["to_left_grad_scale", "to_right_grad_scale"])
         for c in names:
-            cons.append(dict(constraint=c, scales=list(scales), value=list(UC.apply_constraint(c, *scales))))
+            cons.append(dict(constraint=c, scales=list(scales),
+                             value=list(UC.apply_constraint(c, *scales))))
     out["apply_constraint"] = cons
     return out
 
@@ -431,13 +451,15 @@ def module_cases():
 
     torch.manual_seed(0)
     record_module("Linear", uu.Linear(d, 24), x_for("Linear"),
-                  config=dict(in_features=d, out_features=24, bias=False, constraint="to_output_scale"))
+                  config=dict(in_features=d, out_features=24, bias=False,
+                              constraint="to_output_scale"))
     torch.manual_seed(1)
     m = uu.Linear(d, 24, bias=True)
     with torch.no_grad():
         m.bias.normal_()  # non-zero bias so that its effect is visible
     record_module("Linear_bias", m, x_for("Linear_bias"),
-                  config=dict(in_features=d, out_features=24, bias=True, constraint="to_output_scale"))
+                  config=dict(in_features=d, out_features=24, bias=True,
+                              constraint="to_output_scale"))
     torch.manual_seed(2)
     record_module("LinearReadout", uu.LinearReadout(d, vocab), x_for("LinearReadout"),
                   config=dict(in_features=d, out_features=vocab, bias=False, constraint=None))
@@ -447,7 +469,8 @@ def module_cases():
         name = f"MHSA_causal{int(causal)}_mult{mult}"
         torch.manual_seed(4)
         record_module(name, uu.MHSA(d, heads, is_causal=causal, mult=mult), x_for(name),
-                      config=dict(hidden_size=d, heads=heads, is_causal=causal, dropout_p=0.0, mult=mult))
+                      config=dict(hidden_size=d, heads=heads, is_causal=causal, dropout_p=0.0,
+                                  mult=mult))
     torch.manual_seed(5)
     rule = transformer_residual_scaling_rule()
     taus = dict(mhsa_tau=rule(0, 4), mlp_tau=rule(1, 4))
@@ -466,8 +489,8 @@ def module_cases():
         model.eval()
         ids = torch.from_numpy(rng_for(name + "/ids").integers(0, vocab, (b, s))).long()
         record_module(name, model, ids, loss_fn=decoder_loss,
-                      config=dict(hidden_size=d, vocab_size=vocab, layers=2, heads=heads, dropout_p=0.0,
-                                  residual_mult=rm, residual_attn_ratio=ratio))
+                      config=dict(hidden_size=d, vocab_size=vocab, layers=2, heads=heads,
+                                  dropout_p=0.0, residual_mult=rm, residual_attn_ratio=ratio))
 
 
 def main():

@@ -103,8 +103,10 @@ def load_params(model, name, mapping):
     state = nnx.state(model, nnx.Param)
     flat = nnx.to_flat_state(state)
     ours = {tuple(path) for path, _ in flat}
-    assert ours == set(values), f"params differ: ours only {ours - set(values)}, ref only {set(values) - ours}"
-    new = nnx.from_flat_state([(path, var.replace(jnp.asarray(values[tuple(path)]))) for path, var in flat])
+    assert ours == set(values), (f"params differ: ours only {ours - set(values)}, "
+                                 f"ref only {set(values) - ours}")
+    new = nnx.from_flat_state([(path, var.replace(jnp.asarray(values[tuple(path)])))
+                               for path, var in flat])
     nnx.update(model, new)
 
 

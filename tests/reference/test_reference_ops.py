@@ -43,7 +43,8 @@ with open(os.path.join(HERE, "cases.json")) as _f:
 CASES = {c["name"]: c for c in META["cases"]}
 _ARRAYS = None
 
-TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "bfloat16": dict(rtol=1 / 32, atol=1 / 64, scaled_atol=True)}
+TOL = {"float32": dict(rtol=1e-5, atol=1e-6),
+       "bfloat16": dict(rtol=1 / 32, atol=1 / 64, scaled_atol=True)}
 # float32 ops that cancel large terms or use a different erf: see the module docstring.
 TOL_BY_OP = {
     "softmax": dict(rtol=1e-5, atol=5e-6),
@@ -69,7 +70,8 @@ def load_inputs(case):
     out = {}
     for key, value in arrays().items():
         if key.startswith(prefix):
-            out[key[len(prefix):]] = jnp.asarray(value, dtype) if value.dtype == np.float32 else jnp.asarray(value)
+            out[key[len(prefix):]] = (jnp.asarray(value, dtype) if value.dtype == np.float32
+                                      else jnp.asarray(value))
     return out
 
 
@@ -95,9 +97,11 @@ def run_case(case, op_fn=call_op):
     outs, vjp = jax.vjp(f, *(inputs[k] for k in diff))
     outs_t = outs if case["n_out"] > 1 else (outs,)
     assert len(outs_t) == case["n_out"], f"{case['name']}: ours has {len(outs_t)} outputs"
-    gs = tuple(jnp.asarray(arrays()[f"{case['name']}/g/{i}"], o.dtype) for i, o in enumerate(outs_t))
+    gs = tuple(jnp.asarray(arrays()[f"{case['name']}/g/{i}"], o.dtype)
+               for i, o in enumerate(outs_t))
     grads = vjp(gs if case["n_out"] > 1 else gs[0])
-    return ({f"out/{i}": o for i, o in enumerate(outs_t)}, {f"grad/{k}": g for k, g in zip(diff, grads)})
+    return ({f"out/{i}": o for i, o in enumerate(outs_t)},
+            {f"grad/{k}": g for k, g in zip(diff, grads)})
 
 
 def assert_close(name, what, ours, ref, rtol, atol, scaled_atol=False):
@@ -111,7 +115,8 @@ def assert_close(name, what, ours, ref, rtol, atol, scaled_atol=False):
     if np.any(bad) or not np.all(np.isfinite(ours)):
         raise AssertionError(
             f"{name} {what}: {int(bad.sum())}/{bad.size} elements differ; max abs diff "
-            f"{float(diff.max()):.3e} (max |ref| {float(np.abs(ref).max()):.3e}, rtol={rtol}, atol={atol})"
+            f"{float(diff.max()):.3e} (max |ref| {float(np.abs(ref).max()):.3e}, rtol={rtol}, "
+            f"atol={atol})"
         )
 
 
@@ -129,7 +134,8 @@ def check_case(case, op_fn=call_op):
             expected = ref[f"{name}/extra/manual_mean"]
             n_rows = case_rows(name)
             n_valid = int(ref[f"{name}/in/where"].sum())
-            np.testing.assert_allclose(  # the fixture itself is consistent: sum/n_rows vs sum/n_valid
+            # the fixture itself is consistent: sum/n_rows vs sum/n_valid
+            np.testing.assert_allclose(
                 ref[f"{name}/out/0"] * n_rows / n_valid, expected, rtol=1e-5)
         assert_close(name, key, ours, expected, **tol)
     for key, ours in grads.items():
@@ -154,13 +160,14 @@ def test_op_matches_reference(name):
 
 def test_every_op_is_covered():
     """Every public differentiable op of unitscale_jax.ops has at least one reference case."""
-    not_differentiable = {"CONSTRAINTS", "apply_constraint", "validate_constraint", "attention_scale",
-                          "logarithmic_interpolation", "transformer_residual_scaling_rule"}
+    not_differentiable = {"CONSTRAINTS", "apply_constraint", "validate_constraint",
+                          "attention_scale", "logarithmic_interpolation",
+                          "transformer_residual_scaling_rule"}
     covered = {c["op"] for c in CASES.values()} | {"residual_apply"}
     missing = set(ops.__all__) - not_differentiable - covered
     assert not missing, f"no reference case for: {sorted(missing)}; add them to make_fixtures.py"
-    assert set(META["scalars"]) == {"logarithmic_interpolation", "transformer_residual_scaling_rule",
-                                    "apply_constraint"}
+    assert set(META["scalars"]) == {"logarithmic_interpolation",
+                                    "transformer_residual_scaling_rule", "apply_constraint"}
     for c in CASES.values():
         for k in c["diff"]:
             assert f"{c['name']}/grad/{k}" in arrays(), f"{c['name']}: missing reference grad {k}"
@@ -183,12 +190,14 @@ def test_checker_detects_a_wrong_scale():
 
 def test_logarithmic_interpolation():
     for item in META["scalars"]["logarithmic_interpolation"]:
-        assert math.isclose(ops.logarithmic_interpolation(*item["args"]), item["value"], rel_tol=1e-12), item
+        assert math.isclose(ops.logarithmic_interpolation(*item["args"]), item["value"],
+                            rel_tol=1e-12), item
 
 
 def test_transformer_residual_scaling_rule():
     for item in META["scalars"]["transformer_residual_scaling_rule"]:
-        rule = ops.transformer_residual_scaling_rule(item["residual_mult"], item["residual_attn_ratio"])
+        rule = ops.transformer_residual_scaling_rule(item["residual_mult"],
+                                                     item["residual_attn_ratio"])
         ours = [rule(i, item["n_branches"]) for i in range(item["n_branches"])]
         np.testing.assert_allclose(ours, item["taus"], rtol=1e-12, err_msg=str(item))
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unitscale_jax import nn, taps, train
+from unitscale_jax import taps, train
 from unitscale_jax.precision import E4M3, E5M2
-from unitscale_jax.train import build, precision as tprec
+from unitscale_jax.train import build
+from unitscale_jax.train import precision as tprec
 from unitscale_jax.train.flags import parse_train_args
 
 VOCAB = 260

@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.conftest import (ROOT, SMALL, curves, read_rows, run_train, subprocess_env,
-                                  train_cmd)
+from tests.train.conftest import (
+    ROOT,
+    SMALL,
+    curves,
+    read_rows,
+    run_train,
+    subprocess_env,
+    train_cmd,
+)
 from unitscale_jax.train.checkpoint import TMP_MARKER
 
 STEPS = 60

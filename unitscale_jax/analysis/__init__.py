@@ -19,11 +19,19 @@ from unitscale_jax.analysis.plot import plot_scales
 from unitscale_jax.analysis.records import read_csv, write_csv
 from unitscale_jax.analysis.stats import FORMATS, SCALE_STATS, stat_names, tensor_stats
 from unitscale_jax.analysis.tracking import (
-    KINDS, default_loss, forward_backward, scale_stats, stats_of, to_records, track_scales, unroll,
+    KINDS,
+    default_loss,
+    forward_backward,
+    scale_stats,
+    stats_of,
+    to_records,
+    track_scales,
+    unroll,
 )
 
 __all__ = [
-    "FORMATS", "KINDS", "SCALE_STATS", "activation_stats", "coord_check", "default_loss", "forward_backward",
-    "named_params", "plot_coord_check", "plot_scales", "read_csv", "scale_stats", "stat_names", "stats_of",
-    "tapped_value_and_grad", "tensor_stats", "to_records", "track_scales", "unroll", "width_slopes", "write_csv",
+    "FORMATS", "KINDS", "SCALE_STATS", "activation_stats", "coord_check", "default_loss",
+    "forward_backward", "named_params", "plot_coord_check", "plot_scales", "read_csv",
+    "scale_stats", "stat_names", "stats_of", "tapped_value_and_grad", "tensor_stats", "to_records",
+    "track_scales", "unroll", "width_slopes", "write_csv",
 ]

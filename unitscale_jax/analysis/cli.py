@@ -54,7 +54,8 @@ def parser(prog: str = "unitscale-jax analyse") -> argparse.ArgumentParser:
     return p
 
 
-def text_batch(source: str, batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> np.ndarray:
+def text_batch(source: str, batch_size: int, seq_len: int, vocab_size: int,
+               seed: int = 0) -> np.ndarray:
     """``[batch_size, seq_len]`` int32 ids: random windows of byte-level text, or random ids.
 
     Args:
@@ -77,7 +78,8 @@ def text_batch(source: str, batch_size: int, seq_len: int, vocab_size: int, seed
             text = f.read()
     data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
     if data.size < seq_len + 1:
-        raise ValueError(f"--data {source!r} has {data.size} bytes; need more than --seq-len {seq_len}.")
+        raise ValueError(f"--data {source!r} has {data.size} bytes; "
+                         f"need more than --seq-len {seq_len}.")
     starts = rng.integers(0, data.size - seq_len + 1, batch_size)
     return np.stack([data[s:s + seq_len] for s in starts])
 
@@ -127,11 +129,13 @@ def analyse_main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-ja
     ns = parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
     for name in ("d_model", "n_layers", "n_heads", "vocab_size", "seq_len", "batch_size"):
         if getattr(ns, name) < 1 or (name == "seq_len" and ns.seq_len < 2):
-            print(f"{prog}: error: --{name.replace('_', '-')} must be >= {2 if name == 'seq_len' else 1}.",
+            print(f"{prog}: error: --{name.replace('_', '-')} must be >= "
+                  f"{2 if name == 'seq_len' else 1}.",
                   file=sys.stderr)
             return 2
     if ns.no_scales and not ns.coord_check:
-        print(f"{prog}: error: --no-scales without --coord-check leaves nothing to do.", file=sys.stderr)
+        print(f"{prog}: error: --no-scales without --coord-check leaves nothing to do.",
+              file=sys.stderr)
         return 2
 
     def log(msg: str) -> None:

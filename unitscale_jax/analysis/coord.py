@@ -129,7 +129,8 @@ def coord_check(parametrizations: Sequence[str] = ("umup", "sp"),
     records = []
     for p in parametrizations:
         if p not in lrs:
-            raise ValueError(f"coord_check: no learning rate for {p!r}; pass learning_rates={{{p!r}: ...}}.")
+            raise ValueError(f"coord_check: no learning rate for {p!r}; "
+                             f"pass learning_rates={{{p!r}: ...}}.")
         for w in widths:
             model = (model_fn(p, w) if model_fn else
                      default_model(p, w, config=config, d_head=d_head, seed=seed))
@@ -144,7 +145,8 @@ def coord_check(parametrizations: Sequence[str] = ("umup", "sp"),
                                     "name": name, "rms": rms[k], "loss": loss,
                                     "learning_rate": lrs[p]})
             if progress:
-                progress(f"coord_check {p} width {w}: loss {history[0][0]:.3f} -> {history[-1][0]:.3f}")
+                progress(f"coord_check {p} width {w}: "
+                         f"loss {history[0][0]:.3f} -> {history[-1][0]:.3f}")
     return records
 
 
@@ -235,7 +237,8 @@ def plot_coord_check(records: Sequence[dict], path: str, *, names: Optional[Sequ
             ax = axes[i][j]
             for n in names:
                 pts = sorted((r["width"], r["rms"]) for r in records
-                             if r["parametrization"] == p and int(r["step"]) == t and r["name"] == n)
+                             if r["parametrization"] == p and int(r["step"]) == t
+                             and r["name"] == n)
                 if pts:
                     w, v = zip(*pts)
                     lines[n], = ax.plot(w, v, marker=".", color=colors[n], lw=1.3, label=n)

@@ -95,7 +95,8 @@ def plot_scales(records: Sequence[dict], path: str, *, metric: str = "rms", titl
         raise ValueError("plot_scales: no records (run track_scales first).")
     unknown = {r.get("kind") for r in records} - set(KIND_STYLE)
     if unknown:
-        raise ValueError(f"plot_scales: unknown record kind(s) {sorted(map(str, unknown))}; expected {list(KIND_STYLE)}.")
+        raise ValueError(f"plot_scales: unknown record kind(s) {sorted(map(str, unknown))}; "
+                         f"expected {list(KIND_STYLE)}.")
     rows = _rows(records)
     y_of = {n: i for i, n in enumerate(rows)}
     fig = Figure(figsize=(11, 2.6 + 0.24 * len(rows)))
@@ -112,7 +113,8 @@ def plot_scales(records: Sequence[dict], path: str, *, metric: str = "rms", titl
         xs.append(x)
         if show_max and r.get("max_abs") and r["max_abs"] > x:
             ax.plot([x, r["max_abs"]], [y, y], color=LIGHT[direction], lw=1.2, zorder=1)
-            ax.plot([r["max_abs"]] * 2, [y - 0.15, y + 0.15], color=LIGHT[direction], lw=1.2, zorder=1)
+            ax.plot([r["max_abs"]] * 2, [y - 0.15, y + 0.15], color=LIGHT[direction], lw=1.2,
+                    zorder=1)
             xs.append(r["max_abs"])
         ax.plot([x], [y], marker=marker, ms=6.5 if marker == "^" else 5.5, ls="",
                 color=COLORS[direction], mec="black" if marker == "^" else COLORS[direction],
@@ -139,8 +141,9 @@ def plot_scales(records: Sequence[dict], path: str, *, metric: str = "rms", titl
     step = max(1, (hi_e - lo_e) // 12)
     ax.set_xticks([2.0**e for e in range(lo_e, hi_e + 1) if e % step == 0])
     ax.set_xlabel(f"{metric} (log2 scale)")
-    handles = [Line2D([], [], marker=m, ls="", color=COLORS[d], mec="black" if m == "^" else COLORS[d],
-                      label=lab) for d, m, lab in KIND_STYLE.values()]
+    handles = [Line2D([], [], marker=m, ls="", color=COLORS[d],
+                      mec="black" if m == "^" else COLORS[d], label=lab)
+               for d, m, lab in KIND_STYLE.values()]
     if show_max:
         handles.append(Line2D([], [], color="#bbbbbb", label="... up to max |x|"))
     if title:

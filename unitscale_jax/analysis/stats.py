@@ -47,9 +47,11 @@ def tensor_stats(x: jax.Array, formats: Sequence[Union[FloatFormat, str]] = FORM
       A dict ``{name: float32 scalar}`` with keys ``stat_names(formats)``.
     """
     if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"tensor_stats needs a floating-point array, got {getattr(x, 'dtype', type(x))}.")
+        raise TypeError("tensor_stats needs a floating-point array, "
+                        f"got {getattr(x, 'dtype', type(x))}.")
     if x.size == 0:
-        raise ValueError("tensor_stats: the array is empty (shape {}); nothing to measure.".format(x.shape))
+        raise ValueError(
+            "tensor_stats: the array is empty (shape {}); nothing to measure.".format(x.shape))
     x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
     a = jnp.abs(x32)
     out = {

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unitscale_jax.analysis import naming
-from unitscale_jax.analysis.stats import FORMATS, stat_names, tensor_stats
 from unitscale_jax.analysis.activations import tapped_value_and_grad
+from unitscale_jax.analysis.stats import FORMATS, stat_names, tensor_stats
 
 KINDS = ("fwd", "bwd", "weight", "weight_grad")
 LossFn = Callable[[nnx.Module, Any], jax.Array]
@@ -33,7 +33,8 @@ LossFn = Callable[[nnx.Module, Any], jax.Array]
 def default_loss(model: nnx.Module, batch: Any) -> jax.Array:
     """``model.loss(**batch)`` for a dict batch, else ``model.loss(batch)``."""
     if not callable(getattr(model, "loss", None)):
-        raise TypeError(f"{type(model).__name__} has no loss method; pass loss_fn=(model, batch) -> scalar.")
+        raise TypeError(f"{type(model).__name__} has no loss method; "
+                        "pass loss_fn=(model, batch) -> scalar.")
     return model.loss(**batch) if isinstance(batch, dict) else model.loss(batch)
 
 
@@ -54,7 +55,8 @@ def unroll(model: nnx.Module) -> nnx.Module:
         value = _scanned_value(src, path)
         if value is None:
             raise ValueError(f"unroll: no variable of the scanned {type(model).__name__} matches "
-                             f"{'.'.join(map(str, path))}; build it with scan_layers=False instead.")
+                             f"{'.'.join(map(str, path))}; "
+                             "build it with scan_layers=False instead.")
         flat.append((path, var.replace(value)))
     nnx.update(new, nnx.from_flat_state(flat))
     flags = [m.deterministic for _, m in nnx.iter_modules(model) if hasattr(m, "deterministic")]

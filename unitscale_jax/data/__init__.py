@@ -14,18 +14,40 @@ Typical use (what the trainer does)::
     train.set_state(ckpt["data"])                      # on a fresh iterator: exact resume
 """
 
-from unitscale_jax.data.builders import (DEFAULT_CHUNK_CHARS, DEFAULT_VALIDATION_FRACTION,
-                                         LocalText, PydocTopics, TextConfig, builtin_builder,
-                                         local_text_builder, prepare)
+from unitscale_jax.data.builders import (
+    DEFAULT_CHUNK_CHARS,
+    DEFAULT_VALIDATION_FRACTION,
+    LocalText,
+    PydocTopics,
+    TextConfig,
+    builtin_builder,
+    local_text_builder,
+    prepare,
+)
 from unitscale_jax.data.corpus import builtin_documents, chunk_text, expand_paths, split_chunks
-from unitscale_jax.data.objectives import (lm_batch, mask_tokens, seq2seq_target_len,
-                                           span_corruption)
-from unitscale_jax.data.pipeline import (TASKS, DataIterator, check_corpus_length, make_iterator,
-                                         make_lm_iterator)
-from unitscale_jax.data.sources import (SplitStats, TextSource, corpus_stats, describe_corpus,
-                                        resolve_source)
-from unitscale_jax.data.tokenizers import (ByteTokenizer, SubwordTokenizer, Tokenizer,
-                                           get_tokenizer, regular_ids, special_ids)
+from unitscale_jax.data.objectives import lm_batch, mask_tokens, seq2seq_target_len, span_corruption
+from unitscale_jax.data.pipeline import (
+    TASKS,
+    DataIterator,
+    check_corpus_length,
+    make_iterator,
+    make_lm_iterator,
+)
+from unitscale_jax.data.sources import (
+    SplitStats,
+    TextSource,
+    corpus_stats,
+    describe_corpus,
+    resolve_source,
+)
+from unitscale_jax.data.tokenizers import (
+    ByteTokenizer,
+    SubwordTokenizer,
+    Tokenizer,
+    get_tokenizer,
+    regular_ids,
+    special_ids,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_CHARS", "DEFAULT_VALIDATION_FRACTION", "LocalText", "PydocTopics", "TextConfig",

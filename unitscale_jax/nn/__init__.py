@@ -14,7 +14,8 @@ Models (u-muP by default; ``parametrization="sp"`` or ``"mup"`` switches the sam
     info = unn.param_info(model)                               # type / fan_in / depth per param
 
     enc = unn.TransformerEncoder(cfg.replace(rope=True), n_classes=2, rngs=nnx.Rngs(0))
-    enc.mlm_loss(ids, labels, where); enc.classification_loss(ids, y); enc.token_classification_loss(ids, tags)
+    enc.mlm_loss(ids, labels, where); enc.classification_loss(ids, y)
+    enc.token_classification_loss(ids, tags)
     s2s = unn.TransformerEncoderDecoder(cfg, rngs=nnx.Rngs(0))
     s2s.loss(src, tgt); s2s.generate(src, 32, start_id=0)
 
@@ -27,12 +28,22 @@ for its maths. Sharding: logical axis names on every parameter, rule tables in
 (re-exported here); activation taps in ``unitscale_jax.taps``.
 """
 
-from unitscale_jax.params import PARAM_TYPES, ParamInfo, info_of, param_info, umup_param
-from unitscale_jax.nn.parametrization import (
-    MuP, PARAMETRIZATIONS, Parametrization, SP, UMuP, get_parametrization,
-)
+from unitscale_jax.nn.attention import MultiHeadAttention, rope
 from unitscale_jax.nn.config import TransformerConfig
+from unitscale_jax.nn.decoder import TransformerDecoder
+from unitscale_jax.nn.encoder import TransformerEncoder
+from unitscale_jax.nn.encoder_decoder import TransformerEncoderDecoder
 from unitscale_jax.nn.hooks import set_precision
+from unitscale_jax.nn.layers import Embedding, LayerNorm, Linear, LinearReadout, RMSNorm
+from unitscale_jax.nn.mlp import MLP
+from unitscale_jax.nn.parametrization import (
+    PARAMETRIZATIONS,
+    SP,
+    MuP,
+    Parametrization,
+    UMuP,
+    get_parametrization,
+)
 from unitscale_jax.nn.sharding import (
     LOGICAL_AXES,
     LOGICAL_RULES,
@@ -41,13 +52,8 @@ from unitscale_jax.nn.sharding import (
     logical_to_spec,
     partition_specs,
 )
-from unitscale_jax.nn.layers import Embedding, LayerNorm, Linear, LinearReadout, RMSNorm
-from unitscale_jax.nn.mlp import MLP
-from unitscale_jax.nn.attention import MultiHeadAttention, rope
 from unitscale_jax.nn.transformer import TransformerLayer, TransformerStack, branch_taus
-from unitscale_jax.nn.decoder import TransformerDecoder
-from unitscale_jax.nn.encoder import TransformerEncoder
-from unitscale_jax.nn.encoder_decoder import TransformerEncoderDecoder
+from unitscale_jax.params import PARAM_TYPES, ParamInfo, info_of, param_info, umup_param
 
 __all__ = [
     "PARAM_TYPES", "ParamInfo", "info_of", "param_info", "umup_param",

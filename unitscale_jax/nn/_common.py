@@ -27,7 +27,8 @@ def check_ids(ids, name: str, max_len: int, model: str) -> jax.Array:
 def _bool(mask, name: str, model: str) -> jax.Array:
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
-        raise TypeError(f"{model}: {name} must be boolean (True = real token / attend), got {mask.dtype}.")
+        raise TypeError(f"{model}: {name} must be boolean (True = real token / attend), "
+                        f"got {mask.dtype}.")
     return mask
 
 
@@ -43,7 +44,8 @@ def self_attention_mask(mask, batch: int, seq: int, model: str,
     mask = _bool(mask, name, model)
     if mask.ndim == 2:
         if mask.shape != (batch, seq):
-            raise ValueError(f"{model}: padding {name} must have shape {(batch, seq)}, got {mask.shape}.")
+            raise ValueError(f"{model}: padding {name} must have shape {(batch, seq)}, "
+                             f"got {mask.shape}.")
         return jnp.logical_or(mask[:, None, None, :], jnp.eye(seq, dtype=bool)[None, None])
     if mask.ndim == 4:
         try:
@@ -99,9 +101,11 @@ def sample(logits_BxV: jax.Array, key: Optional[jax.Array], temperature: float,
 
 def check_sampling(temperature: float, top_k, rng, vocab: int, model: str) -> None:
     if not temperature >= 0.0:
-        raise ValueError(f"{model}.generate: temperature must be >= 0 (0 = greedy), got {temperature}.")
+        raise ValueError(f"{model}.generate: temperature must be >= 0 (0 = greedy), "
+                         f"got {temperature}.")
     if temperature > 0.0 and rng is None:
-        raise ValueError(f"{model}.generate: sampling (temperature > 0) needs rng=jax.random.key(...).")
+        raise ValueError(f"{model}.generate: sampling (temperature > 0) needs "
+                         "rng=jax.random.key(...).")
     if top_k is not None and not 1 <= int(top_k) <= vocab:
         raise ValueError(f"{model}.generate: top_k must be in [1, {vocab}], got {top_k}.")
 

@@ -89,7 +89,8 @@ class MultiHeadAttention(nnx.Module):
                  param_dtype: Any = jnp.float32):
         if d_head is None:
             if d_model % n_heads:
-                raise ValueError(f"MultiHeadAttention: d_model {d_model} not divisible by n_heads {n_heads}; pass d_head.")
+                raise ValueError(f"MultiHeadAttention: d_model {d_model} not divisible by n_heads "
+                                 f"{n_heads}; pass d_head.")
             d_head = d_model // n_heads
         if use_rope and d_head % 2:
             raise ValueError(f"MultiHeadAttention: RoPE needs an even d_head, got {d_head}.")
@@ -157,7 +158,8 @@ class MultiHeadAttention(nnx.Module):
             if cache is None and context is None:
                 raise ValueError("cross attention needs a context (or a cache of its keys/values).")
             if cache is None and context.shape[0] != x.shape[0]:
-                raise ValueError(f"cross attention: context batch {context.shape[0]} != query batch {x.shape[0]}.")
+                raise ValueError(f"cross attention: context batch {context.shape[0]} != query "
+                                 f"batch {x.shape[0]}.")
             q, = self._split(self.q_proj(x, rng=keys[0]), 1)
             if cache is not None:
                 k, v = cache["k"], cache["v"]
@@ -173,8 +175,10 @@ class MultiHeadAttention(nnx.Module):
                 k = rope(k, positions, self.rope_theta)
             new_cache = cache
             if cache is not None:
-                k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
-                v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
+                k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                            start, axis=1)
+                v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                            start, axis=1)
                 new_cache = {"k": k_all, "v": v_all}
                 k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
                 q_pos = start + jnp.arange(q_len)
@@ -195,7 +199,8 @@ class MultiHeadAttention(nnx.Module):
                              "or call model.eval() for deterministic evaluation.")
         out = self.parametrization.attention(
             q, k, v, mask=mask, is_causal=is_causal, mult=self.mult,
-            dropout_rate=rate, rng=keys[3], scale_seq_len=scale_seq_len, scale_is_causal=scale_causal)
+            dropout_rate=rate, rng=keys[3], scale_seq_len=scale_seq_len,
+            scale_is_causal=scale_causal)
         out = hooks.attention_output(self.precision, out, layer=self.layer, rng=keys[4])
         out = tap(f"{self.role}.out", constrain(out, _QKV_NAMES))
         y = tap(f"{self.role}.proj", self.out_proj(out.reshape(*out.shape[:2], -1), rng=keys[5]))

@@ -24,7 +24,8 @@ def _dtype(value: Any, name: str) -> jnp.dtype:
     try:
         dtype = jnp.dtype(value)
     except TypeError as e:
-        raise ValueError(f"TransformerConfig.{name}: {value!r} is not a dtype (use e.g. 'float32' or 'bfloat16').") from e
+        raise ValueError(f"TransformerConfig.{name}: {value!r} is not a dtype (use e.g. 'float32' "
+                         "or 'bfloat16').") from e
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"TransformerConfig.{name} must be a floating-point dtype, got {dtype}.")
     return dtype
@@ -172,7 +173,8 @@ class TransformerConfig:
     @property
     def ffn_dim(self) -> int:
         """Hidden width of the MLP (``d_ff``, or ``round(ffn_mult * d_model)``)."""
-        return self.d_ff if self.d_ff is not None else max(1, int(round(self.ffn_mult * self.d_model)))
+        return (self.d_ff if self.d_ff is not None
+                else max(1, int(round(self.ffn_mult * self.d_model))))
 
     @property
     def decoder_layers(self) -> int:
@@ -193,7 +195,8 @@ def resolve_config(config: Optional[TransformerConfig], overrides: dict) -> Tran
         try:
             return TransformerConfig(**overrides)
         except TypeError as e:
-            raise TypeError(f"pass a TransformerConfig or its fields as keyword arguments: {e}") from e
+            raise TypeError(
+                f"pass a TransformerConfig or its fields as keyword arguments: {e}") from e
     if not isinstance(config, TransformerConfig):
         raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}.")
     return config.replace(**overrides) if overrides else config

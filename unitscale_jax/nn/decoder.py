@@ -157,10 +157,12 @@ class TransformerDecoder(nnx.Module):
         prompt = _common.check_ids(prompt, "prompt", c.max_seq_len, "TransformerDecoder.generate")
         total = prompt.shape[1] + int(max_new_tokens)
         if int(max_new_tokens) < 1:
-            raise ValueError(f"TransformerDecoder.generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
+            raise ValueError("TransformerDecoder.generate: max_new_tokens must be >= 1, "
+                             f"got {max_new_tokens}.")
         if total > c.max_seq_len:
             raise ValueError(f"TransformerDecoder.generate: prompt length {prompt.shape[1]} + "
-                             f"max_new_tokens {max_new_tokens} exceeds max_seq_len {c.max_seq_len}.")
+                             f"max_new_tokens {max_new_tokens} exceeds max_seq_len "
+                             f"{c.max_seq_len}.")
         _common.check_sampling(temperature, top_k, rng, c.vocab_size, "TransformerDecoder")
         if c.dropout > 0 and not self.stack.deterministic:
             raise ValueError("TransformerDecoder.generate: dropout is on; call model.eval() first.")

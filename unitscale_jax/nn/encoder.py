@@ -42,10 +42,12 @@ class TransformerEncoder(nnx.Module):
                  mlm_head: bool = True, pooling: str = "cls", **overrides: Any):
         c = resolve_config(config, overrides)
         if pooling not in POOLINGS:
-            raise ValueError(f"TransformerEncoder: pooling must be one of {POOLINGS}, got {pooling!r}.")
+            raise ValueError(f"TransformerEncoder: pooling must be one of {POOLINGS}, "
+                             f"got {pooling!r}.")
         for name, n in (("n_classes", n_classes), ("n_token_classes", n_token_classes)):
             if n is not None and (not isinstance(n, int) or n < 2):
-                raise ValueError(f"TransformerEncoder: {name} must be an int >= 2 or None, got {n!r}.")
+                raise ValueError(f"TransformerEncoder: {name} must be an int >= 2 or None, "
+                                 f"got {n!r}.")
         self.config = c
         self.pooling = pooling
         self.deterministic = False
@@ -79,7 +81,8 @@ class TransformerEncoder(nnx.Module):
                  rng: Optional[jax.Array] = None) -> jax.Array:
         """MLM logits ``[batch, seq, vocab]``."""
         readout = self._need(self.readout, "MLM head", "mlm_head=True")
-        return tap("logits", readout(self.encode(ids, mask=mask, rng=rng), rng=_common.head_key(rng)))
+        return tap("logits", readout(self.encode(ids, mask=mask, rng=rng),
+                                     rng=_common.head_key(rng)))
 
     def mlm_loss(self, ids: jax.Array, labels: jax.Array, where: Optional[jax.Array] = None, *,
                  mask: Optional[jax.Array] = None, rng: Optional[jax.Array] = None) -> jax.Array:
@@ -121,7 +124,8 @@ class TransformerEncoder(nnx.Module):
         """Mean cross-entropy of the sequence labels ``[batch]`` (e.g. SST-2 sentiment)."""
         c = self.config
         logits = self.classify(ids, mask=mask, rng=rng)
-        labels = _common.check_labels(labels, ids.shape[:1], "TransformerEncoder.classification_loss")
+        labels = _common.check_labels(labels, ids.shape[:1],
+                                      "TransformerEncoder.classification_loss")
         return c.parametrization.cross_entropy(logits, labels, mult=c.loss_mult,
                                     check_ids=c.check_ids)
 
@@ -129,7 +133,8 @@ class TransformerEncoder(nnx.Module):
             rng: Optional[jax.Array] = None) -> jax.Array:
         """Token-classification logits ``[batch, seq, n_token_classes]``."""
         head = self._need(self.token_head, "token-classification head", "n_token_classes=...")
-        return tap("token_logits", head(self.encode(ids, mask=mask, rng=rng), rng=_common.head_key(rng)))
+        return tap("token_logits", head(self.encode(ids, mask=mask, rng=rng),
+                                        rng=_common.head_key(rng)))
 
     def token_classification_loss(self, ids: jax.Array, labels: jax.Array,
                                   where: Optional[jax.Array] = None, *,
@@ -142,8 +147,10 @@ class TransformerEncoder(nnx.Module):
         """
         c = self.config
         logits = self.tag(ids, mask=mask, rng=rng)
-        labels = _common.check_labels(labels, ids.shape, "TransformerEncoder.token_classification_loss")
-        where = _common.check_where(where, ids.shape, "TransformerEncoder.token_classification_loss")
+        labels = _common.check_labels(labels, ids.shape,
+                                      "TransformerEncoder.token_classification_loss")
+        where = _common.check_where(where, ids.shape,
+                                    "TransformerEncoder.token_classification_loss")
         if where is None and mask is not None and jnp.ndim(mask) == 2:
             where = mask
         return c.parametrization.cross_entropy(logits, labels, mult=c.loss_mult,

@@ -66,14 +66,16 @@ class TransformerEncoderDecoder(nnx.Module):
         tgt = _common.check_ids(tgt, "tgt", c.max_seq_len, _NAME)
         _check_batch(context.shape[0], tgt.shape[0])
         m = _common.self_attention_mask(tgt_mask, *tgt.shape, _NAME, "tgt_mask")
-        cm = _common.key_padding_mask(src_mask, context.shape[0], context.shape[1], _NAME, "src_mask")
+        cm = _common.key_padding_mask(src_mask, context.shape[0], context.shape[1], _NAME,
+                                      "src_mask")
         x = tap("tgt_embed", constrain(self.embed(tgt), STREAM))
         x = self.decoder(x, mask=m, context=context, context_mask=cm, rng=rng)
         x = tap("final_norm", self.final_norm(x))
         return tap("logits", constrain(self.readout(x, rng=_common.head_key(rng)), LOGITS))
 
     def __call__(self, src: jax.Array, tgt: jax.Array, *, src_mask: Optional[jax.Array] = None,
-                 tgt_mask: Optional[jax.Array] = None, rng: Optional[jax.Array] = None) -> jax.Array:
+                 tgt_mask: Optional[jax.Array] = None,
+                 rng: Optional[jax.Array] = None) -> jax.Array:
         """Logits ``[batch, tgt_len, vocab]``.
 
         Args:
@@ -115,13 +117,15 @@ class TransformerEncoderDecoder(nnx.Module):
             return c.parametrization.cross_entropy(logits, targets, mult=c.loss_mult, where=where,
                                             check_ids=c.check_ids)
         if tgt.ndim != 2 or tgt.shape[1] < 2:
-            raise ValueError(f"{_NAME}.loss: tgt must be [batch, tgt_len >= 2] (start token + targets), got {tgt.shape}.")
+            raise ValueError(f"{_NAME}.loss: tgt must be [batch, tgt_len >= 2] "
+                             f"(start token + targets), got {tgt.shape}.")
         where = _common.check_where(where, where_shape, f"{_NAME}.loss")
         in_mask = None
         if tgt_mask is not None:
             tgt_mask = jnp.asarray(tgt_mask)
             if tgt_mask.ndim != 2 or tgt_mask.shape != tgt.shape:
-                raise ValueError(f"{_NAME}.loss: tgt_mask must be a padding mask of shape {tgt.shape}, got {tgt_mask.shape}.")
+                raise ValueError(f"{_NAME}.loss: tgt_mask must be a padding mask of shape "
+                                 f"{tgt.shape}, got {tgt_mask.shape}.")
             in_mask = tgt_mask[:, :-1]
         logits = self(src, tgt[:, :-1], src_mask=src_mask, tgt_mask=in_mask, rng=rng)
         scored = None if where is None else where[:, 1:]
@@ -173,9 +177,11 @@ class TransformerEncoderDecoder(nnx.Module):
         src = _common.check_ids(src, "src", c.max_seq_len, f"{_NAME}.generate")
         total = 1 + int(max_new_tokens)
         if int(max_new_tokens) < 1:
-            raise ValueError(f"{_NAME}.generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
+            raise ValueError(
+                f"{_NAME}.generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
         if total > c.max_seq_len:
-            raise ValueError(f"{_NAME}.generate: 1 + max_new_tokens = {total} exceeds max_seq_len {c.max_seq_len}.")
+            raise ValueError(f"{_NAME}.generate: 1 + max_new_tokens = {total} exceeds max_seq_len "
+                             f"{c.max_seq_len}.")
         if not 0 <= int(start_id) < c.vocab_size:
             raise ValueError(f"{_NAME}.generate: start_id {start_id} outside [0, {c.vocab_size}).")
         _common.key_padding_mask(src_mask, *src.shape, _NAME, "src_mask")

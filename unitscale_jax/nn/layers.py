@@ -151,7 +151,8 @@ class Embedding(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
-            raise TypeError(f"Embedding: ids must be integer token ids, got dtype {jnp.result_type(ids)}.")
+            raise TypeError("Embedding: ids must be integer token ids, "
+                            f"got dtype {jnp.result_type(ids)}.")
         table = _cast(self.embedding[...], self.dtype)
         return self.parametrization.embedding(ids, table, check_ids=self.check_ids)
 
@@ -215,7 +216,8 @@ class LayerNorm(_Norm):
     """
 
     def __init__(self, features: int, *, use_scale: bool = False, use_bias: bool = False,
-                 eps: float = 1e-5, depth: Optional[int] = None, parametrization: ParametrizationLike = "umup",
+                 eps: float = 1e-5, depth: Optional[int] = None,
+                 parametrization: ParametrizationLike = "umup",
                  param_dtype: Any = jnp.float32, rngs: Optional[nnx.Rngs] = None):
         del rngs
         super().__init__(features, use_scale=use_scale, use_bias=use_bias, eps=eps,

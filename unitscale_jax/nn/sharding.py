@@ -62,7 +62,8 @@ def logical_rules(kind: str = "dp", mesh: Optional[jax.sharding.Mesh] = None) ->
       A tuple of ``(logical_name, mesh_axes)`` pairs, usable with ``nnx.logical_axis_rules``.
     """
     if kind not in LOGICAL_RULES:
-        raise ValueError(f"unknown sharding rule table {kind!r}; choose one of {sorted(LOGICAL_RULES)}.")
+        raise ValueError(f"unknown sharding rule table {kind!r}; "
+                         f"choose one of {sorted(LOGICAL_RULES)}.")
     rules = LOGICAL_RULES[kind]
     if mesh is None:
         return rules
@@ -79,7 +80,8 @@ def logical_rules(kind: str = "dp", mesh: Optional[jax.sharding.Mesh] = None) ->
     return tuple((name, keep(axes)) for name, axes in rules)
 
 
-def logical_to_spec(names: Sequence[Optional[str]], rules: Optional[Sequence] = None) -> PartitionSpec:
+def logical_to_spec(names: Sequence[Optional[str]],
+                    rules: Optional[Sequence] = None) -> PartitionSpec:
     """Maps logical axis names to a ``PartitionSpec``; a mesh axis is used at most once.
 
     Args:
@@ -117,7 +119,8 @@ def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     spec.
     """
     if len(names) != x.ndim:
-        raise ValueError(f"constrain: {len(names)} axis names {tuple(names)} for an array of shape {x.shape}.")
+        raise ValueError(f"constrain: {len(names)} axis names {tuple(names)} for an array of shape "
+                         f"{x.shape}.")
     rules = core_spmd.get_logical_axis_rules()
     if not rules or _active_mesh() is None:
         return x

@@ -9,7 +9,7 @@ PyTorch library ``unit-scaling`` 0.3.5 (``unit_scaling.functional``).
 cores with no scales), which the standard and muP parametrizations use.
 """
 
-from unitscale_jax.ops import plain
+from unitscale_jax.ops import plain as plain
 from unitscale_jax.ops._scale import scale_bwd, scale_fwd
 from unitscale_jax.ops.activations import dropout, gelu, silu, silu_glu, softmax
 from unitscale_jax.ops.attention import attention_scale, scaled_dot_product_attention

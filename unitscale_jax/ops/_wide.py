@@ -7,10 +7,10 @@ dtype first and scales afterwards. In float16 that intermediate overflows once t
 large: at 16k tokens the readout's ``x^T g`` already exceeds float16's 65504 and the step
 is lost to ``inf``, although the scaled result is of order 1. (bfloat16 has float32's range
 and only loses precision.) The functions here have the same forward values and, in exact
-arithmetic, the same gradients as that composition (``scaled_affine`` also applies the
-forward scale to the kernel rather than the output: the same maths); their backward passes accumulate each
-token sum in float32 (``preferred_element_type`` / ``dtype=float32``), apply the scale there,
-and only then cast to the parameter's dtype, as fused low-precision kernels do.
+arithmetic, the same gradients as that composition (``scaled_affine`` also applies the forward
+scale to the kernel rather than the output: the same maths); their backward passes accumulate
+each token sum in float32 (``preferred_element_type`` / ``dtype=float32``), apply the scale
+there, and only then cast to the parameter's dtype, as fused low-precision kernels do.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def gelu(
                    output_scale, grad_scale)
 
 
-def silu(x: jax.Array, *, mult: float = 1.0, constraint: Constraint = "to_output_scale") -> jax.Array:
+def silu(x: jax.Array, *, mult: float = 1.0,
+         constraint: Constraint = "to_output_scale") -> jax.Array:
     """Unit-scaled SiLU: ``alpha * x * sigmoid(mult * x)``.
 
     Scaling rule: ``alpha`` as GELU's; ``beta = interp(1 / (1 + 1/mult^2), 2, sqrt(2))``.
@@ -130,7 +131,8 @@ def silu_glu(x: jax.Array, gate: jax.Array, *, mult: float = 1.0) -> jax.Array:
     require_float(x, "x", "silu_glu")
     require_float(gate, "gate", "silu_glu")
     if x.shape != gate.shape:
-        raise ValueError(f"silu_glu: x and gate must have the same shape, got {x.shape} and {gate.shape}.")
+        raise ValueError("silu_glu: x and gate must have the same shape, "
+                         f"got {x.shape} and {gate.shape}.")
     mult = _check_mult(mult, "silu_glu")
     s = logarithmic_interpolation(1.0 / (1.0 + 1.0 / mult**2), 2.0, 2.0**0.5)
     # one scale on the output and both input gradients: s * x * silu(gate), ordinary gradient
@@ -167,8 +169,9 @@ def softmax(
     grad_scale = logarithmic_interpolation(a, n / mult, (n / mult) ** 0.5)
     output_scale, grad_scale = apply_constraint(constraint, output_scale, grad_scale)
     # Normalise in float32 (as PyTorch does on CPU): a bf16 softmax backward loses ~1e-2.
-    return _scaled(lambda t: jax.nn.softmax(t.astype(jnp.float32) * mult, axis=axis).astype(t.dtype),
-                   x, output_scale, grad_scale)
+    return _scaled(
+        lambda t: jax.nn.softmax(t.astype(jnp.float32) * mult, axis=axis).astype(t.dtype),
+        x, output_scale, grad_scale)
 
 
 def dropout(

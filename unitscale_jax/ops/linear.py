@@ -15,9 +15,9 @@ import numpy as np
 
 from unitscale_jax.ops import _wide, plain
 from unitscale_jax.ops._checks import check_linear_inputs, require_float, require_min_rank
-from unitscale_jax.ops.plain import DotGeneral
 from unitscale_jax.ops._scale import scale_bwd, scale_fwd
 from unitscale_jax.ops.constraints import Constraint, apply_constraint
+from unitscale_jax.ops.plain import DotGeneral
 
 
 def _linear(x, kernel, bias, constraint, output_power: float, op: str, dot_general):

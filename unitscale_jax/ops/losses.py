@@ -87,7 +87,8 @@ def mse_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
     require_float(pred, "pred", "mse_loss")
     require_float(target, "target", "mse_loss")
     if pred.shape != target.shape:
-        raise ValueError(f"mse_loss: pred and target must have the same shape, got {pred.shape} and {target.shape}.")
+        raise ValueError("mse_loss: pred and target must have the same shape, "
+                         f"got {pred.shape} and {target.shape}.")
     s = 8 ** -0.5
     pred, target = scale_bwd(pred, s), scale_bwd(target, s)
     return scale_fwd(jnp.sum(jnp.square(pred - target)), 1.0 / max(pred.size, 1))

@@ -18,8 +18,14 @@ import jax.numpy as jnp
 
 from unitscale_jax.ops import _wide
 from unitscale_jax.ops._checks import (
-    check_ce_inputs, check_ids_in_range, check_linear_inputs, require_float, require_int,
-    require_min_rank, require_range_rate, require_rank,
+    check_ce_inputs,
+    check_ids_in_range,
+    check_linear_inputs,
+    require_float,
+    require_int,
+    require_min_rank,
+    require_range_rate,
+    require_rank,
 )
 
 F32 = jnp.float32
@@ -146,7 +152,8 @@ def check_attention_inputs(q, k, v, mask, op: str) -> Optional[jax.Array]:
             f"(layout [batch, seq, heads, head_dim])."
         )
     if q.shape[2] % k.shape[2]:
-        raise ValueError(f"{op}: q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]}).")
+        raise ValueError(f"{op}: q heads ({q.shape[2]}) must be a multiple of kv heads "
+                         f"({k.shape[2]}).")
     if mask is None:
         return None
     mask = jnp.asarray(mask)
@@ -240,7 +247,8 @@ def _check_param(p, d: int, name: str, op: str) -> None:
     if p is not None:
         require_float(p, name, op)
         if p.shape != (d,):
-            raise ValueError(f"{op}: {name} must have shape ({d},) to match x's last axis, got {p.shape}.")
+            raise ValueError(f"{op}: {name} must have shape ({d},) to match x's last axis, "
+                             f"got {p.shape}.")
 
 
 def _layer_norm(x, scale, bias, eps: float, param_grad_scale: float) -> jax.Array:

@@ -14,7 +14,6 @@ models (``unitscale_jax.nn``).
 """
 
 from unitscale_jax.optim import checks
-
 from unitscale_jax.optim.optimizers import adam, adamw, sgd
 from unitscale_jax.optim.schedules import exponential_decay, reduce_on_plateau, warmup_cosine
 from unitscale_jax.optim.umup import (
@@ -33,7 +32,8 @@ from unitscale_jax.optim.weight_decay import (
 
 __all__ = [
     "DEFAULT_DECAY_TYPES", "OPTIMIZERS", "READOUT_CONSTRAINTS",
-    "UnitScaleState", "adam", "checks", "adamw", "add_independent_weight_decay", "exponential_decay",
-    "reduce_on_plateau", "resolve_peak_learning_rate", "scale_by_umup", "sgd", "umup_factor",
+    "UnitScaleState", "adam", "checks", "adamw", "add_independent_weight_decay",
+    "exponential_decay", "reduce_on_plateau", "resolve_peak_learning_rate", "scale_by_umup", "sgd",
+    "umup_factor",
     "umup_factors", "unit_scale", "warmup_cosine",
 ]

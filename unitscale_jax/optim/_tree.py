@@ -18,7 +18,8 @@ import jax
 import optax
 from flax import nnx
 
-from unitscale_jax.params import ParamInfo, param_info as _param_info
+from unitscale_jax.params import ParamInfo
+from unitscale_jax.params import param_info as _param_info
 
 PathKey = Tuple[str, ...]
 
@@ -131,6 +132,7 @@ class InfoLookup:
             raise ValueError(
                 f"{len(missing)} parameter(s) have no u-muP metadata (ParamInfo) in param_info: "
                 f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}. Create them with "
-                "unitscale_jax.nn.umup_param and pass param_info=unitscale_jax.nn.param_info(model), "
+                "unitscale_jax.nn.umup_param and pass "
+                "param_info=unitscale_jax.nn.param_info(model), "
                 "or opt in with default=ParamInfo(...) or allow_missing=True (factor 1).")
         return out

@@ -20,7 +20,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import optax
 
-from unitscale_jax.params import ParamInfo
 from unitscale_jax.optim.umup import scale_by_umup
 from unitscale_jax.optim.weight_decay import (
     DEFAULT_DECAY_TYPES,
@@ -28,6 +27,7 @@ from unitscale_jax.optim.weight_decay import (
     add_independent_weight_decay,
     resolve_peak_learning_rate,
 )
+from unitscale_jax.params import ParamInfo
 
 
 def _tail(learning_rate, param_info, *, optimizer, readout_constraint, weight_decay,

@@ -41,7 +41,8 @@ def warmup_cosine(peak_value: float, warmup_steps: int, total_steps: int, *,
     """
     if not 0 <= warmup_steps < total_steps:
         raise ValueError(
-            f"warmup_cosine needs 0 <= warmup_steps < total_steps, got {warmup_steps}, {total_steps}.")
+            f"warmup_cosine needs 0 <= warmup_steps < total_steps, got {warmup_steps}, "
+            f"{total_steps}.")
     sched = optax.warmup_cosine_decay_schedule(
         init_value=init_value, peak_value=peak_value, warmup_steps=warmup_steps,
         decay_steps=total_steps, end_value=end_value)
@@ -63,7 +64,8 @@ def exponential_decay(init_value: float, decay_rate: float, *,
     if not decay_rate > 0:
         raise ValueError(f"exponential_decay needs decay_rate > 0, got {decay_rate}.")
     if decay_rate > 1 and end_value is None:
-        raise ValueError("exponential_decay with decay_rate > 1 grows without bound: pass end_value.")
+        raise ValueError("exponential_decay with decay_rate > 1 grows without bound: "
+                         "pass end_value.")
     lo_hi = (None if end_value is None else
              (min(init_value, end_value), max(init_value, end_value)))
 

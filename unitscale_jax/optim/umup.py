@@ -13,8 +13,8 @@ from typing import Any, Optional
 import jax
 import optax
 
-from unitscale_jax.params import ParamInfo
 from unitscale_jax.optim._tree import InfoLookup, array_keys, map_arrays
+from unitscale_jax.params import ParamInfo
 
 OPTIMIZERS = ("adam", "sgd")
 READOUT_CONSTRAINTS = (None, "to_output_scale")

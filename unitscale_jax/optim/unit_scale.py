@@ -9,7 +9,7 @@ the gradient magnitudes drift during training.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +57,8 @@ def unit_scale(decay: float = 0.0, eps: float = 0.0) -> optax.GradientTransforma
     ``decay > 0`` the output RMS is 1 at step 1 and follows the drift of gradient magnitudes
     smoothly afterwards. The state holds one float32 scalar per leaf (``sqrt(ms_hat)``, in one
     vector, kept bias-corrected through the equivalent recursion
-    ``ms_hat_t = w_t ms_hat_{t-1} + (1 - w_t) x_t``, ``w_t = decay (1 - decay^(t-1)) / (1 - decay^t)``)
-    and a step count.
+    ``ms_hat_t = w_t ms_hat_{t-1} + (1 - w_t) x_t``,
+    ``w_t = decay (1 - decay^(t-1)) / (1 - decay^t)``) and a step count.
 
     Loss-scale invariance: the mean square is computed after normalising the leaf by a power of
     two, the one just above its max-abs at step 1 and, from step 2 on, the one just above the
@@ -115,7 +115,8 @@ def unit_scale(decay: float = 0.0, eps: float = 0.0) -> optax.GradientTransforma
         if len(idx) != state.rms.shape[0]:
             raise ValueError(
                 f"unit_scale: the updates have {len(idx)} array leaves but the state was "
-                f"initialised for {state.rms.shape[0]}; call init with a tree of the same structure.")
+                f"initialised for {state.rms.shape[0]}; call init with a tree of the same "
+                "structure.")
         count = optax.safe_increment(state.count)
         d = jnp.asarray(decay, jnp.float32)
         t = count.astype(jnp.float32)

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from unitscale_jax.params import PARAM_TYPES, ParamInfo
 from unitscale_jax.optim._tree import InfoLookup, array_keys, map_arrays
+from unitscale_jax.params import PARAM_TYPES, ParamInfo
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
@@ -109,9 +109,11 @@ def add_independent_weight_decay(
         del extra_args
         if params is None:
             raise ValueError(
-                "Independent weight decay needs the parameters: call tx.update(grads, state, params).")
+                "Independent weight decay needs the parameters: "
+                "call tx.update(grads, state, params).")
         sel = selected(updates)
-        coeff = jnp.asarray(weight_decay, jnp.float32) / jnp.asarray(peak_learning_rate, jnp.float32)
+        coeff = (jnp.asarray(weight_decay, jnp.float32)
+                 / jnp.asarray(peak_learning_rate, jnp.float32))
 
         def decay(k, u, p):
             return (u + (coeff * p).astype(u.dtype)) if sel[k] else u

@@ -10,17 +10,36 @@
 """
 
 from unitscale_jax.precision.formats import (
-    BF16, E4M3, E4M3_FNUZ, E5M2, E5M2_FNUZ, FORMATS, FP16, FP32, FloatFormat, get_format,
+    BF16,
+    E4M3,
+    E4M3_FNUZ,
+    E5M2,
+    E5M2_FNUZ,
+    FORMATS,
+    FP16,
+    FP32,
+    FloatFormat,
+    get_format,
 )
 from unitscale_jax.precision.fp8 import cast_scaled, fp8_dot
 from unitscale_jax.precision.policy import (
-    ATTENTION_ROLES, MATMUL_ROLES, PRESETS, ROLES, UMUP_LARGE_RUN_OVERRIDES, Override,
-    PrecisionPolicy, get_policy,
+    ATTENTION_ROLES,
+    MATMUL_ROLES,
+    PRESETS,
+    ROLES,
+    UMUP_LARGE_RUN_OVERRIDES,
+    Override,
+    PrecisionPolicy,
+    get_policy,
 )
 from unitscale_jax.precision.quantise import quantise, quantise_bwd, quantise_fwd
 from unitscale_jax.precision.simulate import ROUNDINGS, simulate
 from unitscale_jax.precision.stats import (
-    FormatStats, format_stats, saturation_fraction, tree_format_stats, underflow_fraction,
+    FormatStats,
+    format_stats,
+    saturation_fraction,
+    tree_format_stats,
+    underflow_fraction,
 )
 
 __all__ = [

@@ -56,7 +56,8 @@ class FloatFormat:
     def __post_init__(self):
         if self.variant not in _VARIANTS:
             raise ValueError(
-                f"FloatFormat {self.name!r}: variant must be one of {_VARIANTS}, got {self.variant!r}."
+                f"FloatFormat {self.name!r}: variant must be one of {_VARIANTS}, "
+                f"got {self.variant!r}."
             )
         if not 2 <= self.exponent_bits <= 8:
             raise ValueError(
@@ -65,7 +66,8 @@ class FloatFormat:
             )
         if not 1 <= self.mantissa_bits <= 23:
             raise ValueError(
-                f"FloatFormat {self.name!r}: mantissa_bits must be in [1, 23], got {self.mantissa_bits}."
+                f"FloatFormat {self.name!r}: mantissa_bits must be in [1, 23], "
+                f"got {self.mantissa_bits}."
             )
         if self.min_normal_exponent < -126 or self.max_exponent > 127:
             raise ValueError(
@@ -125,7 +127,8 @@ class FloatFormat:
     @property
     def is_float32(self) -> bool:
         """True for the float32 format itself (simulation is the identity)."""
-        return (self.exponent_bits, self.mantissa_bits, self.bias, self.variant) == (8, 23, 127, "ieee")
+        return ((self.exponent_bits, self.mantissa_bits, self.bias, self.variant)
+                == (8, 23, 127, "ieee"))
 
     def __str__(self) -> str:
         return self.name

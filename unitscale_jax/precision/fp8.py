@@ -138,7 +138,8 @@ def fp8_dot(
     out_dtype = jnp.dtype(preferred_element_type if preferred_element_type is not None else x.dtype)
     if not jnp.issubdtype(out_dtype, jnp.floating) or out_dtype.itemsize < 2:
         raise ValueError(
-            f"fp8_dot: preferred_element_type must be float32, bfloat16 or float16, got {out_dtype}."
+            "fp8_dot: preferred_element_type must be float32, bfloat16 or float16, "
+            f"got {out_dtype}."
         )
     cfg = (
         _static_scale(x_scale, "x_scale"),

@@ -143,7 +143,8 @@ class PrecisionPolicy:
         if self.mode not in MODES:
             raise ValueError(f"PrecisionPolicy: mode must be one of {MODES}, got {self.mode!r}.")
         if self.rounding not in ROUNDINGS:
-            raise ValueError(f"PrecisionPolicy: rounding must be one of {ROUNDINGS}, got {self.rounding!r}.")
+            raise ValueError(f"PrecisionPolicy: rounding must be one of {ROUNDINGS}, "
+                             f"got {self.rounding!r}.")
         formats = [self.fwd_format, self.bwd_format]
         formats += [f for o in self.overrides for f in (o.fwd_format, o.bwd_format)]
         if self.mode == "none" and any(f is not None for f in formats):
@@ -159,10 +160,12 @@ class PrecisionPolicy:
                 )
             for f in formats:
                 if f is not None and f.dtype is None:
-                    raise ValueError(f"PrecisionPolicy: format {f} has no real dtype; use mode='sim'.")
+                    raise ValueError(f"PrecisionPolicy: format {f} has no real dtype; "
+                                     "use mode='sim'.")
         for s in (self.x_scale, self.w_scale, self.grad_scale):
             if not (isinstance(s, (int, float)) and s > 0):
-                raise ValueError(f"PrecisionPolicy: scales must be positive Python floats, got {s!r}.")
+                raise ValueError("PrecisionPolicy: scales must be positive Python floats, "
+                                 f"got {s!r}.")
 
     # -- lookup -----------------------------------------------------------------------------
     def formats(self, role: str, layer: Optional[int] = None) -> Tuple[Optional[FloatFormat], ...]:
@@ -176,7 +179,8 @@ class PrecisionPolicy:
     def _rounding_kw(self, rng):
         if self.rounding == "stochastic" and rng is None:
             raise ValueError(
-                f"PrecisionPolicy {self.name!r} uses stochastic rounding: pass rng=<jax.random key>."
+                f"PrecisionPolicy {self.name!r} uses stochastic rounding: "
+                "pass rng=<jax.random key>."
             )
         return dict(rounding=self.rounding, rng=rng if self.rounding == "stochastic" else None)
 

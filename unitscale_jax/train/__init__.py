@@ -12,21 +12,34 @@ Python API (what the experiment scripts call in-process)::
     tx, schedule = train.build_optimizer(train.resolve(cfg), unitscale_jax.nn.param_info(model))
 """
 
-from unitscale_jax.train.build import (build_model, build_optimizer, build_schedule,
-                                       transformer_config)
-from unitscale_jax.train.config import (Config, DataConfig, ModelConfig, OptimizerConfig,
-                                        TrainingConfig, default_lr, resolve, validate)
+from unitscale_jax.train.build import (
+    build_model,
+    build_optimizer,
+    build_schedule,
+    transformer_config,
+)
+from unitscale_jax.train.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainingConfig,
+    default_lr,
+    resolve,
+    validate,
+)
 from unitscale_jax.train.errors import TrainingStopped, UsageError
 from unitscale_jax.train.loop import format_summary, run
 from unitscale_jax.train.metrics import loss_curve, read_metrics
-from unitscale_jax.train.presets import PRESETS, get_preset
 from unitscale_jax.train.precision import PRECISIONS, precision_setup
+from unitscale_jax.train.presets import PRESETS, get_preset
 from unitscale_jax.train.sample import generate_text, load_run, sample
 from unitscale_jax.train.tasks import TASKS, Task, get_task
 from unitscale_jax.train.trainer import Trainer
 
 __all__ = [
-    "TASKS", "Task", "Trainer", "get_task", "build_model", "build_optimizer", "build_schedule", "transformer_config",
+    "TASKS", "Task", "Trainer", "get_task", "build_model", "build_optimizer", "build_schedule",
+    "transformer_config",
     "Config", "DataConfig", "ModelConfig", "OptimizerConfig", "TrainingConfig", "default_lr",
     "resolve", "validate", "TrainingStopped", "UsageError", "format_summary", "run",
     "loss_curve", "read_metrics", "PRESETS", "get_preset", "PRECISIONS", "precision_setup",

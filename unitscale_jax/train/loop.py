@@ -49,7 +49,8 @@ def format_summary(s: dict) -> str:
         f"  metrics:     {s['metrics']}",
     ]
     if s["tensorboard"]:
-        lines.append(f"  tensorboard: {s['tensorboard']}  (tensorboard --logdir {s['tensorboard']})")
+        lines.append(f"  tensorboard: {s['tensorboard']}  "
+                     f"(tensorboard --logdir {s['tensorboard']})")
     if s["plot"]:
         lines.append(f"  plot:        {s['plot']}")
     if s["checkpoint"]:

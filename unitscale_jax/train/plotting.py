@@ -35,8 +35,8 @@ def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike, *,
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="train")
         if len(losses) > 10:
-            ax.plot(steps, _ema(list(losses), 0.9 if len(losses) >= 200 else 0.6), color="tab:blue", lw=1.5,
-                    label="train (smoothed)")
+            ax.plot(steps, _ema(list(losses), 0.9 if len(losses) >= 200 else 0.6),
+                    color="tab:blue", lw=1.5, label="train (smoothed)")
     if val:
         ax.plot(*zip(*val), "o-", color="tab:orange", lw=1.5, ms=4, label="validation")
     ax.set_xlabel("step")

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import difflib
 
-from unitscale_jax.train.config import (Config, DataConfig, ModelConfig, OptimizerConfig,
-                                        TrainingConfig)
+from unitscale_jax.train.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainingConfig,
+)
 from unitscale_jax.train.errors import UsageError
 
 

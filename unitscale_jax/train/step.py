@@ -32,12 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from unitscale_jax import nn, taps
+from unitscale_jax.train import precision
 from unitscale_jax.train.build import plateau_scale
 from unitscale_jax.train.errors import UsageError
-from unitscale_jax.train import precision
 from unitscale_jax.train.tasks import Task
 
 MESH_AXES = ("data", "fsdp", "tensor")

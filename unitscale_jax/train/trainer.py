@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from unitscale_jax import nn
-from unitscale_jax.train import build, distributed, step as steplib
+from unitscale_jax.train import build, distributed
+from unitscale_jax.train import step as steplib
 from unitscale_jax.train.checkpoint import Checkpoints
 from unitscale_jax.train.config import Config, resolve
 from unitscale_jax.train.data import load_data
