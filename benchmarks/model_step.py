@@ -126,10 +126,11 @@ def main(argv=None) -> dict:
               "median_s": med, "min_s": best, "ratio_to_plain": ratios,
               "ratio_to_plain_min": ratios_min, "target_umup_over_plain": 1.03,
               "load_average": list(os.getloadavg()),
-              "notes": ("umup and sp run their projections through one custom_vjp "
-                        "(unitscale_jax/nn/_fused.py) whose explicit backward is faster on XLA:CPU "
-                        "than autodiff of the plain nnx.Linear, so both come out below 1; the "
-                        "cost of unit scaling itself is umup vs sp (same module code)."),
+              "notes": ("umup and sp run their projections through the one linear core of "
+                        "unitscale_jax.ops (a custom_vjp in ops/_wide.py, scales at 1 for SP) "
+                        "whose explicit backward is faster on XLA:CPU than autodiff of the plain "
+                        "nnx.Linear, so both come out below 1; the cost of unit scaling itself "
+                        "is umup vs sp (same module code)."),
               "command": "python benchmarks/model_step.py" + (" --quick" if args.quick else "")}
     if not args.no_write:
         print(f"wrote {write_result('model_step', result)}")
