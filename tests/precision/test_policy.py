@@ -201,3 +201,18 @@ def test_errors():
         get_policy("fp4")
     with pytest.raises(dataclasses.FrozenInstanceError):
         get_policy("fp8").mode = "sim"
+
+
+def test_dot_general_is_the_policys_matmul_and_nothing_else():
+    """A policy supplies matmuls, not rules: None where only the compute dtype changes (the
+    op's own fast form runs), else a dot_general for x[..., K] @ w[K, N] only."""
+    assert get_policy("fp32").dot_general("ffn_up") is None
+    assert get_policy("bf16").dot_general("readout") is None
+    sim = get_policy("fp8-sim", overrides=[Override("ffn_up")])
+    assert sim.dot_general("ffn_up") is None  # an unquantised role
+    dot = sim.dot_general("attn_out")
+    chex.assert_trees_all_equal(dot(X, W, (((2,), (0,)), ((), ()))), sim.dot(X, W, "attn_out"))
+    with pytest.raises(ValueError, match="only x"):
+        dot(X, X, (((2,), (2,)), ((), ())))
+    y = ops.plain.linear(X, W, B, dot_general=dot)
+    chex.assert_trees_all_equal(y, sim.dot(X, W, "attn_out") + B)
