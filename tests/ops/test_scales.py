@@ -111,8 +111,10 @@ def test_gelu_scales(mult, approximate):
     plain = lambda x: jax.nn.gelu(x * mult, approximate=approximate) / mult  # noqa: E731
     check_op(lambda x: ops.gelu(x, mult=mult, constraint=None, approximate=approximate), plain,
              (x,), alpha, (beta,))
+    # tied scales: alpha * gelu with its ordinary gradient, whose products are rounded in
+    # another order; the tanh form's derivative cancels to ~1e-5 at mult 4 (float32 noise there)
     check_op(lambda x: ops.gelu(x, mult=mult, approximate=approximate), plain, (x,), alpha,
-             (alpha,))
+             (alpha,), atol=4e-6 if approximate else 1e-6)
 
 
 @pytest.mark.parametrize("mult", [1.0, 2.0])

@@ -7,7 +7,6 @@ multiplier deciding where between them it sits; they match ``unit_scaling.functi
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -27,28 +26,14 @@ def _check_mult(mult: float, op: str) -> float:
     return mult
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 2))
-def _tied(f, x, s: float):
-    y = f(x)
-    return y * jnp.asarray(s, y.dtype)
-
-
-@_tied.defjvp
-def _tied_jvp(f, s, primals, tangents):
-    # the tangent is scaled on the way in, so the transposed (backward) pass scales the
-    # input gradient last, as scale_bwd does: the same rounding as the composition
-    (x,), (t,) = primals, tangents
-    y, dy = jax.jvp(f, (x,), (t * jnp.asarray(s, t.dtype),))
-    return y * jnp.asarray(s, y.dtype), dy
-
-
 def _scaled(f, x, output_scale: float, grad_scale: float):
     """``scale_fwd(f(scale_bwd(x, grad_scale)), output_scale)``. With equal (constrained)
-    scales ``s`` that is exactly ``s * f(x)`` with its ordinary gradient, computed so (one
-    ``custom_jvp``, no custom-VJP scale ops around the nonlinearity). ``f`` must not close
-    over traced values (the ``custom_jvp`` keeps it static)."""
+    scales ``s`` that is exactly ``s * f(x)`` with its ordinary gradient, and is computed so:
+    no custom scale ops around the nonlinearity (the gradient's products are rounded in
+    another order, float32 rounding only)."""
     if output_scale == grad_scale:
-        return f(x) if output_scale == 1.0 else _tied(f, x, output_scale)
+        y = f(x)
+        return y if output_scale == 1.0 else y * jnp.asarray(output_scale, y.dtype)
     return scale_fwd(f(scale_bwd(x, grad_scale)), output_scale)
 
 
