@@ -75,9 +75,11 @@ def project(policy: Any, parametrization: Any, x: jax.Array, kernel: jax.Array,
     policy = _active(policy)
     dot = None
     if policy is not None:
-        x, kernel, bias = (policy.cast_compute(t) for t in (x, kernel, bias))
         prole = "readout" if readout else POLICY_ROLES.get(role, "linear")
         dot = policy.dot_general(prole, layer=layer, rng=rng)
+        bias = policy.cast_compute(bias)
+        if dot is None:  # a plugged-in dot casts its own operands
+            x, kernel = policy.cast_compute(x), policy.cast_compute(kernel)
     if readout:
         return parametrization.readout(x, kernel, bias, dot_general=dot)
     return parametrization.linear(x, kernel, bias, constraint=constraint, dot_general=dot)

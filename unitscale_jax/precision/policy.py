@@ -276,9 +276,11 @@ class PrecisionPolicy:
         if constraint is _UNSET:
             constraint = None if readout else "to_output_scale"
         op = ops.linear_readout if readout else ops.linear
-        x, kernel, bias = (self.cast_compute(t) for t in (x, kernel, bias))
-        return op(x, kernel, bias, constraint=constraint,
-                  dot_general=self.dot_general(role, layer=layer, rng=rng))
+        dot = self.dot_general(role, layer=layer, rng=rng)
+        if dot is None:
+            x, kernel = self.cast_compute(x), self.cast_compute(kernel)
+        # (a plugged-in dot casts its own operands, after the op's backward scales)
+        return op(x, kernel, self.cast_compute(bias), constraint=constraint, dot_general=dot)
 
     def attention_inputs(self, q, k, v, *, layer=None, rng=None):
         """``(q, k, v)`` rounded to the forward formats of roles ``"q"``, ``"k"``, ``"v"``."""
