@@ -58,3 +58,21 @@ def test_attention_impl_is_checked():
     with pytest.raises(ValueError, match="MultiHeadAttention: attention_impl must be one of"):
         unn.MultiHeadAttention(32, 2, attention_impl="dense", rngs=nnx.Rngs(0))
     assert CFG.attention_impl == "auto"
+
+
+def test_chunked_encoder_decoder_same_loss_and_gradients_as_xla():
+    """Bidirectional self attention and cross attention with a source padding mask."""
+    cfg = unn.TransformerConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2,
+                                max_seq_len=40, rope=True)
+    src, tgt = random_ids(2, (2, 37), 64), random_ids(3, (2, 23), 64)
+    src_mask = jnp.arange(37)[None, :] < jnp.array([[37], [20]])
+
+    def loss(m, src, tgt, src_mask):
+        return m.loss(src, tgt, src_mask=src_mask)
+
+    la, ga = loss_and_grads(unn.TransformerEncoderDecoder(
+        cfg, attention_impl="chunked", rngs=nnx.Rngs(0)), loss, src, tgt, src_mask)
+    lb, gb = loss_and_grads(unn.TransformerEncoderDecoder(
+        cfg, attention_impl="xla", rngs=nnx.Rngs(0)), loss, src, tgt, src_mask)
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    chex.assert_trees_all_close(ga, gb, rtol=2e-4, atol=2e-6)
