@@ -7,6 +7,9 @@ Each benchmark runs as its own process (so one's JAX/XLA settings cannot leak in
 - ``optimizer_overhead``: ``unit_scale`` / u-muP AdamW updates against ``optax.adamw``;
 - ``fp8_matmul``: real FP8 against bf16 matmuls and decoder train steps (accelerator sizes;
   on a CPU-only machine its ``--tiny`` path check, results ``*_tiny.json``);
+- ``attention``: the chunked (memory-efficient) attention backend against dense XLA attention,
+  forward + backward: time ratio and compiled temporary memory at S = 1k and 4k (16k chunked
+  only);
 - ``torch_comparison``: the authors' PyTorch ``unit_scaling.TransformerDecoder`` against ours
   at the same configuration (only where a Python with ``torch`` and ``unit-scaling`` is found:
   ``--torch-python``, ``$UNITSCALE_TORCH_PYTHON`` or this interpreter; otherwise reported as
@@ -45,6 +48,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                            ["--quick", "--no-write"]),
     "torch_comparison": ("torch_comparison.py", [], ["--quick", "--no-write"]),
     "fp8_matmul": ("fp8_matmul.py", [], ["--tiny", "--out", "{tmp}"]),
+    "attention": ("attention.py", [], ["--quick", "--no-write"]),
 }
 # result file a benchmark writes in full mode, when not ``<name>.json``
 RESULT_FILES = {"fp8_matmul": "fp8_matmul.json"}

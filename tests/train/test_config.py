@@ -34,7 +34,8 @@ def test_every_model_field_reaches_the_transformer_config():
     cfg = train.resolve(parse_train_args([
         "--rope-theta", "500", "--norm-eps", "1e-6", "--d-ff", "48", "--check-ids",
         "--residual-attn-ratio", "0.25", "--mlp", "gelu", "--norm", "layer", "--bias",
-        "--parametrization", "sp", "--sp-init-std", "none", "--no-scan-layers", "--remat"]))
+        "--parametrization", "sp", "--sp-init-std", "none", "--no-scan-layers", "--remat",
+        "--attention-impl", "chunked"]))
     tc = build.transformer_config(cfg, 260)
     assert (tc.rope_theta, tc.norm_eps, tc.d_ff, tc.check_ids) == (500.0, 1e-6, 48, True)
     for name in build.SHARED_FIELDS:
@@ -43,6 +44,7 @@ def test_every_model_field_reaches_the_transformer_config():
             want = nn.get_parametrization(want)
         assert getattr(tc, name) == want, name
     assert tc.rope is False and tc.vocab_size == 260 and tc.max_seq_len == cfg.data.seq_len
+    assert tc.attention_impl == "chunked"
     with pytest.raises(train.UsageError, match="d_ff must be a positive int"):
         build.transformer_config(cfg.replace(model={"d_ff": 0}), 260)
 

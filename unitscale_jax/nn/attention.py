@@ -12,6 +12,7 @@ from unitscale_jax.nn import hooks
 from unitscale_jax.nn.layers import Linear, ParametrizationLike
 from unitscale_jax.nn.parametrization import get_parametrization
 from unitscale_jax.nn.sharding import constrain
+from unitscale_jax.ops import plain
 from unitscale_jax.taps import tap
 
 _QKV_NAMES = ("batch", "sequence", "heads", "kv")
@@ -71,6 +72,8 @@ class MultiHeadAttention(nnx.Module):
       rope_theta: RoPE base.
       mult: u-muP's ``alpha_attn-softmax`` (muP: the logits multiplier).
       dropout: attention-probability dropout rate.
+      attention_impl: the attention backend (``ops.plain.ATTENTION_IMPLEMENTATIONS``):
+        ``"auto"`` (default), ``"xla"``, ``"cudnn"`` or ``"chunked"``.
       depth: residual-stack depth (parameter metadata).
       parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
       init_std / out_init_std: SP std of the input / output projections.
@@ -83,7 +86,8 @@ class MultiHeadAttention(nnx.Module):
                  d_head: Optional[int] = None, cross: bool = False, causal: bool = False,
                  d_context: Optional[int] = None, bias: bool = False, use_rope: bool = False,
                  rope_theta: float = 10000.0, mult: float = 1.0, dropout: float = 0.0,
-                 depth: Optional[int] = None, parametrization: ParametrizationLike = "umup",
+                 attention_impl: str = "auto", depth: Optional[int] = None,
+                 parametrization: ParametrizationLike = "umup",
                  init_std: Optional[float] = None, out_init_std: Optional[float] = None,
                  precision: Any = None, layer: Optional[int] = None, dtype: Any = None,
                  param_dtype: Any = jnp.float32):
@@ -100,6 +104,10 @@ class MultiHeadAttention(nnx.Module):
         self.cross, self.causal = bool(cross), bool(causal)
         self.use_rope, self.rope_theta = bool(use_rope), float(rope_theta)
         self.mult, self.dropout = float(mult), float(dropout)
+        if attention_impl not in plain.ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"MultiHeadAttention: attention_impl must be one of "
+                             f"{plain.ATTENTION_IMPLEMENTATIONS}, got {attention_impl!r}.")
+        self.attention_impl = str(attention_impl)
         self.parametrization = get_parametrization(parametrization)
         self.precision = precision
         self.layer = layer
@@ -200,7 +208,7 @@ class MultiHeadAttention(nnx.Module):
         out = self.parametrization.attention(
             q, k, v, mask=mask, is_causal=is_causal, mult=self.mult,
             dropout_rate=rate, rng=keys[3], scale_seq_len=scale_seq_len,
-            scale_is_causal=scale_causal)
+            scale_is_causal=scale_causal, implementation=self.attention_impl)
         out = hooks.attention_output(self.precision, out, layer=self.layer, rng=keys[4])
         out = tap(f"{self.role}.out", constrain(out, _QKV_NAMES))
         y = tap(f"{self.role}.proj", self.out_proj(out.reshape(*out.shape[:2], -1), rng=keys[5]))

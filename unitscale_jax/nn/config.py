@@ -15,6 +15,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 from unitscale_jax.nn.parametrization import PARAMETRIZATIONS, Parametrization, get_parametrization
+from unitscale_jax.ops.plain import ATTENTION_IMPLEMENTATIONS
 
 MLP_KINDS = ("swiglu", "gelu")
 NORM_KINDS = ("rms", "layer")
@@ -49,6 +50,10 @@ class TransformerConfig:
       parametric_norm: give the norms a learnable gain (u-muP's default is non-parametric).
       bias: give linear layers biases (default False, as u-muP).
       dropout: attention-probability and residual-branch dropout rate.
+      attention_impl: attention backend: auto (cuDNN on a GPU where it can run, chunked for
+        keys longer than ``ops.plain.CHUNKED_MIN_KV_LEN``, else XLA), xla (dense), cudnn
+        (GPU, bfloat16/float16) or chunked (memory-efficient blockwise attention, no
+        dropout).
       rope: rotary position encoding on q and k (default False: no position encoding, as in
         u-muP's decoder; encoders usually want True since bidirectional attention without
         positions cannot tell token order).
@@ -95,6 +100,7 @@ class TransformerConfig:
     parametric_norm: bool = False
     bias: bool = False
     dropout: float = 0.0
+    attention_impl: str = "auto"
     rope: bool = False
     rope_theta: float = 10000.0
     attn_mult: float = 1.0
@@ -147,6 +153,12 @@ class TransformerConfig:
         object.__setattr__(self, "parametrization", get_parametrization(self.parametrization))
         if not 0.0 <= float(self.dropout) < 1.0:
             fail(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            fail(f"attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                 f"{self.attention_impl!r}.")
+        if self.attention_impl == "chunked" and float(self.dropout) > 0.0:
+            fail("attention_impl='chunked' has no attention dropout; set dropout=0 or use "
+                 "'auto' or 'xla'.")
         for name in ("attn_mult", "act_mult", "residual_mult", "residual_attn_ratio",
                      "loss_mult", "rope_theta", "norm_eps"):
             v = float(getattr(self, name))

@@ -1,4 +1,5 @@
-"""Unit-scaled dot-product attention on top of ``jax.nn.dot_product_attention``."""
+"""Unit-scaled dot-product attention on top of ``ops.plain.dot_product_attention`` (XLA,
+cuDNN or chunked backends)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def scaled_dot_product_attention(
     scale_seq_len: Optional[int] = None,
     scale_is_causal: Optional[bool] = None,
     implementation: Optional[str] = None,
+    block_q: int = 512,
+    block_kv: int = 512,
 ) -> jax.Array:
     """Unit-scaled multi-head attention ``s * softmax(mult * q k^T / d_head) v``.
 
@@ -51,9 +54,10 @@ def scaled_dot_product_attention(
     multiplies the output and the gradients of q, k and v.
 
     Computed as ``s * ops.plain.dot_product_attention(q, k, v, logit_scale=mult / d_head)``
-    (``jax.nn.dot_product_attention``, so XLA's or cuDNN's fused kernel runs; with dropout an
-    explicit softmax path): one scale on the output and on q, k, v's gradients is what the
-    ordinary gradient of ``s * attention`` gives, so no custom scale op is needed.
+    with whichever backend ``implementation`` picks (XLA's dense attention, cuDNN's fused
+    kernel, or the memory-efficient chunked one): one scale on the output and on q, k, v's
+    gradients is what the ordinary gradient of ``s * attention`` gives, so every backend gets
+    the rule with no custom scale op.
 
     Args:
       q: ``[batch, q_len, heads, head_dim]`` (or all of q, k, v without the batch axis).
@@ -69,7 +73,11 @@ def scaled_dot_product_attention(
         ``kv_len``). KV-cache decoding passes the full length so that cached and full
         forward passes give the same values.
       scale_is_causal: the causal flag used by the scaling rule (default ``is_causal``).
-      implementation: passed to ``jax.nn.dot_product_attention`` ("xla", "cudnn" or None).
+      implementation: the backend, ``"auto"`` (None), ``"xla"``, ``"cudnn"`` or
+        ``"chunked"`` (see ``ops.plain.dot_product_attention`` and
+        ``ops.plain.choose_implementation``).
+      block_q: query block size of the chunked backend.
+      block_kv: key block size of the chunked backend.
 
     Returns:
       ``[batch, q_len, heads, head_dim]``.
@@ -79,7 +87,8 @@ def scaled_dot_product_attention(
         out = scaled_dot_product_attention(
             q[None], k[None], v[None], mask=mask, is_causal=is_causal, mult=mult,
             dropout_rate=dropout_rate, rng=rng, scale_seq_len=scale_seq_len,
-            scale_is_causal=scale_is_causal, implementation=implementation)
+            scale_is_causal=scale_is_causal, implementation=implementation, block_q=block_q,
+            block_kv=block_kv)
         return out[0]
     plain.check_attention_inputs(q, k, v, mask, op)
     rate = require_range_rate(dropout_rate, op)
@@ -90,7 +99,7 @@ def scaled_dot_product_attention(
     s = attention_scale(s_len, d_head, mult=mult, is_causal=causal_rule, dropout_rate=rate)
     out = plain.dot_product_attention(
         q, k, v, logit_scale=mult / d_head, mask=mask, is_causal=is_causal, dropout_rate=rate,
-        rng=rng, implementation=implementation)
+        rng=rng, implementation=implementation, block_q=block_q, block_kv=block_kv)
     # one scale s on the output and on q, k, v's gradients: s * attention(q, k, v) with its
     # ordinary gradient is exactly that
     return out * jnp.asarray(s, out.dtype)

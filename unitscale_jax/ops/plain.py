@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from unitscale_jax.ops import _wide
+from unitscale_jax.ops import _chunked, _wide
 from unitscale_jax.ops._checks import (
     check_ce_inputs,
     check_ids_in_range,
@@ -168,6 +168,76 @@ def check_attention_inputs(q, k, v, mask, op: str) -> Optional[jax.Array]:
         raise ValueError(f"{op}: mask shape {mask.shape} does not broadcast to {target}.") from e
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
+"""The values of ``implementation`` of ``dot_product_attention`` (None means ``"auto"``)."""
+
+CHUNKED_MIN_KV_LEN = 2048
+"""``"auto"`` runs ``"chunked"`` when the key length exceeds this (and cuDNN is not used): a
+dense ``[q_len, kv_len]`` score matrix per head is then the largest tensor of a layer."""
+
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def _cudnn_problem(q, k, mask, rate: float) -> Optional[str]:
+    """Why cuDNN's fused attention cannot run these inputs, or None if it can."""
+    if jax.default_backend() != "gpu":
+        return f"it needs a GPU, the backend is {jax.default_backend()!r}"
+    if q.dtype not in CUDNN_DTYPES:
+        return f"it needs bfloat16 or float16 inputs, got {q.dtype}"
+    d = q.shape[-1]
+    if d % 8 or d > CUDNN_MAX_HEAD_DIM:
+        return f"head_dim must be a multiple of 8 and at most {CUDNN_MAX_HEAD_DIM}, got {d}"
+    t, s = q.shape[-3], k.shape[-3]
+    if mask is not None and (t % 2 or s % 2):
+        return f"with a mask q_len and kv_len must be even, got {t} and {s}"
+    if rate > 0.0:
+        return "it has no attention dropout"
+    return None
+
+
+def choose_implementation(q: jax.Array, k: jax.Array, implementation: Optional[str] = None, *,
+                          mask: Optional[jax.Array] = None, dropout_rate: float = 0.0) -> str:
+    """The attention backend that ``dot_product_attention`` runs: ``"xla"``, ``"cudnn"`` or
+    ``"chunked"``.
+
+    ``"auto"`` (or None): cuDNN on a GPU where dtype, head_dim and lengths allow it; otherwise
+    ``"chunked"`` when ``kv_len > CHUNKED_MIN_KV_LEN`` and there is no dropout; otherwise
+    ``"xla"``. A named backend is returned as it is, once its limits are checked.
+
+    Args:
+      q: ``[batch, q_len, heads, head_dim]``.
+      k: ``[batch, kv_len, kv_heads, head_dim]``.
+      implementation: one of ``ATTENTION_IMPLEMENTATIONS``, or None.
+      mask: the attention mask (cuDNN needs even lengths with one).
+      dropout_rate: attention dropout (only ``"xla"`` has it).
+
+    Raises:
+      ValueError: an unknown name (listing the valid ones); ``"cudnn"`` where cuDNN cannot run
+        (naming the limit); ``"chunked"`` with dropout.
+    """
+    impl = "auto" if implementation is None else implementation
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"dot_product_attention: implementation must be one of "
+                         f"{ATTENTION_IMPLEMENTATIONS} or None, got {implementation!r}.")
+    rate = float(dropout_rate)
+    if impl == "cudnn":
+        problem = _cudnn_problem(q, k, mask, rate)
+        if problem:
+            raise ValueError(f"dot_product_attention: implementation='cudnn' cannot run here: "
+                             f"{problem}.")
+    if impl == "chunked" and rate > 0.0:
+        raise ValueError("dot_product_attention: implementation='chunked' has no attention "
+                         "dropout; use 'xla' (or 'auto') with dropout_rate > 0.")
+    if impl != "auto":
+        return impl
+    if _cudnn_problem(q, k, mask, rate) is None:
+        return "cudnn"
+    if k.shape[-3] > CHUNKED_MIN_KV_LEN and rate == 0.0:
+        return "chunked"
+    return "xla"
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -179,11 +249,25 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     rng: Optional[jax.Array] = None,
     implementation: Optional[str] = None,
+    block_q: int = 512,
+    block_kv: int = 512,
 ) -> jax.Array:
     """``softmax(logit_scale * q k^T) v`` per head, with its ordinary gradient.
 
-    Runs ``jax.nn.dot_product_attention`` (XLA's or cuDNN's fused kernel); with dropout
-    (which that function lacks), or float16 on CPU, an explicit softmax path.
+    Backends (``implementation``, see ``choose_implementation``):
+
+    - ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``, the dense scores; with
+      dropout (which that function lacks), or float16 on CPU, an explicit softmax path.
+    - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU, bfloat16 or
+      float16, head_dim a multiple of 8 and at most 128).
+    - ``"chunked"``: memory-efficient blockwise attention in pure JAX (online softmax, a
+      backward that recomputes the block scores; ``unitscale_jax.ops._chunked``): memory
+      linear in the sequence length; no dropout.
+    - ``"auto"`` or None: cuDNN where it can run, chunked for keys longer than
+      ``CHUNKED_MIN_KV_LEN``, else XLA.
+
+    A query row that sees no key at all (a mask that hides every key from it) gives zeros
+    under ``"chunked"`` and the mean of all values under ``"xla"``; neither gives NaN.
 
     Args:
       q: ``[batch, q_len, heads, head_dim]`` (or all of q, k, v without the batch axis).
@@ -192,27 +276,47 @@ def dot_product_attention(
       logit_scale: static multiplier of the logits (SP: ``1/sqrt(head_dim)``).
       mask: optional boolean mask broadcastable to ``[batch, heads, q_len, kv_len]``, True
         where attention is allowed; combined with ``is_causal``.
-      is_causal: apply a causal mask.
+      is_causal: apply a causal mask (query ``t`` sees keys ``s <= t``).
       dropout_rate: attention-probability dropout.
       rng: PRNG key for dropout.
-      implementation: passed to ``jax.nn.dot_product_attention`` ("xla", "cudnn" or None).
+      implementation: ``"auto"`` (None), ``"xla"``, ``"cudnn"`` or ``"chunked"``.
+      block_q: query block size of ``"chunked"`` (clipped to ``q_len``).
+      block_kv: key block size of ``"chunked"`` (clipped to ``kv_len``).
 
     Returns:
       ``[batch, q_len, heads, head_dim]``.
+
+    Raises:
+      ValueError: bad shapes, an unknown ``implementation``, a backend that cannot run these
+        inputs (see ``choose_implementation``).
     """
     op = "dot_product_attention"
     if q.ndim == 3 and k.ndim == 3 and v.ndim == 3:  # unbatched [seq, heads, head_dim] (vmap)
         return dot_product_attention(
             q[None], k[None], v[None], logit_scale=logit_scale, mask=mask, is_causal=is_causal,
-            dropout_rate=dropout_rate, rng=rng, implementation=implementation)[0]
-    mask = check_attention_inputs(q, k, v, mask, op)
+            dropout_rate=dropout_rate, rng=rng, implementation=implementation,
+            block_q=block_q, block_kv=block_kv)[0]
+    full_mask = check_attention_inputs(q, k, v, mask, op)
     rate = require_range_rate(dropout_rate, op)
     if rate > 0.0 and rng is None:
         raise ValueError(f"{op}: rng is required when dropout_rate > 0.")
-    if rate > 0.0 or (q.dtype == jnp.float16 and jax.default_backend() == "cpu"):
-        return _attention_explicit(q, k, v, mask, is_causal, float(logit_scale), rate, rng)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=float(logit_scale),
-                                        is_causal=is_causal, implementation=implementation)
+    for name, size in (("block_q", block_q), ("block_kv", block_kv)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{op}: {name} must be a positive int, got {size!r}.")
+    impl = choose_implementation(q, k, implementation, mask=mask, dropout_rate=rate)
+    if impl == "chunked":
+        dtype = q.dtype
+        if dtype == jnp.float16 and jax.default_backend() == "cpu":  # no f16 x f16 -> f32 dot
+            q, k, v = (t.astype(F32) for t in (q, k, v))
+        out = _chunked.chunked_attention(
+            q, k, v, logit_scale=float(logit_scale), mask=None if mask is None else
+            jnp.asarray(mask), is_causal=is_causal, block_q=block_q, block_kv=block_kv)
+        return out.astype(dtype)
+    if impl == "xla" and (rate > 0.0 or (q.dtype == jnp.float16
+                                         and jax.default_backend() == "cpu")):
+        return _attention_explicit(q, k, v, full_mask, is_causal, float(logit_scale), rate, rng)
+    return jax.nn.dot_product_attention(q, k, v, mask=full_mask, scale=float(logit_scale),
+                                        is_causal=is_causal, implementation=impl)
 
 
 def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:

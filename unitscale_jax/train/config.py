@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import docstring_parser
 
+from unitscale_jax.ops.plain import ATTENTION_IMPLEMENTATIONS
 from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train.tasks import TASKS
 
@@ -60,6 +61,7 @@ MODEL_FIELDS: dict[str, tuple[type, Any, dict]] = {
                                         "otherwise)")),
     "mlp": (str, "swiglu", dict(choices=("swiglu", "gelu"))),
     "norm": (str, "rms", dict(choices=("rms", "layer"))),
+    "attention_impl": (str, "auto", dict(choices=ATTENTION_IMPLEMENTATIONS)),
 }
 """Where the trainer's model fields differ from ``TransformerConfig``'s: ``name -> (type,
 default, metadata)``; ``kind`` is the trainer's own."""
