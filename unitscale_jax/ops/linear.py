@@ -33,10 +33,9 @@ def _linear(x, kernel, bias, constraint, output_power: float, op: str, dot_gener
         return _wide.scaled_affine(x, kernel, bias, output_scale, grad_x_scale, grad_w_scale)
     # a plugged-in matmul (e.g. a precision policy's FP8 dot) is differentiated through, so
     # its own backward (rounded gradients, float8 operands) runs inside the same scales
-    y = dot_general(scale_bwd(x, grad_x_scale), scale_bwd(kernel, grad_w_scale),
-                    plain.linear_dims(x))
-    if bias is not None:
-        y = y + scale_bwd(bias, grad_w_scale).astype(y.dtype)
+    bias = None if bias is None else scale_bwd(bias, grad_w_scale)
+    y = plain.linear(scale_bwd(x, grad_x_scale), scale_bwd(kernel, grad_w_scale), bias,
+                     dot_general=dot_general)
     return scale_fwd(y, output_scale)
 
 
