@@ -22,6 +22,33 @@ USAGE = """usage: unitscale-jax {train,sample,analyse} [options]
 """
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def _keep_freed_memory() -> None:
+    """Lets glibc's malloc keep the memory XLA frees, instead of returning it to the system.
+
+    XLA on the CPU allocates each step's temporary buffer afresh (about 160 MB for a d_model 128,
+    3-layer, 128-token model at batch 16). glibc serves any block over 32 MB with its own
+    ``mmap`` and unmaps it on ``free``, so every step faulted in some 40,000 fresh zeroed pages:
+    2.5 million page faults and a sixth of the CPU time in the kernel over 60 steps. With one
+    arena, no ``mmap`` blocks and no trimming, freed blocks are reused: a tenth of the faults
+    and of the system time (measured with ``/usr/bin/time -v``). Skipped when the user set any
+    ``MALLOC_*`` variable, and off glibc.
+    """
+    if sys.platform != "linux" or any(k.startswith("MALLOC_") for k in os.environ):
+        return
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30)):
+        mallopt(param, value)
+
+
 def _quiet_logs() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from absl import logging as absl_logging  # an orbax dependency
@@ -66,6 +93,7 @@ def _analyse(argv: Sequence[str], prog: str) -> int:
 def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> int:
     """Entry point; returns the exit status (``SystemExit`` from ``--help`` passes through)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _keep_freed_memory()
     _quiet_logs()
     from unitscale_jax.train.errors import TrainingStopped, UsageError
     if not argv or argv[0] in ("-h", "--help"):
