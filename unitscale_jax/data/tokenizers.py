@@ -12,7 +12,6 @@ WordPiece, byte-level BPE or Unigram tokenizer with Hugging Face ``tokenizers`` 
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from pathlib import Path
@@ -199,8 +198,7 @@ def encode_words(tokenizer: Tokenizer, words: Sequence[str]) -> list[np.ndarray]
             for p in pieces]
 
 
-@functools.lru_cache(maxsize=None)
-def _import(module: str, hint: str):
+def _import(module: str, hint: str):  # (importlib caches modules in sys.modules)
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -279,7 +277,8 @@ def train_tokenizer(files: Sequence[str | os.PathLike] | str, *, kind: str = "wo
     - ``wordpiece``: BERT's: Unicode normalisation (optionally lower-casing), split on
       whitespace and punctuation, ``##`` continuation pieces, ``[UNK]`` for unseen characters.
     - ``bpe``: GPT-2's byte-level BPE (every byte in the alphabet, so nothing is unknown; a
-      leading space is part of a word's first piece).
+      leading space is part of a word's first piece, so ``decode`` gives the text back after a
+      space).
     - ``unigram``: SentencePiece's unigram model over ``▁``-marked words (NFKC normalisation).
 
     The special tokens are ``HF_SPECIAL_TOKENS`` (ids 0-4); no post-processor is set (the data
