@@ -813,30 +813,26 @@ def tags_from_subwords(pred_ids: np.ndarray, word_index: np.ndarray, n_words: Se
 
 
 @dataclasses.dataclass(frozen=True)
-class _Row:
+class _Take:
+    """A batch of row indices -> the rows of every array plus ``valid``; a final partial batch
+    is filled up to ``batch_size`` with rows of ``pad_values`` (``valid`` False), so every batch
+    has one shape."""
+
     arrays: Mapping[str, np.ndarray]
-
-    def __call__(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v[i] for k, v in self.arrays.items()} | {"valid": np.bool_(True)}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Fill:
-    """Fills a final partial batch up to ``batch_size`` with rows of ``pad_values`` (and
-    ``valid`` False), so every batch has one shape."""
-
     batch_size: int
     pad_values: Mapping[str, Any]
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        index = np.asarray(index, np.int64).reshape(-1)
+        missing = self.batch_size - len(index)
         out = {}
-        for k, v in batch.items():
-            v = np.asarray(v)
-            missing = self.batch_size - v.shape[0]
+        for k, v in self.arrays.items():
+            rows = v[index]
             if missing > 0:
                 fill = np.full((missing,) + v.shape[1:], self.pad_values.get(k, 0), v.dtype)
-                v = np.concatenate([v, fill])
-            out[k] = v
+                rows = np.concatenate([rows, fill])
+            out[k] = rows
+        out["valid"] = np.arange(self.batch_size) < len(index)
         return out
 
 
@@ -848,8 +844,9 @@ def make_batch_iterator(arrays: Mapping[str, np.ndarray], *, batch_size: int, se
     """Batches of encoded examples (``Encoded.arrays``) as a checkpointable ``DataIterator``.
 
     Every epoch visits the rows in a fresh permutation (``EpochShuffle``: ``default_rng([seed,
-    epoch])``) when ``shuffle``; each batch is a dict of the arrays' rows plus ``valid`` (bool
-    ``[batch]``). ``get_state``/``set_state`` resume exactly, as for pretraining.
+    epoch])``) when ``shuffle``; grain batches the row indices and each batch gathers its rows
+    of every array, plus ``valid`` (bool ``[batch]``). ``get_state``/``set_state`` resume
+    exactly, as for pretraining.
 
     Args:
       arrays: equal-length arrays (first axis = examples).
@@ -886,11 +883,9 @@ def make_batch_iterator(arrays: Mapping[str, np.ndarray], *, batch_size: int, se
         ds = EpochShuffle(ds, seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    ds = ds.map(_Row(arrays))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=16))
-    it = it.batch(batch_size, drop_remainder=drop_remainder)
-    pad_values = {"ids": tokenizer.pad_id, "word_index": -1, "valid": False}
-    it = it.map(_Fill(batch_size, pad_values))
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)  # batches of row indices
+    ds = ds.map(_Take(arrays, batch_size, {"ids": tokenizer.pad_id, "word_index": -1}))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
     seq_len = int(arrays["ids"].shape[1]) if "ids" in arrays and arrays["ids"].ndim == 2 else 0
     config = dict(source=name, split=split, task=task, seq_len=seq_len, batch_size=batch_size,
                   seed=seed, shuffle=shuffle, num_epochs=num_epochs,
