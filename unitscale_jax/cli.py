@@ -1,4 +1,4 @@
-"""The ``unitscale-jax`` command: ``train`` (default), ``sample`` and ``analyse``.
+"""The ``unitscale-jax`` command: ``train`` (default), ``sample``, ``analyse`` and ``tokenizer``.
 
 ``unitscale-jax train --preset tiny`` trains on the built-in corpus; rerunning the same command
 resumes from its last checkpoint. ``unitscale-jax sample --run-dir runs/tiny-decoder-umup
@@ -13,12 +13,14 @@ import os
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: unitscale-jax {train,sample,analyse} [options]
+USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer} [options]
 
   train    train a model (default when the first argument is an option); --help for options
   sample   generate text from a trained decoder run: --run-dir DIR --prompt TEXT
   analyse  scale table and plot of every op, weight and gradient at init, and the
            coordinate check: --parametrization umup|sp [--coord-check] [--out DIR]
+  tokenizer train a subword tokenizer on local text: tokenizer train --data FILES
+           --kind wordpiece|bpe|unigram --vocab-size N --out tok.json
 """
 
 
@@ -90,6 +92,32 @@ def _analyse(argv: Sequence[str], prog: str) -> int:
     return analyse_main(list(argv), prog)
 
 
+def _tokenizer(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.errors import UsageError
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {prog} train --data FILES --kind wordpiece|bpe|unigram --vocab-size N "
+              f"--out tok.json\n  (see {prog} train --help)")
+        return 0
+    if argv[0] != "train":
+        raise UsageError(f"unknown {prog} command {argv[0]!r}; use '{prog} train --data FILES "
+                         "--out tok.json'.")
+    from unitscale_jax.data.tokenizers import train_tokenizer
+    from unitscale_jax.train.flags import tokenizer_train_parser
+    ns = tokenizer_train_parser(f"{prog} train").parse_all(argv[1:])
+    files = [f.strip() for value in ns.data for f in value.split(",") if f.strip()]
+    if not files:
+        raise UsageError("--data is empty; pass text files or globs.")
+    try:
+        tok = train_tokenizer(files, kind=ns.kind, vocab_size=ns.vocab_size, out_path=ns.out,
+                              lowercase=ns.lowercase, min_frequency=ns.min_frequency)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    print(f"tokenizer: {ns.kind}, vocabulary {tok.vocab_size} (pad {tok.pad_id}, bos "
+          f"{tok.bos_id}, eos {tok.eos_id}, mask {tok.mask_id}) -> {ns.out}; use it with "
+          f"--tokenizer hf:{ns.out}", flush=True)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> int:
     """Entry point; returns the exit status (``SystemExit`` from ``--help`` passes through)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -100,10 +128,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
         print(USAGE, end="")
         return 0
     command, rest = (argv[0], argv[1:]) if not argv[0].startswith("-") else ("train", argv)
-    commands = {"train": _train, "sample": _sample, "analyse": _analyse}
+    commands = {"train": _train, "sample": _sample, "analyse": _analyse,
+                "tokenizer": _tokenizer}
     if command not in commands:
-        print(f"{prog}: error: unknown command {command!r}; use train, sample or analyse.",
-              file=sys.stderr)
+        print(f"{prog}: error: unknown command {command!r}; use train, sample, analyse or "
+              "tokenizer.", file=sys.stderr)
         return 2
     sub_prog = prog if prog != "unitscale-jax" else f"{prog} {command}"
     try:

@@ -12,6 +12,14 @@ Typical use (what the trainer does)::
     batch = next(train)                                # {"inputs", "targets", "where"}: [32, 256]
     ckpt["data"] = train.get_state()                   # JSON-serialisable
     train.set_state(ckpt["data"])                      # on a fresh iterator: exact resume
+
+Fine-tuning data (``unitscale_jax.data.labelled``)::
+
+    splits = data.find_splits("../shared/data/sst2")   # {"train": Path, "dev": Path}
+    train_ex = data.read_classification(splits["train"])   # or data.read_conll(path)
+    vocab = data.LabelVocab.from_labels(train_ex.labels)    # saved with vocab.to_json()
+    enc = data.encode_texts(train_ex, tok, seq_len=64, vocab=vocab)  # or encode_tagged
+    batches = data.make_batch_iterator(enc.arrays, batch_size=32, seed=0, tokenizer=tok)
 """
 
 from unitscale_jax.data.builders import (
@@ -25,6 +33,17 @@ from unitscale_jax.data.builders import (
     prepare,
 )
 from unitscale_jax.data.corpus import builtin_documents, chunk_text, expand_paths, split_chunks
+from unitscale_jax.data.labelled import (
+    DataError,
+    LabelVocab,
+    encode_tagged,
+    encode_texts,
+    find_splits,
+    make_batch_iterator,
+    read_classification,
+    read_conll,
+    tags_from_subwords,
+)
 from unitscale_jax.data.objectives import lm_batch, mask_tokens, seq2seq_target_len, span_corruption
 from unitscale_jax.data.pipeline import (
     TASKS,
@@ -44,9 +63,11 @@ from unitscale_jax.data.tokenizers import (
     ByteTokenizer,
     SubwordTokenizer,
     Tokenizer,
+    encode_words,
     get_tokenizer,
     regular_ids,
     special_ids,
+    train_tokenizer,
 )
 
 __all__ = [
@@ -57,5 +78,7 @@ __all__ = [
     "make_lm_iterator", "SplitStats", "TextSource", "corpus_stats", "describe_corpus",
     "resolve_source",
     "ByteTokenizer", "SubwordTokenizer", "Tokenizer", "get_tokenizer", "regular_ids",
-    "special_ids",
+    "special_ids", "encode_words", "train_tokenizer",
+    "DataError", "LabelVocab", "encode_tagged", "encode_texts", "find_splits",
+    "make_batch_iterator", "read_classification", "read_conll", "tags_from_subwords",
 ]

@@ -4,18 +4,23 @@ Every tokenizer maps ``str -> np.ndarray[int32]`` and back, and names four speci
 (padding, never scored), ``bos`` (start of a cropped document), ``eos`` (end of a document; the
 separator between packed documents) and ``mask`` (masked-LM corruption and span-corruption
 sentinel). ``special_ids`` lists them; ``regular_ids`` is every other id (what a masked-LM
-"random token" is drawn from).
+"random token" is drawn from). ``encode_words`` splits pre-split words into subwords (token
+classification puts each word's tag on its first subword). ``train_tokenizer`` trains a
+WordPiece, byte-level BPE or Unigram tokenizer with Hugging Face ``tokenizers`` and saves the
+``tokenizer.json`` that ``get_tokenizer("hf:PATH")`` loads.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
-from typing import Any, Protocol, Sequence, runtime_checkable
+import os
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Tokenizer", "ByteTokenizer", "SubwordTokenizer", "get_tokenizer"]
+__all__ = ["Tokenizer", "ByteTokenizer", "SubwordTokenizer", "get_tokenizer", "encode_words",
+           "train_tokenizer", "TOKENIZER_KINDS", "HF_SPECIAL_TOKENS"]
 
 
 @runtime_checkable
@@ -66,6 +71,13 @@ class ByteTokenizer:
         ids = np.asarray(ids).reshape(-1)
         return bytes(ids[(ids >= 0) & (ids < 256)].astype(np.uint8)).decode("utf-8", "replace")
 
+    def encode_words(self, words: Sequence[str]) -> list[np.ndarray]:
+        """The bytes of each word, a space after every word but the last: together they are
+        ``encode(" ".join(words))``, running text as in pretraining, and each word's first
+        byte is its own first character."""
+        last = len(words) - 1
+        return [self.encode(w if i == last else w + " ") for i, w in enumerate(words)]
+
     def __repr__(self) -> str:
         return "ByteTokenizer(vocab_size=260)"
 
@@ -85,7 +97,7 @@ class SubwordTokenizer:
 
     _HF_NAMES = {"pad": ("[PAD]", "<pad>"), "bos": ("[CLS]", "<s>", "[BOS]", "<bos>"),
                  "eos": ("[SEP]", "</s>", "[EOS]", "<eos>", "<|endoftext|>"),
-                 "mask": ("[MASK]", "<mask>")}
+                 "mask": ("[MASK]", "<mask>"), "unk": ("[UNK]", "<unk>")}
 
     def __init__(self, backend: Any, *, vocab_size: int | None = None, pad_id: int | None = None,
                  bos_id: int | None = None, eos_id: int | None = None,
@@ -108,6 +120,8 @@ class SubwordTokenizer:
         self.vocab_size = next_id
         self.pad_id, self.bos_id, self.eos_id, self.mask_id = (
             ids["pad"], ids["bos"], ids["eos"], ids["mask"])
+        unk = self._backend_special(backend, "unk")
+        self.unk_id = unk if unk is not None and 0 <= unk < base else None
 
     @staticmethod
     def _backend_vocab_size(backend: Any) -> int:
@@ -148,12 +162,43 @@ class SubwordTokenizer:
         keep = (ids >= 0) & (ids < self.base_vocab_size) & ~np.isin(ids, special_ids(self))
         return self.backend.decode([int(i) for i in ids[keep]])
 
+    def encode_words(self, words: Sequence[str]) -> list[np.ndarray]:
+        """The subword ids of each word. An HF ``tokenizers`` backend encodes the words in one
+        call (``is_pretokenized=True``) and groups its ids by ``Encoding.word_ids``; other
+        backends encode each word alone."""
+        words = list(words)
+        try:
+            enc = self.backend.encode(words, is_pretokenized=True, add_special_tokens=False)
+            word_ids = enc.word_ids
+        except (TypeError, AttributeError):
+            return [self.encode(w) for w in words]
+        out: list[list[int]] = [[] for _ in words]
+        for token_id, w in zip(enc.ids, word_ids):
+            if w is not None:
+                out[w].append(token_id)
+        return [np.asarray(ids, np.int32) for ids in out]
+
     def __repr__(self) -> str:
         return f"SubwordTokenizer({self.name}, vocab_size={self.vocab_size})"
 
 
-@functools.lru_cache(maxsize=None)
-def _import(module: str, hint: str):
+def encode_words(tokenizer: Tokenizer, words: Sequence[str]) -> list[np.ndarray]:
+    """Subword ids per word (int32 arrays), at least one per word.
+
+    Uses ``tokenizer.encode_words`` when it has one (``ByteTokenizer``, ``SubwordTokenizer``),
+    else encodes each word alone. A word the tokenizer maps to nothing (e.g. a lone character
+    its normalizer removes) becomes one unknown token, ``unk_id`` when the tokenizer has one and
+    ``mask_id`` otherwise, so that every word has a position to carry its tag.
+    """
+    method = getattr(tokenizer, "encode_words", None)
+    pieces = method(words) if callable(method) else [tokenizer.encode(w) for w in words]
+    unk = getattr(tokenizer, "unk_id", None)
+    unk = tokenizer.mask_id if unk is None else unk
+    return [np.asarray(p, np.int32).reshape(-1) if len(p) else np.asarray([unk], np.int32)
+            for p in pieces]
+
+
+def _import(module: str, hint: str):  # (importlib caches modules in sys.modules)
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -169,8 +214,8 @@ def get_tokenizer(spec: str | Tokenizer | None = None) -> Tokenizer:
         The optional packages are imported only when named.
 
     Raises:
-      ValueError: an unknown spec. FileNotFoundError: a missing model file.
-      ImportError: the named package is not installed.
+      ValueError: an unknown spec, or a file that is not a tokenizer of the named kind.
+      FileNotFoundError: a missing model file. ImportError: the named package is not installed.
     """
     if spec is None or spec == "bytes":
         return ByteTokenizer()
@@ -182,11 +227,138 @@ def get_tokenizer(spec: str | Tokenizer | None = None) -> Tokenizer:
     if kind not in ("sentencepiece", "hf") or not path:
         raise ValueError(f"unknown tokenizer {spec!r}; use 'bytes', 'sentencepiece:PATH.model' or "
                          "'hf:PATH/tokenizer.json'.")
-    import os
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     if kind == "sentencepiece":
         spm = _import("sentencepiece", "pip install sentencepiece")
-        return SubwordTokenizer(spm.SentencePieceProcessor(model_file=path), name=spec)
+        try:
+            backend = spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path} is not a SentencePiece model ({_first_line(e)}); pass the "
+                             ".model file that spm_train wrote.") from None
+        return SubwordTokenizer(backend, name=spec)
     tokenizers = _import("tokenizers", "pip install tokenizers")
-    return SubwordTokenizer(tokenizers.Tokenizer.from_file(path), name=spec)
+    try:
+        backend = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({_first_line(e)}); "
+                         "train one with 'unitscale-jax tokenizer train' or pass a "
+                         "tokenizer.json saved by the tokenizers library.") from None
+    return SubwordTokenizer(backend, name=spec)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+TOKENIZER_KINDS = ("wordpiece", "bpe", "unigram")
+HF_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+"""The special tokens of a trained tokenizer (ids 0-4): pad, unknown, bos, eos, mask, named as
+``SubwordTokenizer`` looks them up."""
+
+
+def _read_lines(files: Sequence[str]) -> Iterable[str]:
+    for path in files:
+        with open(path, encoding="utf-8-sig", errors="strict") as f:
+            try:
+                yield from f
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); "
+                                 "convert it to UTF-8 first.") from None
+
+
+def train_tokenizer(files: Sequence[str | os.PathLike] | str, *, kind: str = "wordpiece",
+                    vocab_size: int = 8000, out_path: str | os.PathLike = "tokenizer.json",
+                    lowercase: bool = False, min_frequency: int = 2,
+                    texts: Iterable[str] | None = None) -> SubwordTokenizer:
+    """Trains a subword tokenizer on local text with Hugging Face ``tokenizers`` and saves it.
+
+    - ``wordpiece``: BERT's: Unicode normalisation (optionally lower-casing), split on
+      whitespace and punctuation, ``##`` continuation pieces, ``[UNK]`` for unseen characters.
+    - ``bpe``: GPT-2's byte-level BPE (every byte in the alphabet, so nothing is unknown; a
+      leading space is part of a word's first piece, so ``decode`` gives the text back after a
+      space).
+    - ``unigram``: SentencePiece's unigram model over ``▁``-marked words (NFKC normalisation).
+
+    The special tokens are ``HF_SPECIAL_TOKENS`` (ids 0-4); no post-processor is set (the data
+    pipeline adds its own). The file is written atomically (a temporary file renamed).
+
+    Args:
+      files: text files or globs (``expand_paths``); read line by line.
+      kind: ``wordpiece``, ``bpe`` or ``unigram``.
+      vocab_size: the target vocabulary size, special tokens included (the trained vocabulary
+        is smaller when the text has fewer distinct pieces; WordPiece keeps every character).
+      out_path: where to save ``tokenizer.json``.
+      lowercase: lower-case the text first.
+      min_frequency: least count of a merged pair (WordPiece, BPE).
+      texts: more training text (or instead of ``files`` when those are empty).
+
+    Returns:
+      The trained tokenizer, as ``get_tokenizer(f"hf:{out_path}")`` loads it.
+
+    Raises:
+      ValueError: an unknown kind, a vocabulary too small, no text. FileNotFoundError: a
+        missing file.
+    """
+    from unitscale_jax.data.corpus import expand_paths
+    tk = _import("tokenizers", "pip install tokenizers")
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; use one of "
+                         f"{', '.join(TOKENIZER_KINDS)}.")
+    least = len(HF_SPECIAL_TOKENS) + (256 if kind == "bpe" else 1)
+    if vocab_size < least:
+        why = " (the 256 bytes and 5 special tokens)" if kind == "bpe" else ""
+        raise ValueError(f"--vocab-size {vocab_size} is too small for {kind}; use at least "
+                         f"{least}{why}.")
+    out = Path(out_path)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the directory of --out {out} does not exist; create it first.")
+    paths = expand_paths(files) if files else []
+    extra = list(texts) if texts is not None else []
+    if not paths and not extra:
+        raise ValueError("no training text; pass text files with --data.")
+    specials = list(HF_SPECIAL_TOKENS)
+    common = dict(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    norm = [tk.normalizers.NFKC()] + ([tk.normalizers.Lowercase()] if lowercase else [])
+    if kind == "wordpiece":
+        tok = tk.Tokenizer(tk.models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = tk.normalizers.BertNormalizer(lowercase=lowercase, strip_accents=False)
+        tok.pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
+        tok.decoder = tk.decoders.WordPiece()
+        trainer = tk.trainers.WordPieceTrainer(min_frequency=min_frequency, **common)
+    elif kind == "bpe":
+        tok = tk.Tokenizer(tk.models.BPE())
+        if lowercase:
+            tok.normalizer = tk.normalizers.Lowercase()
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(min_frequency=min_frequency, **common,
+                                         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tok = tk.Tokenizer(tk.models.Unigram())
+        tok.normalizer = tk.normalizers.Sequence(norm)
+        tok.pre_tokenizer = tk.pre_tokenizers.Metaspace()
+        tok.decoder = tk.decoders.Metaspace()
+        trainer = tk.trainers.UnigramTrainer(unk_token="[UNK]", **common)
+
+    def lines():
+        yield from _read_lines(paths)
+        yield from extra
+
+    try:
+        tok.train_from_iterator(lines(), trainer=trainer)
+    except ValueError:
+        raise
+    except Exception as e:  # the Rust trainer's errors are bare Exceptions
+        raise ValueError(f"training the {kind} tokenizer failed: {_first_line(e)}.") from None
+    if tok.get_vocab_size() <= len(specials):
+        raise ValueError("the training text is empty (no pieces learnt); pass files with text.")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        tok.save(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return SubwordTokenizer(tk.Tokenizer.from_file(str(out)), name=f"hf:{out}")

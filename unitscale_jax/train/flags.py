@@ -178,3 +178,22 @@ def sample_parser(prog: str = "unitscale-jax sample") -> Parser:
     p.add_argument("--step", type=_number(int, True, "--step"), default=None,
                    help="checkpoint step to load (default: the latest valid one)")
     return p
+
+
+def tokenizer_train_parser(prog: str = "unitscale-jax tokenizer train") -> Parser:
+    from unitscale_jax.data.tokenizers import TOKENIZER_KINDS
+    p = Parser(prog=prog, description="Train a subword tokenizer (Hugging Face tokenizers) on "
+               "local text; use it with --tokenizer hf:OUT.")
+    p.add_argument("--data", required=True, action="append",
+                   help="text files or globs, read line by line (repeatable; also "
+                        "comma-separated)")
+    p.add_argument("--kind", default="wordpiece", choices=TOKENIZER_KINDS,
+                   help="wordpiece (BERT), bpe (byte-level, GPT-2) or unigram (SentencePiece) "
+                        "(default: %(default)s)")
+    p.add_argument("--vocab-size", type=_number(int, False, "--vocab-size"), default=8000,
+                   help="vocabulary size, special tokens included (default: %(default)s)")
+    p.add_argument("--out", required=True, help="the tokenizer.json to write")
+    p.add_argument("--lowercase", action="store_true", help="lower-case the text first")
+    p.add_argument("--min-frequency", type=_number(int, False, "--min-frequency"), default=2,
+                   help="least count of a merged pair, wordpiece and bpe (default: %(default)s)")
+    return p

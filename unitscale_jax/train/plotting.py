@@ -1,4 +1,5 @@
-"""The loss-curve PNG written at the end of a run (matplotlib, Agg backend: no display)."""
+"""The PNGs of a run (matplotlib, Agg backend: no display): the loss curves written at the end
+of a run and the confusion matrix of a classification evaluation."""
 
 from __future__ import annotations
 
@@ -51,6 +52,44 @@ def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike, *,
         ax2.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out_path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_confusion(matrix, labels, out_path: str | os.PathLike, *, title: str = "") -> Path:
+    """A confusion-matrix PNG: rows true class, columns predicted, colour = share of the row,
+    each cell annotated with its count. Returns the PNG path."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(matrix, np.int64)
+    n = len(labels)
+    if counts.shape != (n, n):
+        raise ValueError(f"a confusion matrix of {n} labels must be [{n}, {n}], got "
+                         f"{list(counts.shape)}.")
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    size = min(2.0 + 0.6 * n, 16.0)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(n), [str(x) for x in labels], rotation=45 if n > 4 else 0, ha="right"
+                  if n > 4 else "center")
+    ax.set_yticks(range(n), [str(x) for x in labels])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if share[i, j] > 0.5 else "black")
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     out = Path(out_path)
     fig.savefig(out, dpi=110)
