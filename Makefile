@@ -1,5 +1,6 @@
 # The README's two commands: `make demo` (the main job: train a small u-muP decoder on the
-# built-in corpus, then sample from it) and `make test` (the linters, then the test suite).
+# built-in corpus, then sample from it) and `make test` (the linters, then the test suite);
+# `make docs` builds the documentation site into site/ (offline; warnings are errors).
 # Each creates the virtual environment .venv (with this package installed in editable mode)
 # when it is missing or older than pyproject.toml.
 PYTHON ?= python3
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint install bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +36,9 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
+# mkdocs + mkdocstrings (the `docs` extra, part of `dev`): API pages from the docstrings
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info site

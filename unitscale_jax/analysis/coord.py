@@ -102,7 +102,8 @@ def coord_check(parametrizations: Sequence[str] = ("umup", "sp"),
       widths: model widths (``d_model``); the full check uses ``WIDTHS`` (64 ... 1024).
       steps: number of updates ``k`` (records for steps ``0..k``).
       learning_rates: ``{parametrization: lr}``; default ``LEARNING_RATES``.
-      batch_size, seq_len: the fixed random batch (token ids in ``[0, vocab_size)``).
+      batch_size: rows of the fixed random batch (token ids in ``[0, vocab_size)``).
+      seq_len: tokens per row of that batch.
       config: base ``TransformerConfig`` of the default model (``d_model``, ``n_heads``,
         ``parametrization`` and ``scan_layers`` are replaced); default: 2 layers, vocab 256,
         SP init std ``fan_in^-1/2`` (see ``default_model``).

@@ -263,11 +263,12 @@ def make_iterator(source: TextSource, split: str = "train", *, seq_len: int, bat
       drop_remainder: drop a final partial batch; default: True when repeating forever. When
         False the final batch is filled up with all-padding rows (``where`` False), so every
         batch has the same shape.
-      shard_index, shard_count: take records ``shard_index::shard_count`` (e.g.
-        ``jax.process_index(), jax.process_count()``).
+      shard_index: take records ``shard_index::shard_count`` (e.g. ``jax.process_index()``).
+      shard_count: number of shards (e.g. ``jax.process_count()``).
       num_threads: grain read threads.
       mask_prob: masked-LM selection probability.
-      noise_density, mean_span: span-corruption parameters.
+      noise_density: span-corruption noise density.
+      mean_span: span-corruption mean span length.
 
     Returns:
       A ``DataIterator`` (``next``, ``get_state``, ``set_state``).

@@ -76,10 +76,12 @@ class MultiHeadAttention(nnx.Module):
         ``"auto"`` (default), ``"xla"``, ``"cudnn"`` or ``"chunked"``.
       depth: residual-stack depth (parameter metadata).
       parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
-      init_std / out_init_std: SP std of the input / output projections.
+      init_std: SP std of the input projections.
+      out_init_std: SP std of the output projection.
       precision: low-precision policy, or None.
       layer: layer index for per-layer precision exceptions.
-      dtype / param_dtype: compute and storage dtypes.
+      dtype: compute dtype.
+      param_dtype: storage dtype of the parameters.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, rngs: nnx.Rngs,

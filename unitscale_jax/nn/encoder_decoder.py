@@ -96,14 +96,16 @@ class TransformerEncoderDecoder(nnx.Module):
         """Mean cross-entropy of ``tgt[:, 1:]`` given ``src`` and ``tgt[:, :-1]``.
 
         Args:
-          src, src_mask, rng: as ``__call__``.
+          src: as ``__call__``.
           tgt: target ids ``[batch, tgt_len]`` starting with the start token; with
             ``targets``, the decoder inputs, each position predicting ``targets`` there.
           where: boolean mask of the target tokens that count, aligned with ``tgt`` (or with
             ``targets`` when given).
           targets: optional ``[batch, tgt_len]`` next tokens of ``tgt`` (a batch already
             split into decoder inputs and targets, as span corruption makes).
+          src_mask: as ``__call__``.
           tgt_mask: target padding mask ``[batch, tgt_len]``: also drops padded targets.
+          rng: as ``__call__``.
         """
         c = self.config
         tgt = jnp.asarray(tgt)
@@ -163,7 +165,9 @@ class TransformerEncoderDecoder(nnx.Module):
           max_new_tokens: number of tokens generated after the start token.
           start_id: the start token.
           src_mask: source padding mask.
-          rng, temperature, top_k: sampling (temperature 0: greedy).
+          rng: PRNG key (required when ``temperature > 0``).
+          temperature: 0 for greedy decoding, else softmax temperature.
+          top_k: sample among the ``top_k`` most likely tokens.
           scale_seq_len: sequence length of the decoder's attention scaling rule; default
             ``1 + max_new_tokens``, so every step's logits equal a full forward pass over the
             returned targets.

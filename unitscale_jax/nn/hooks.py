@@ -65,7 +65,9 @@ def project(policy: Any, parametrization: Any, x: jax.Array, kernel: jax.Array,
     Args:
       policy: None or a precision policy.
       parametrization: a ``unitscale_jax.nn.Parametrization``.
-      x, kernel, bias: operands (kernel ``[fan_in, fan_out]``).
+      x: input ``[..., fan_in]``.
+      kernel: weight ``[fan_in, fan_out]``.
+      bias: optional ``[fan_out]`` bias.
       role: the module role (e.g. ``"mlp.down_proj"``), mapped to the policy's role.
       constraint: u-muP constraint of a hidden projection (the readout takes none).
       readout: a readout (``parametrization.readout``).

@@ -66,7 +66,10 @@ def adamw(
       learning_rate: ``eta``: a float or an optax schedule (``step -> eta_t``). u-muP's optimum
         is near 1 (2^0) for a unit-scaled model at any width.
       param_info: ``unitscale_jax.nn.param_info(model)`` (or the model).
-      b1, b2, eps, eps_root, mu_dtype, nesterov: as in ``optax.scale_by_adam``.
+      b1: as in ``optax.scale_by_adam``.
+      b2: as in ``optax.scale_by_adam``.
+      eps: as in ``optax.scale_by_adam``.
+      eps_root: as in ``optax.scale_by_adam``.
       weight_decay: ``lambda``: each step decays the selected parameters by
         ``lambda * eta_t / eta_peak`` (independent weight decay).
       weight_decay_types: parameter types decayed (default weight, embedding, output).
@@ -75,7 +78,10 @@ def adamw(
       peak_learning_rate: ``eta_peak``; default as in
         ``unitscale_jax.optim.resolve_peak_learning_rate`` (the float, or the schedule's
         ``peak_value``; a plain optax schedule needs it given).
-      default, allow_missing: for parameters without u-muP metadata (see ``scale_by_umup``).
+      mu_dtype: as in ``optax.scale_by_adam``.
+      nesterov: as in ``optax.scale_by_adam``.
+      default: ``ParamInfo`` for parameters without u-muP metadata (see ``scale_by_umup``).
+      allow_missing: factor 1 for parameters without metadata (see ``scale_by_umup``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -140,10 +146,15 @@ def sgd(
       learning_rate: ``eta``: a float or an optax schedule.
       param_info: ``unitscale_jax.nn.param_info(model)`` (or the model).
       momentum: momentum coefficient, or None for plain SGD.
-      nesterov, accumulator_dtype: as in ``optax.trace``.
+      nesterov: as in ``optax.trace``.
       readout_constraint: the ``constraint`` the model's readout uses (None or
         ``"to_output_scale"``).
-      weight_decay, weight_decay_types, weight_decay_mask, peak_learning_rate, default,
+      weight_decay: as in ``adamw``.
+      weight_decay_types: as in ``adamw``.
+      weight_decay_mask: as in ``adamw``.
+      peak_learning_rate: as in ``adamw``.
+      accumulator_dtype: as in ``optax.trace``.
+      default: as in ``adamw``.
       allow_missing: as in ``adamw``.
 
     Returns:

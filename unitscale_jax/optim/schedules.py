@@ -90,7 +90,8 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, *, rtol: float = 
     Args:
       factor: multiplier applied to the scale on a plateau.
       patience: number of (accumulated) evaluations without improvement before reducing.
-      rtol, atol: the improvement threshold.
+      rtol: relative improvement threshold.
+      atol: absolute improvement threshold.
       cooldown: evaluations to wait after a reduction.
       accumulation_size: losses averaged per evaluation.
       min_scale: lower bound of the scale.

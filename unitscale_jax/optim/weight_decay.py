@@ -84,7 +84,8 @@ def add_independent_weight_decay(
         or norm gains).
       mask: optional optax-style mask (tree of bools or callable ``params -> tree``), applied on
         top of ``decay_types``.
-      default, allow_missing: as in ``scale_by_umup``.
+      default: as in ``scale_by_umup``.
+      allow_missing: as in ``scale_by_umup``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` that needs ``params`` in ``update``.

@@ -116,8 +116,9 @@ def fp8_dot(
     Args:
       x: ``[..., K]`` float array (activations).
       w: ``[K, N]`` float array (weights, Flax layout).
-      x_scale, w_scale: static per-tensor scales applied before the forward cast and divided
+      x_scale: static per-tensor scale of ``x``, applied before the forward cast and divided
         out of the result. 1.0 suits unit-scaled (unit-variance) operands.
+      w_scale: the same for ``w``.
       grad_scale: static scale applied to the incoming gradient before its cast.
       fwd_dtype: dtype (or ``FloatFormat``/name with a dtype) of ``x`` and ``w`` in the matmul.
       bwd_dtype: dtype of the gradient operand in the two backward matmuls.
