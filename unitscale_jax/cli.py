@@ -2,7 +2,9 @@
 
 ``unitscale-jax train --preset tiny`` trains on the built-in corpus; rerunning the same command
 resumes from its last checkpoint. ``unitscale-jax sample --run-dir runs/tiny-decoder-umup
---prompt "The "`` continues a prompt. Mistakes in the input (options, data, config) print one
+--prompt "The "`` continues a prompt; for an encoder run (``--model encoder``) ``--prompt "The
+<mask> of"`` lists the likeliest tokens at each ``<mask>``, and for an encdec run it generates
+the text of each ``<mask>`` span. Mistakes in the input (options, data, config) print one
 line on stderr and exit with status 2; a run stopped by a non-finite loss or an interrupt
 exits with status 1 (its last good checkpoint stays).
 """
@@ -16,7 +18,9 @@ from typing import Optional, Sequence
 USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer} [options]
 
   train    train a model (default when the first argument is an option); --help for options
-  sample   generate text from a trained decoder run: --run-dir DIR --prompt TEXT
+  sample   what a trained run predicts: --run-dir DIR --prompt TEXT; a decoder continues
+           TEXT, an encoder fills each <mask> in it (top-k tokens with probabilities), an
+           encdec generates each <mask> span of it; --help for options
   analyse  scale table and plot of every op, weight and gradient at init, and the
            coordinate check: --parametrization umup|sp [--coord-check] [--out DIR]
   tokenizer train a subword tokenizer on local text: tokenizer train --data FILES
@@ -66,24 +70,20 @@ def _train(argv: Sequence[str], prog: str) -> int:
     cfg = parse_train_args(argv, prog)
     summary = run(cfg)
     print(format_summary(summary), flush=True)
-    if cfg.model.kind == "decoder" and summary["checkpoint"]:
+    if summary["checkpoint"]:
+        prompt = "'The '" if cfg.model.kind == "decoder" else "'The <mask> of the'"
         print(f"  sample:      unitscale-jax sample --run-dir {summary['run_dir']} "
-              "--prompt 'The '", flush=True)
+              f"--prompt {prompt}", flush=True)
     return 0
 
 
 def _sample(argv: Sequence[str], prog: str) -> int:
-    from unitscale_jax.train.flags import sample_parser
+    from unitscale_jax.train.flags import sample_options, sample_parser
     from unitscale_jax.train.sample import sample
     ns = sample_parser(prog).parse_all(argv)
-    texts = sample(ns.run_dir, ns.prompt, max_new_tokens=ns.max_new_tokens,
-                   temperature=ns.temperature, top_k=ns.top_k, seed=ns.seed,
-                   num_samples=ns.num_samples, step=ns.step,
-                   log=lambda m: print(m, file=sys.stderr))
-    for i, text in enumerate(texts):
-        if len(texts) > 1:
-            print(f"--- sample {i + 1}")
-        print(ns.prompt + text, flush=True)
+    report = sample(ns.run_dir, ns.prompt, step=ns.step, log=lambda m: print(m, file=sys.stderr),
+                    **sample_options(ns))
+    print(report, flush=True)
     return 0
 
 

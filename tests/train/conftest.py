@@ -23,6 +23,28 @@ def shared_dirs(tmp_path_factory):
     return str(base / "tfds"), str(base / "jax_cache")
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, shared_dirs):
+    """``trained_run(kind)``: ``(config, summary)`` of a tiny run of ``--model kind`` (d_model
+    32, one layer, seq_len 32) trained for 50 steps with a checkpoint at the end; each kind is
+    trained once per session and shared by the tests that read it."""
+    from unitscale_jax import train
+    base, runs = tmp_path_factory.mktemp("trained_runs"), {}
+
+    def get(kind):
+        if kind not in runs:
+            cfg = train.get_preset("tiny").replace(
+                model={"kind": kind, "d_model": 32, "n_layers": 1, "n_heads": 2},
+                data={"seq_len": 32, "data_dir": shared_dirs[0]},
+                training={"steps": 50, "batch_size": 8, "eval_every": 50, "eval_batches": 2,
+                          "run_dir": str(base / kind), "progress": False,
+                          "tensorboard": False, "plot": False})
+            runs[kind] = (cfg, train.run(cfg, quiet=True))
+        return runs[kind]
+
+    return get
+
+
 def subprocess_env(cache_dir, devices=None):
     env = dict(os.environ)
     env.update({"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache_dir,

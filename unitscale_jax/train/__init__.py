@@ -33,7 +33,7 @@ from unitscale_jax.train.loop import format_summary, run
 from unitscale_jax.train.metrics import loss_curve, read_metrics
 from unitscale_jax.train.precision import PRECISIONS, precision_setup
 from unitscale_jax.train.presets import PRESETS, get_preset
-from unitscale_jax.train.sample import generate_text, load_run, sample
+from unitscale_jax.train.sample import fill_mask, generate_seq2seq, generate_text, load_run, sample
 from unitscale_jax.train.tasks import TASKS, Task, get_task
 from unitscale_jax.train.trainer import Trainer
 
@@ -43,5 +43,5 @@ __all__ = [
     "Config", "DataConfig", "ModelConfig", "OptimizerConfig", "TrainingConfig", "default_lr",
     "resolve", "validate", "TrainingStopped", "UsageError", "format_summary", "run",
     "loss_curve", "read_metrics", "PRESETS", "get_preset", "PRECISIONS", "precision_setup",
-    "generate_text", "load_run", "sample",
+    "fill_mask", "generate_seq2seq", "generate_text", "load_run", "sample",
 ]

@@ -161,20 +161,27 @@ def parse_train_args(argv: Sequence[str], prog: str = "unitscale-jax train") -> 
 
 
 def sample_parser(prog: str = "unitscale-jax sample") -> Parser:
-    p = Parser(prog=prog, description="Generate text with a trained decoder run.")
+    """Flags of ``unitscale-jax sample``. The sampling options left out are absent from the
+    namespace (their defaults depend on the run's model kind: ``train.sample.DEFAULTS``)."""
+    p = Parser(prog=prog, description="Predictions of a trained run: a decoder continues "
+               "--prompt; an encoder fills each <mask> of it (fill-mask); an encdec fills "
+               "each <mask> span of it (seq2seq generation).")
     p.add_argument("--run-dir", required=True, help="the run directory (with config.json)")
-    p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    p.add_argument("--prompt", default="", help="text to continue (default: a new document), "
+                   "or with one <mask> per masked token (encoder) or span (encdec)")
+    unset = argparse.SUPPRESS
     p.add_argument("--max-new-tokens", type=_number(int, False, "--max-new-tokens"),
-                   default=200, help="tokens to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=_number(float, False, "--temperature"), default=0.8,
-                   help="softmax temperature, 0 for greedy (default: %(default)s)")
-    p.add_argument("--top-k", type=_number(int, True, "--top-k"), default=40,
-                   help="sample among the k most likely tokens, none for all "
-                        "(default: %(default)s)")
-    p.add_argument("--num-samples", type=_number(int, False, "--num-samples"), default=1,
-                   help="independent continuations (default: %(default)s)")
-    p.add_argument("--seed", type=_number(int, False, "--seed"), default=0,
-                   help="sampling seed (default: %(default)s)")
+                   default=unset, help="tokens to generate (default: 200; encdec: the "
+                   "training target length, also the most allowed)")
+    p.add_argument("--temperature", type=_number(float, False, "--temperature"), default=unset,
+                   help="softmax temperature, 0 for greedy (default: 0.8)")
+    p.add_argument("--top-k", type=_number(int, True, "--top-k"), default=unset,
+                   help="sample among the k most likely tokens, none for all (default: 40); "
+                        "encoder: the candidates listed per mask (default: 5)")
+    p.add_argument("--num-samples", type=_number(int, False, "--num-samples"), default=unset,
+                   help="independent samples (default: 1)")
+    p.add_argument("--seed", type=_number(int, False, "--seed"), default=unset,
+                   help="sampling seed (default: 0)")
     p.add_argument("--step", type=_number(int, True, "--step"), default=None,
                    help="checkpoint step to load (default: the latest valid one)")
     return p
@@ -197,3 +204,9 @@ def tokenizer_train_parser(prog: str = "unitscale-jax tokenizer train") -> Parse
     p.add_argument("--min-frequency", type=_number(int, False, "--min-frequency"), default=2,
                    help="least count of a merged pair, wordpiece and bpe (default: %(default)s)")
     return p
+
+
+def sample_options(ns: argparse.Namespace) -> dict[str, Any]:
+    """The sampling options given on the command line (``sample_parser``), by name."""
+    names = ("max_new_tokens", "temperature", "top_k", "num_samples", "seed")
+    return {n: getattr(ns, n) for n in names if hasattr(ns, n)}
