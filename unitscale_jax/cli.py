@@ -1,4 +1,5 @@
-"""The ``unitscale-jax`` command: ``train`` (default), ``sample`` and ``analyse``.
+"""The ``unitscale-jax`` command: ``train`` (default), ``sample``, ``analyse``, ``convert``
+and ``export``.
 
 ``unitscale-jax train --preset tiny`` trains on the built-in corpus; rerunning the same command
 resumes from its last checkpoint. ``unitscale-jax sample --run-dir runs/tiny-decoder-umup
@@ -13,12 +14,16 @@ import os
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: unitscale-jax {train,sample,analyse} [options]
+USAGE = """usage: unitscale-jax {train,sample,analyse,convert,export} [options]
 
   train    train a model (default when the first argument is an option); --help for options
   sample   generate text from a trained decoder run: --run-dir DIR --prompt TEXT
   analyse  scale table and plot of every op, weight and gradient at init, and the
            coordinate check: --parametrization umup|sp [--coord-check] [--out DIR]
+  convert  a unit_scaling (PyTorch) TransformerDecoder state dict as a run directory:
+           --from-torch CKPT --config CONFIG.json --run-dir DIR
+  export   a run's parameters and u-muP metadata as one file (train --init-from FILE
+           starts a new run from it): --run-dir DIR [--format safetensors] [--out FILE]
 """
 
 
@@ -58,6 +63,26 @@ def _sample(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
+def _convert(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.flags import convert_parser
+    from unitscale_jax.train.from_torch import convert
+    ns = convert_parser(prog).parse_all(argv)
+    out = convert(ns.from_torch, ns.config, ns.run_dir)
+    print(f"  sample:      unitscale-jax sample --run-dir {out['run_dir']} --prompt 'The '\n"
+          f"  train:       unitscale-jax train --config {out['config']} --steps N\n"
+          f"  export:      unitscale-jax export --run-dir {out['run_dir']}", flush=True)
+    return 0
+
+
+def _export(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.flags import export_parser
+    from unitscale_jax.train.interop import export_run
+    ns = export_parser(prog).parse_all(argv)
+    export_run(ns.run_dir, ns.out, fmt=ns.format, step=ns.step,
+               log=lambda m: print(m, flush=True))
+    return 0
+
+
 def _analyse(argv: Sequence[str], prog: str) -> int:
     from unitscale_jax.analysis.cli import analyse_main
     return analyse_main(list(argv), prog)
@@ -72,10 +97,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
         print(USAGE, end="")
         return 0
     command, rest = (argv[0], argv[1:]) if not argv[0].startswith("-") else ("train", argv)
-    commands = {"train": _train, "sample": _sample, "analyse": _analyse}
+    commands = {"train": _train, "sample": _sample, "analyse": _analyse, "convert": _convert,
+                "export": _export}
     if command not in commands:
-        print(f"{prog}: error: unknown command {command!r}; use train, sample or analyse.",
-              file=sys.stderr)
+        print(f"{prog}: error: unknown command {command!r}; use "
+              f"{', '.join(list(commands)[:-1])} or {list(commands)[-1]}.", file=sys.stderr)
         return 2
     sub_prog = prog if prog != "unitscale-jax" else f"{prog} {command}"
     try:
