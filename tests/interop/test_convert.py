@@ -62,6 +62,7 @@ def test_safetensors_logits_equal_torch(converted):
 
 def test_unrolled_layers_logits_equal_torch(tmp_path, tfds_dir):
     config = torch_config(tmp_path / "config.json", tfds_dir, scan_layers=False)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # left by a failed attempt: reusable
     assert run_cli("convert", "--from-torch", SAFETENSORS, "--config", config,
                    "--run-dir", tmp_path / "run") == 0
     cfg, model = assert_logits_match(tmp_path / "run")

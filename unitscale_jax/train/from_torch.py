@@ -364,7 +364,8 @@ def convert(ckpt: str | Path, config: str | Path, run_dir: str | Path, *,
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir {run_dir} is a file; pass a new directory.")
-    if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
+    ckpt_dir = run_dir / "checkpoints"
+    if (run_dir / "config.json").exists() or (ckpt_dir.is_dir() and any(ckpt_dir.iterdir())):
         raise UsageError(f"--run-dir {run_dir} already holds a run; pass a new directory "
                          "(or delete that one).")
     tc, cfg = read_config(config, run_dir)
