@@ -1,4 +1,5 @@
-"""The ``unitscale-jax`` command: ``train`` (default), ``sample``, ``analyse`` and ``tokenizer``.
+"""The ``unitscale-jax`` command: ``train`` (default), ``sample``, ``analyse``,
+``tokenizer``, ``convert`` and ``export``.
 
 ``unitscale-jax train --preset tiny`` trains on the built-in corpus; rerunning the same command
 resumes from its last checkpoint. ``unitscale-jax sample --run-dir runs/tiny-decoder-umup
@@ -15,7 +16,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer} [options]
+USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,convert,export} [options]
 
   train    train a model (default when the first argument is an option); --help for options
   sample   what a trained run predicts: --run-dir DIR --prompt TEXT; a decoder continues
@@ -25,6 +26,10 @@ USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer} [options]
            coordinate check: --parametrization umup|sp [--coord-check] [--out DIR]
   tokenizer train a subword tokenizer on local text: tokenizer train --data FILES
            --kind wordpiece|bpe|unigram --vocab-size N --out tok.json
+  convert  a unit_scaling (PyTorch) TransformerDecoder state dict as a run directory:
+           --from-torch CKPT --config CONFIG.json --run-dir DIR
+  export   a run's parameters and u-muP metadata as one file (train --init-from FILE
+           starts a new run from it): --run-dir DIR [--format safetensors] [--out FILE]
 """
 
 
@@ -87,6 +92,26 @@ def _sample(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
+def _convert(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.flags import convert_parser
+    from unitscale_jax.train.from_torch import convert
+    ns = convert_parser(prog).parse_all(argv)
+    out = convert(ns.from_torch, ns.config, ns.run_dir)
+    print(f"  sample:      unitscale-jax sample --run-dir {out['run_dir']} --prompt 'The '\n"
+          f"  train:       unitscale-jax train --config {out['config']} --steps N\n"
+          f"  export:      unitscale-jax export --run-dir {out['run_dir']}", flush=True)
+    return 0
+
+
+def _export(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.flags import export_parser
+    from unitscale_jax.train.interop import export_run
+    ns = export_parser(prog).parse_all(argv)
+    export_run(ns.run_dir, ns.out, fmt=ns.format, step=ns.step,
+               log=lambda m: print(m, flush=True))
+    return 0
+
+
 def _analyse(argv: Sequence[str], prog: str) -> int:
     from unitscale_jax.analysis.cli import analyse_main
     return analyse_main(list(argv), prog)
@@ -128,11 +153,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
         print(USAGE, end="")
         return 0
     command, rest = (argv[0], argv[1:]) if not argv[0].startswith("-") else ("train", argv)
-    commands = {"train": _train, "sample": _sample, "analyse": _analyse,
-                "tokenizer": _tokenizer}
+    commands = {"train": _train, "sample": _sample, "analyse": _analyse, "convert": _convert,
+                "export": _export, "tokenizer": _tokenizer}
     if command not in commands:
-        print(f"{prog}: error: unknown command {command!r}; use train, sample, analyse or "
-              "tokenizer.", file=sys.stderr)
+        print(f"{prog}: error: unknown command {command!r}; use "
+              f"{', '.join(list(commands)[:-1])} or {list(commands)[-1]}.", file=sys.stderr)
         return 2
     sub_prog = prog if prog != "unitscale-jax" else f"{prog} {command}"
     try:

@@ -6,11 +6,13 @@ of ``unitscale_jax.nn``, loads the weights through an explicit name/layout map (
 parameter on both sides must be mapped exactly once), and compares the output and the
 gradients of every parameter (and of the input, for float inputs).
 
-Layout map: torch ``Linear.weight [out, in]`` -> our kernel ``[in, out]`` (transpose). The
-reference's fused ``linear_qkv`` output is ``(z, heads, head_dim)`` (q, k, v outermost); ours
-is head-major ``(heads, z, head_dim)``, so its rows are permuted before the transpose. The
-reference MLP's ``linear_1`` is SwiGLU's linear input (our ``up_proj``), ``linear_gate`` the
-gate (``gate_proj``), ``linear_2`` the output (``down_proj``).
+The name/layout map is the library's (``unitscale_jax.train.from_torch``, which
+``unitscale-jax convert --from-torch`` uses): torch ``Linear.weight [out, in]`` -> our kernel
+``[in, out]`` (transpose). The reference's fused ``linear_qkv`` output is
+``(z, heads, head_dim)`` (q, k, v outermost); ours is head-major ``(heads, z, head_dim)``, so
+its rows are permuted before the transpose. The reference MLP's ``linear_1`` is SwiGLU's
+linear input (our ``up_proj``), ``linear_gate`` the gate (``gate_proj``), ``linear_2`` the
+output (``down_proj``).
 
 Tolerance: rtol=1e-5 and atol=2e-6 * max(1, max|ref|): these chain a dozen ops (attention's
 softmax backward among them, see test_reference_ops.py), so float32 rounding differences
@@ -30,6 +32,8 @@ import pytest
 from flax import nnx
 
 from unitscale_jax import nn as unn
+from unitscale_jax.train import from_torch
+from unitscale_jax.train.from_torch import Target, attention_map, kernel, layer_map, mlp_map
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "cases_modules.json")) as _f:
@@ -39,61 +43,17 @@ with np.load(os.path.join(HERE, "fixtures_modules.npz")) as _z:
 
 RTOL, ATOL = 1e-5, 2e-6
 HEADS = 2
+SAME = dict(to_ours=from_torch.same, transposed=False)
 
 
-def kernel(w):
-    """torch Linear weight [out, in] -> Flax kernel [in, out]."""
-    return w.T
-
-
-def qkv_kernel(w, heads=HEADS):
-    """torch linear_qkv weight [(3, heads, d_head), in] -> our [in, (heads, 3, d_head)]."""
-    three_inner, d_in = w.shape
-    d_head = three_inner // 3 // heads
-    w = w.reshape(3, heads, d_head, d_in).transpose(1, 0, 2, 3).reshape(three_inner, d_in)
-    return w.T
-
-
-def attn_map(prefix_t, prefix_o):
-    return {f"{prefix_t}linear_qkv.weight": (prefix_o + ("qkv_proj", "kernel"), qkv_kernel),
-            f"{prefix_t}linear_o.weight": (prefix_o + ("out_proj", "kernel"), kernel)}
-
-
-def mlp_map(prefix_t, prefix_o):
-    return {f"{prefix_t}linear_1.weight": (prefix_o + ("up_proj", "kernel"), kernel),
-            f"{prefix_t}linear_gate.weight": (prefix_o + ("gate_proj", "kernel"), kernel),
-            f"{prefix_t}linear_2.weight": (prefix_o + ("down_proj", "kernel"), kernel)}
-
-
-def layer_map(prefix_t, prefix_o):
-    return {**attn_map(prefix_t + "mhsa.", prefix_o + ("attn",)),
-            **mlp_map(prefix_t + "mlp.", prefix_o + ("mlp",))}
-
-
-def decoder_map(n_layers, scan):
-    m = {"embedding.weight": (("embed", "embedding"), lambda w: w),
-         "projection.weight": (("readout", "kernel"), kernel)}
-    for i in range(n_layers):
-        # scanned stacks hold one array per parameter with a leading layers axis
-        prefix = ("stack", "layers") if scan else ("stack", "layers", i)
-        m.update({k: (p, f, i) if scan else (p, f) for k, (p, f) in
-                  layer_map(f"layers.{i}.", prefix).items()})
-    return m
+def ref_arrays(name, mapping, kind):
+    """The reference's torch-named params (kind="param") or grads (kind="grad")."""
+    return {key: REF[f"{name}/{kind}/{key}"] for key in mapping}
 
 
 def to_ours(name, mapping, kind):
-    """{our path: array} of the reference's params (kind="param") or grads (kind="grad")."""
-    out, stacked = {}, {}
-    for key, spec in mapping.items():
-        path, fn = spec[:2]
-        value = fn(REF[f"{name}/{kind}/{key}"])
-        if len(spec) == 3:
-            stacked.setdefault(path, {})[spec[2]] = value
-        else:
-            out[path] = value
-    for path, per_layer in stacked.items():
-        out[path] = np.stack([per_layer[i] for i in sorted(per_layer)])
-    return out
+    """{our path: array} of the reference's params or grads, through the library's map."""
+    return from_torch.to_ours(ref_arrays(name, mapping, kind), mapping)
 
 
 def load_params(model, name, mapping):
@@ -144,18 +104,18 @@ def check_float_module(name, model, mapping, call=lambda m, x: m(x)):
 
 def test_linear():
     model = unn.Linear(16, 24, rngs=nnx.Rngs(0))
-    check_float_module("Linear", model, {"weight": (("kernel",), kernel)})
+    check_float_module("Linear", model, {"weight": Target(("kernel",), kernel)})
 
 
 def test_linear_bias():
     model = unn.Linear(16, 24, bias=True, rngs=nnx.Rngs(0))
-    check_float_module("Linear_bias", model, {"weight": (("kernel",), kernel),
-                                              "bias": (("bias",), lambda b: b)})
+    check_float_module("Linear_bias", model, {"weight": Target(("kernel",), kernel),
+                                              "bias": Target(("bias",), **SAME)})
 
 
 def test_linear_readout():
     model = unn.LinearReadout(16, 32, rngs=nnx.Rngs(0))
-    check_float_module("LinearReadout", model, {"weight": (("kernel",), kernel)})
+    check_float_module("LinearReadout", model, {"weight": Target(("kernel",), kernel)})
 
 
 def test_mlp():
@@ -168,7 +128,7 @@ def test_mhsa(name):
     cfg = CASES[name]["config"]
     model = unn.MultiHeadAttention(16, cfg["heads"], causal=cfg["is_causal"], mult=cfg["mult"],
                                    rngs=nnx.Rngs(0))
-    check_float_module(name, model, attn_map("", ()))
+    check_float_module(name, model, attention_map("", (), HEADS))
 
 
 def test_transformer_layer():
@@ -176,7 +136,8 @@ def test_transformer_layer():
     config = unn.TransformerConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=cfg["heads"])
     model = unn.TransformerLayer(config, causal=True, depth=2, rngs=nnx.Rngs(0))
     taus = (cfg["mhsa_tau"], cfg["mlp_tau"])
-    check_float_module("TransformerLayer", model, layer_map("", ()), call=lambda m, x: m(x, taus))
+    check_float_module("TransformerLayer", model, layer_map("", (), HEADS),
+                       call=lambda m, x: m(x, taus))
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
@@ -188,7 +149,7 @@ def test_transformer_decoder(name, scan):
         n_heads=cfg["heads"], residual_mult=cfg["residual_mult"],
         residual_attn_ratio=cfg["residual_attn_ratio"], scan_layers=scan)
     model = unn.TransformerDecoder(config, rngs=nnx.Rngs(0))
-    mapping = decoder_map(cfg["layers"], scan)
+    mapping = from_torch.decoder_map(cfg["layers"], cfg["heads"], scan=scan)
     load_params(model, name, mapping)
     ids = jnp.asarray(REF[f"{name}/in/x"])
     assert_close(f"{name} logits", model(ids), REF[f"{name}/out"])

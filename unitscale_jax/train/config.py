@@ -164,6 +164,9 @@ class TrainingConfig:
     keep_checkpoints: int = _f(3, "latest checkpoints kept (older ones are deleted)")
     async_checkpointing: bool = _f(True, "write checkpoints in the background")
     seed: int = _f(0, "seed of the initialisation, data order and dropout")
+    init_from: Optional[str] = _f(None, "initialise the parameters from this .safetensors "
+                                  "file (written by unitscale-jax export) instead of at random; "
+                                  "unused when the run resumes from a checkpoint")
     run_dir: Optional[str] = _f(None, "output directory (default runs/<preset>-<model>-"
                                 "<parametrization>); rerunning resumes from its checkpoint")
     precision: str = _f("fp32", "number format policy (see unitscale_jax.train.precision)")

@@ -210,3 +210,33 @@ def sample_options(ns: argparse.Namespace) -> dict[str, Any]:
     """The sampling options given on the command line (``sample_parser``), by name."""
     names = ("max_new_tokens", "temperature", "top_k", "num_samples", "seed")
     return {n: getattr(ns, n) for n in names if hasattr(ns, n)}
+
+
+def convert_parser(prog: str = "unitscale-jax convert") -> Parser:
+    p = Parser(prog=prog, description="Turn a state dict of unit_scaling.TransformerDecoder "
+               "(the authors' PyTorch library) into a run directory that sample, train "
+               "(resume) and export accept.")
+    p.add_argument("--from-torch", required=True, metavar="CKPT",
+                   help="the model's state_dict as .safetensors, or as a torch.save file "
+                        "(.pt/.pth; needs torch)")
+    p.add_argument("--config", required=True, metavar="CONFIG.json",
+                   help="the torch model's hyperparameters (hidden_size, vocab_size, layers, "
+                        "heads, dropout_p, residual_mult, residual_attn_ratio) and an optional "
+                        "'run' section (a partial config.json); see "
+                        "unitscale_jax.train.from_torch")
+    p.add_argument("--run-dir", required=True, help="the new run directory")
+    return p
+
+
+def export_parser(prog: str = "unitscale-jax export") -> Parser:
+    from unitscale_jax.train.interop import FORMATS
+    p = Parser(prog=prog, description="Write the parameters of a run's checkpoint, with their "
+               "u-muP metadata and the model config, to one file (train --init-from reads it).")
+    p.add_argument("--run-dir", required=True, help="the run directory (with config.json)")
+    p.add_argument("--format", default="safetensors", choices=FORMATS,
+                   help="file format (default: %(default)s)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="the file to write (default: RUN_DIR/model.safetensors)")
+    p.add_argument("--step", type=_number(int, True, "--step"), default=None,
+                   help="checkpoint step to export (default: the latest valid one)")
+    return p

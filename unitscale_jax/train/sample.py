@@ -61,41 +61,56 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 ``max_new_tokens``: the training target length)."""
 
 
-def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
-    """The config, tokenizer and model (parameters restored, eval mode) of a run of any kind.
+def read_run_config(run_dir: str | Path, flag: str = "--run-dir") -> Config:
+    """The resolved config of the run in ``run_dir`` (its ``config.json``).
+
+    Raises:
+      UsageError: ``run_dir`` is a file, holds no ``config.json`` or an unreadable one.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{flag} {run_dir} is a file, not a run directory; pass the "
+                         "directory that holds config.json and checkpoints/.")
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UsageError(f"{flag} {run_dir}: no config.json there; train a run first "
+                         "(unitscale-jax train --run-dir ...).")
+    try:
+        return resolve(Config.from_dict(json.loads(cfg_path.read_text())))
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
+        raise UsageError(f"{cfg_path} is not a valid run config ({e}).") from None
+
+
+def restore_params(run_dir: str | Path, cfg: Config, *, step: Optional[int] = None,
+                   log=print, flag: str = "--run-dir"):
+    """The parameters of a run's checkpoint (any model kind).
 
     Args:
       run_dir: the run directory.
+      cfg: its config (``read_run_config``).
       step: the checkpoint to load; default the newest one that verifies.
 
     Returns:
-      ``(config, tokenizer, model, step)``.
+      ``(tokenizer, abstract_model, params, step)``: ``params`` is the pure dict of the
+      model's ``nnx.Param`` state, ``abstract_model`` the model with abstract arrays (its
+      graph and ``nn.param_info``).
 
     Raises:
-      UsageError: no run, no (valid) checkpoint, or no such step.
+      UsageError: no (valid) checkpoint, no such step, or an unusable tokenizer.
     """
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise UsageError(f"--run-dir {run_dir}: no config.json there; train a run first "
-                         "(unitscale-jax train --run-dir ...).")
-    cfg = resolve(Config.from_dict(json.loads(cfg_path.read_text())))
-    if cfg.model.kind not in TASKS:
-        raise UsageError(f"--run-dir {run_dir}: unknown model kind {cfg.model.kind!r} in "
-                         f"config.json (sample knows {', '.join(TASKS)}).")
     try:
         tokenizer = datalib.get_tokenizer(cfg.data.tokenizer)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise UsageError(f"tokenizer of {run_dir}: {e}") from None
     abstract_model = nnx.eval_shape(lambda: build.build_model(cfg, tokenizer.vocab_size))
-    graphdef, _ = nnx.split(abstract_model, nnx.Param)
     tx, _ = build.build_optimizer(cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(init_state_fn(cfg, tokenizer.vocab_size, tx)))
     ckpt_dir = run_dir / "checkpoints"
     if not ckpt_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir}: no checkpoints directory; the run saved none.")
+        raise UsageError(f"{flag} {run_dir}: no checkpoints directory; the run saved none.")
     ckpt = Checkpoints(ckpt_dir, async_save=False, log=log)
     try:
         if step is not None:
@@ -109,10 +124,32 @@ def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
     finally:
         ckpt.close()
     if found is None:
-        raise UsageError(f"--run-dir {run_dir}: no complete checkpoint to sample from.")
-    model = nnx.merge(graphdef, found[1]["params"])
+        raise UsageError(f"{flag} {run_dir}: no complete checkpoint there.")
+    return tokenizer, abstract_model, found[1]["params"], found[0]
+
+
+def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
+    """The config, tokenizer and model (parameters restored, eval mode) of a run of any kind.
+
+    Args:
+      run_dir: the run directory.
+      step: the checkpoint to load; default the newest one that verifies.
+
+    Returns:
+      ``(config, tokenizer, model, step)``.
+
+    Raises:
+      UsageError: no run, no (valid) checkpoint, or no such step.
+    """
+    cfg = read_run_config(run_dir)
+    if cfg.model.kind not in TASKS:
+        raise UsageError(f"--run-dir {run_dir}: unknown model kind {cfg.model.kind!r} in "
+                         f"config.json (sample knows {', '.join(TASKS)}).")
+    tokenizer, abstract_model, params, at = restore_params(run_dir, cfg, step=step, log=log)
+    graphdef, _ = nnx.split(abstract_model, nnx.Param)
+    model = nnx.merge(graphdef, params)
     model.eval()
-    return cfg, tokenizer, model, found[0]
+    return cfg, tokenizer, model, at
 
 
 def _check_sampling(tokenizer, *, temperature: float, top_k: Optional[int],

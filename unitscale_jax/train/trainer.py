@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from unitscale_jax import nn
-from unitscale_jax.train import build, distributed
+from unitscale_jax.train import build, distributed, interop
 from unitscale_jax.train import step as steplib
 from unitscale_jax.train.checkpoint import Checkpoints
 from unitscale_jax.train.config import Config, resolve
@@ -88,6 +88,7 @@ class Trainer:
         graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
         self.n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_params))
         tx, schedule = build.build_optimizer(cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
+        self.tx = tx
         self._init = init_state_fn(cfg, self.data.vocab_size, tx)
         self.abstract_state = jax.eval_shape(self._init)
         p_shardings = steplib.param_shardings(abstract_params, par)
@@ -117,12 +118,17 @@ class Trainer:
 
     # ----------------------------------------------------------------------- pieces
 
-    def build_state(self) -> int:
+    def build_state(self, params: Optional[Any] = None) -> int:
         """Restores the newest valid checkpoint into ``state``, else initialises it; opens the
         metrics writer. Returns the step the run starts from.
 
+        Args:
+          params: initial parameters (a pure dict of arrays shaped like the model's) used
+            when there is no checkpoint, instead of ``--init-from`` or a random init.
+
         Raises:
-          UsageError: the checkpoint is past ``--steps``.
+          UsageError: the checkpoint is past ``--steps``; an ``--init-from`` file that cannot
+            be read or does not fit the model.
         """
         t, ckpt = self.cfg.training, self.ckpt
         restored = None
@@ -144,10 +150,18 @@ class Trainer:
                 self.last[row["split"]] = row  # the latest rows already written
             self.log(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
                      + ("; the run is already complete (raise --steps to train further)"
-                        if start == t.steps else ""))
+                        if start == t.steps else "")
+                     + (f" (--init-from {t.init_from} is not used)" if t.init_from else ""))
         else:
             start = 0
-            self.state = jax.jit(self._init, out_shardings=self.shardings)()
+            if params is None and t.init_from:
+                params = interop.params_from_file(t.init_from, self.abstract_state["params"],
+                                                  self.cfg, self.data.vocab_size, log=self.log)
+                self.log(f"initialised the parameters from {t.init_from}")
+            if params is None:
+                self.state = jax.jit(self._init, out_shardings=self.shardings)()
+            else:
+                self.state = self._state_of(params)
             if self.primary:
                 self.metrics_path.write_text("")
         if self.primary:
@@ -157,6 +171,18 @@ class Trainer:
                                     purge_step=start + 1 if start else None, enabled=self.primary)
         self.start_step = start
         return start
+
+    def _state_of(self, params: Any) -> dict:
+        """The step-0 train state of given parameters, placed in the run's shardings."""
+        interop.check_arrays(interop.flat_params(params),
+                             interop.flat_params(self.abstract_state["params"]), "params")
+        host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
+        placed = jax.tree.map(
+            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx]),
+            host, self.shardings["params"])
+        seed = self.cfg.training.seed
+        return jax.jit(lambda p: steplib.new_state(p, self.tx, seed),
+                       out_shardings=self.shardings)(placed)
 
     def step(self, batch: dict) -> dict:
         """One optimizer step on this process's rows of ``batch``; returns the step's

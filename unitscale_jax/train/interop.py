@@ -1,0 +1,217 @@
+"""Parameters as a safetensors file: ``unitscale-jax export`` and ``train --init-from``.
+
+``export_run`` writes the parameters of a run's checkpoint (latest valid one by default) to
+one ``.safetensors`` file; ``params_from_file`` reads such a file back as the initial
+parameters of a new run (``Trainer.build_state``), checking every name, shape and dtype.
+
+File layout: one tensor per parameter, named by its path in the model's parameter tree joined
+with dots (``stack.layers.attn.qkv_proj.kernel``; with ``scan_layers`` the layers are one
+array with a leading layer axis, unrolled stacks have ``stack.layers.0.attn...``), in our
+layout (kernels ``[fan_in, fan_out]``) and dtype. The header metadata (strings) holds:
+
+- ``format``: ``"unitscale_jax"``; ``format_version``: ``"1"``;
+- ``param_info``: JSON ``{name: {"type", "fan_in", "depth"}}``, the u-muP metadata of each
+  parameter (``unitscale_jax.params.ParamInfo``; ``nn.param_info`` of the model);
+- ``model``: JSON of the model config: the run's resolved ``ModelConfig`` fields plus
+  ``vocab_size`` and ``max_seq_len`` (what ``TransformerConfig`` was built from);
+- ``config``: JSON of the run's ``config.json``;
+- ``step``: the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from flax import nnx
+
+from unitscale_jax import nn
+from unitscale_jax.train import build
+from unitscale_jax.train.config import Config
+from unitscale_jax.train.errors import UsageError
+
+FORMAT, FORMAT_VERSION = "unitscale_jax", "1"
+FORMATS = ("safetensors",)
+"""What ``export --format`` writes."""
+
+
+def param_name(path: tuple) -> str:
+    """The name of the parameter at a ``jax.tree_util`` key path: keys joined with dots."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def flat_params(tree: Any, is_leaf: Optional[Callable[[Any], bool]] = None) -> dict[str, Any]:
+    """``{name: leaf}`` of a parameter tree (a pure dict, or ``param_info``'s records)."""
+    return {param_name(path): leaf for path, leaf in
+            jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+
+def model_metadata(cfg: Config, vocab_size: int) -> dict[str, Any]:
+    """The model config a params file records: resolved ``ModelConfig`` fields plus the
+    ``vocab_size`` and ``max_seq_len`` the run's ``TransformerConfig`` was built with."""
+    tc = build.transformer_config(cfg, vocab_size)
+    return {**cfg.to_dict()["model"], "vocab_size": tc.vocab_size, "max_seq_len": tc.max_seq_len}
+
+
+def _info_dict(abstract_model: nnx.Module) -> dict[str, dict]:
+    info = flat_params(nnx.to_pure_dict(nn.param_info(abstract_model)),
+                       is_leaf=lambda x: isinstance(x, nn.ParamInfo))
+    return {k: {"type": v.type, "fan_in": v.fan_in, "depth": v.depth} for k, v in info.items()}
+
+
+def check_writable(out: Path, flag: str = "--out") -> None:
+    """Raises ``UsageError`` unless a file can be created at ``out`` (tries it)."""
+    parent = out.parent
+    if out.is_dir():
+        raise UsageError(f"{flag} {out} is a directory; pass a file name such as "
+                         f"{out / 'model.safetensors'}.")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {out}: {parent} " + (
+            "is not a directory" if parent.exists() else "does not exist")
+            + "; create that directory or choose another path.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {out}: cannot write in {parent} ({e.strerror or e}); choose "
+                         "another path.") from None
+
+
+def write_params_file(out: Path, params: Any, abstract_model: nnx.Module, model: dict,
+                      config_json: str, step: int) -> None:
+    """Writes ``params`` (a pure dict) and the header metadata (``abstract_model``'s
+    ``param_info``, the ``model`` config from ``model_metadata``, the run's ``config.json``
+    text and ``step``) to ``out``, atomically: a temporary file in the same directory, then
+    renamed."""
+    from safetensors.numpy import save_file
+    tensors = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in flat_params(params).items()}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "param_info": json.dumps(_info_dict(abstract_model), sort_keys=True),
+                "model": json.dumps(model, sort_keys=True), "config": config_json,
+                "step": str(int(step))}
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_run(run_dir: str | Path, out: Optional[str | Path] = None, *,
+               fmt: str = "safetensors", step: Optional[int] = None,
+               log: Callable[[str], None] = print) -> Path:
+    """Writes the parameters of a run's checkpoint to a safetensors file.
+
+    Args:
+      run_dir: the run directory.
+      out: the file to write; default ``<run_dir>/model.safetensors``.
+      fmt: one of ``FORMATS``.
+      step: the checkpoint; default the newest one that verifies.
+      log: receives one-line reports.
+
+    Returns:
+      The path written.
+
+    Raises:
+      UsageError: no run there, ``out`` not writable, an unknown format.
+    """
+    from unitscale_jax.train.sample import read_run_config, restore_params
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}.")
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    out = Path(out) if out is not None else run_dir / "model.safetensors"
+    check_writable(out)
+    tokenizer, abstract_model, params, at = restore_params(run_dir, cfg, step=step, log=log)
+    write_params_file(out, params, abstract_model, model_metadata(cfg, tokenizer.vocab_size),
+                      (run_dir / "config.json").read_text().strip(), at)
+    log(f"exported the parameters of {run_dir} at step {at} to {out}")
+    return out
+
+
+def read_params_file(path: str | Path, flag: str = "--init-from"
+                     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``({name: array}, header metadata)`` of a safetensors file.
+
+    Raises:
+      UsageError: no such file, a directory, or not a safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; pass a .safetensors file.")
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file.")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{flag} {path} is not a readable safetensors file ({reason}).") from None
+
+
+def check_arrays(arrays: dict[str, Any], wanted: dict[str, Any], what: str,
+                 hint: str = "") -> None:
+    """Raises one ``UsageError`` listing every name missing from ``arrays``, every name not in
+    ``wanted`` and every shape or dtype that differs (``wanted`` values have both)."""
+    def listing(names):
+        names = sorted(names)
+        return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+    missing, unexpected = set(wanted) - set(arrays), set(arrays) - set(wanted)
+    wrong = [f"{k} {tuple(arrays[k].shape)} {arrays[k].dtype} (the model needs "
+             f"{tuple(wanted[k].shape)} {np.dtype(wanted[k].dtype)})"
+             for k in sorted(set(arrays) & set(wanted))
+             if (tuple(arrays[k].shape) != tuple(wanted[k].shape)
+                 or np.dtype(arrays[k].dtype) != np.dtype(wanted[k].dtype))]
+    parts = ([f"missing {listing(missing)}"] if missing else []) + (
+        [f"unexpected {listing(unexpected)}"] if unexpected else []) + (
+        [f"different shape or dtype: {'; '.join(wrong[:8])}"
+         + (f" and {len(wrong) - 8} more" if len(wrong) > 8 else "")] if wrong else [])
+    if parts:
+        raise UsageError(f"{what} does not match the model: {'; '.join(parts)}{hint}.")
+
+
+def unflatten_like(abstract: Any, named: dict[str, Any]) -> Any:
+    """The tree of ``abstract`` with each leaf replaced by ``named[its name]``."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: named[param_name(p)], abstract)
+
+
+def params_from_file(path: str | Path, abstract_params: Any, cfg: Config, vocab_size: int, *,
+                     flag: str = "--init-from",
+                     log: Callable[[str], None] = print) -> Any:
+    """The parameters in a safetensors file, as a tree like ``abstract_params``.
+
+    Args:
+      path: a file written by ``export_run`` (or any safetensors file with our names).
+      abstract_params: the new run's parameter tree (pure dict of ``ShapeDtypeStruct``).
+      cfg: the new run's config (for the report of model settings that differ).
+      vocab_size: the new run's vocabulary size.
+      flag: the option named in errors.
+      log: receives one-line reports.
+
+    Raises:
+      UsageError: an unreadable file, or names, shapes or dtypes that differ from the
+        model's (all listed; with the model settings that differ, when the file records them).
+    """
+    arrays, meta = read_params_file(path, flag)
+    ours = model_metadata(cfg, vocab_size)
+    try:
+        theirs = json.loads(meta["model"]) if "model" in meta else {}
+    except json.JSONDecodeError:
+        theirs = {}
+    changed = [f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in sorted(ours)
+               if k in theirs and theirs[k] != ours[k]]
+    hint = (f" (the file's model differs in: {', '.join(changed)})" if changed else "")
+    check_arrays(arrays, flat_params(abstract_params), f"{flag} {path}", hint)
+    if changed:
+        log(f"init-from: {path} was exported from a model with other settings "
+            f"({', '.join(changed)}); its parameters fit this one.")
+    return unflatten_like(abstract_params, arrays)
