@@ -36,6 +36,24 @@ from unitscale_jax.optim.umup import umup_factor
 DEFAULT_EXPONENTS = tuple(range(-20, 21))
 
 
+def _forget_wait_callback(checked: Callable[..., Any]) -> None:
+    """Unregisters a synchronous chexified function's wait callback.
+
+    chex keeps a wait callback for every chexified function and, at interpreter exit, logs
+    "Some of chexify assertion statuses were not inspected" whenever any is registered, even
+    for ``async_check=False`` functions, whose callbacks have nothing to wait for (their
+    checks raise before the call returns). Without this, every script that uses
+    ``jit_checked`` ends with that false warning. The registry is chex-internal, so if it
+    moves the warning simply comes back.
+    """
+    try:
+        from chex._src import asserts_internal
+
+        asserts_internal.CHEXIFY_STORAGE.wait_fns.remove(checked.wait_checks)
+    except (ImportError, AttributeError, ValueError):
+        pass
+
+
 def jit_checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
     """``fn`` jitted with its chex assertions live (``chex.chexify``), checked synchronously.
 
@@ -44,6 +62,7 @@ def jit_checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]
     would otherwise surface as a checkify ``FailedCheckError``.)
     """
     checked = chex.chexify(jax.jit(fn, **jit_kwargs), async_check=False)
+    _forget_wait_callback(checked)
 
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
