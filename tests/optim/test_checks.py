@@ -1,6 +1,10 @@
 """unitscale_jax.optim.checks: the invariant checks pass when they should and fail when they should,
 eagerly and under jit through chex.chexify."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -24,6 +28,21 @@ def test_chex_chexify_directly():
     check = chex.chexify(jax.jit(checks.assert_unit_rms), async_check=False)
     with pytest.raises(AssertionError, match="assert_trees_all_close"):
         check({"a": jnp.full((3,), 2.0)})
+
+
+def test_jit_checked_leaves_no_false_exit_warning():
+    """chex warns at exit about uninspected statuses for every chexified function, even
+    synchronous ones; jit_checked's have nothing pending, so a script using them exits quietly
+    (while importing the checks alone leaves an asynchronous chexify's warning in place)."""
+    code = ("import jax.numpy as jnp, chex, jax; from unitscale_jax.optim import checks; {body}")
+    root = Path(__file__).resolve().parents[2]
+    run = lambda body: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code.replace("{body}", body)], capture_output=True, text=True,
+        cwd=root, timeout=120, check=True)
+    assert "not inspected" not in run(
+        "checks.jit_checked(checks.assert_unit_rms)({'a': jnp.ones(3)})").stderr
+    assert "not inspected" in run("chex.chexify(jax.jit(checks.assert_unit_rms))"
+                                  "({'a': jnp.ones(3)})").stderr
 
 
 def test_rms_is_exact_under_power_of_two_scaling_across_the_float32_range():

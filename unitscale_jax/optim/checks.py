@@ -22,6 +22,7 @@ The invariants (issue 4):
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Optional, Sequence
 
 import chex
@@ -36,6 +37,28 @@ from unitscale_jax.optim.umup import umup_factor
 DEFAULT_EXPONENTS = tuple(range(-20, 21))
 
 
+_FALSE_EXIT_WARNING = "Some of chexify assertion statuses were not inspected"
+
+
+class _DropFalseExitWarning(logging.Filter):
+    """Drops chex's exit warning about uninspected asynchronous assertion statuses.
+
+    chex registers a wait callback for every chexified function and, at interpreter exit, logs
+    that warning whenever any is registered, even for ``async_check=False`` functions such as
+    ``jit_checked``'s, whose checks raise before the call returns. chex has no public way to
+    unregister the callback, so the warning is filtered from the ``absl`` logger instead (through
+    the standard ``logging`` API). Side effect: the warning is also dropped for a user's own
+    asynchronous ``chex.chexify`` functions in the same process; call
+    ``chex.block_until_chexify_assertions_complete()`` for those.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _FALSE_EXIT_WARNING not in str(record.msg)
+
+
+_EXIT_FILTER = _DropFalseExitWarning()
+
+
 def jit_checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
     """``fn`` jitted with its chex assertions live (``chex.chexify``), checked synchronously.
 
@@ -44,6 +67,7 @@ def jit_checked(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]
     would otherwise surface as a checkify ``FailedCheckError``.)
     """
     checked = chex.chexify(jax.jit(fn, **jit_kwargs), async_check=False)
+    logging.getLogger("absl").addFilter(_EXIT_FILTER)  # idempotent
 
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
