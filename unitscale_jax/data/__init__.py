@@ -32,7 +32,14 @@ from unitscale_jax.data.builders import (
     local_text_builder,
     prepare,
 )
-from unitscale_jax.data.corpus import builtin_documents, chunk_text, expand_paths, split_chunks
+from unitscale_jax.data.corpus import (
+    builtin_documents,
+    chunk_text,
+    expand_paths,
+    known_words,
+    split_chunks,
+    word_set,
+)
 from unitscale_jax.data.labelled import (
     DataError,
     LabelVocab,
@@ -75,7 +82,8 @@ __all__ = [
     "builtin_builder", "local_text_builder", "prepare", "builtin_documents", "chunk_text",
     "expand_paths", "split_chunks", "lm_batch", "mask_tokens", "seq2seq_target_len",
     "span_corruption", "TASKS", "DataIterator", "check_corpus_length", "make_iterator",
-    "make_lm_iterator", "SplitStats", "TextSource", "corpus_stats", "describe_corpus",
+    "make_lm_iterator", "known_words", "word_set", "SplitStats", "TextSource", "corpus_stats",
+    "describe_corpus",
     "resolve_source",
     "ByteTokenizer", "SubwordTokenizer", "Tokenizer", "get_tokenizer", "regular_ids",
     "special_ids", "encode_words", "train_tokenizer",

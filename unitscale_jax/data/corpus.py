@@ -14,10 +14,12 @@ import glob
 import hashlib
 import math
 import os
-from typing import Iterator, Sequence
+import string
+from typing import AbstractSet, Iterable, Iterator, Sequence
 
-__all__ = ["expand_paths", "read_text_file", "builtin_documents", "chunk_text",
-           "effective_chunk_chars", "split_chunks", "iter_chunks", "fingerprint", "BUILTIN_NAME"]
+__all__ = ["word_set", "known_words", "expand_paths", "read_text_file", "builtin_documents",
+           "chunk_text", "effective_chunk_chars", "split_chunks", "iter_chunks", "fingerprint",
+           "BUILTIN_NAME"]
 
 BUILTIN_NAME = "pydoc_data.topics"
 MIN_CHUNK_CHARS = 256
@@ -157,3 +159,37 @@ def iter_chunks(documents: Sequence[tuple[str, str]], chunk_chars: int,
                          f"than {size} characters of text or validation_fraction=0.")
     for split, (name, i, piece) in zip(split_chunks(len(chunks), validation_fraction), chunks):
         yield split, name, i, piece
+
+
+_PUNCTUATION = string.punctuation + "\u201c\u201d\u2018\u2019"
+
+
+def _bare(word: str) -> str:
+    return word.strip(_PUNCTUATION)
+
+
+def word_set(texts: Iterable[str]) -> frozenset[str]:
+    """The whitespace-separated words of ``texts``, each also without surrounding punctuation.
+
+    ``known_words`` looks sampled words up in it.
+    """
+    words: set[str] = set()
+    for text in texts:
+        for word in text.split():
+            words.add(word)
+            words.add(_bare(word))
+    words.discard("")
+    return frozenset(words)
+
+
+def known_words(text: str, vocabulary: AbstractSet[str]) -> tuple[int, int]:
+    """How many whitespace-separated words of ``text`` occur in a corpus: ``(known, total)``.
+
+    A word counts as known when it, or it stripped of surrounding punctuation (``"The"`` for
+    ``"The,"``), is in ``vocabulary`` (``word_set`` of the corpus). This is the demo's test of
+    whether a sample reads like text: at least half of its words should be known. A word cut
+    off at the end of the sample counts like any other.
+    """
+    words = text.split()
+    known = sum(1 for w in words if w in vocabulary or (_bare(w) and _bare(w) in vocabulary))
+    return known, len(words)

@@ -182,6 +182,9 @@ def sample_parser(prog: str = "unitscale-jax sample") -> Parser:
                    help="independent samples (default: 1)")
     p.add_argument("--seed", type=_number(int, False, "--seed"), default=unset,
                    help="sampling seed (default: 0)")
+    p.add_argument("--report-words", action="store_true", default=unset,
+                   help="decoder: after each sample, how many of its words occur in the "
+                        "run's training text")
     p.add_argument("--step", type=_number(int, True, "--step"), default=None,
                    help="checkpoint step to load (default: the latest valid one)")
     return p
@@ -208,7 +211,7 @@ def tokenizer_train_parser(prog: str = "unitscale-jax tokenizer train") -> Parse
 
 def sample_options(ns: argparse.Namespace) -> dict[str, Any]:
     """The sampling options given on the command line (``sample_parser``), by name."""
-    names = ("max_new_tokens", "temperature", "top_k", "num_samples", "seed")
+    names = ("max_new_tokens", "temperature", "top_k", "num_samples", "seed", "report_words")
     return {n: getattr(ns, n) for n in names if hasattr(ns, n)}
 
 

@@ -43,6 +43,7 @@ from unitscale_jax import nn
 from unitscale_jax.train import build
 from unitscale_jax.train.checkpoint import Checkpoints
 from unitscale_jax.train.config import Config, resolve
+from unitscale_jax.train.data import load_data
 from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train.tasks import TASKS
 from unitscale_jax.train.trainer import init_state_fn
@@ -52,7 +53,7 @@ MASK = "<mask>"
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "decoder": {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40, "seed": 0,
-                "num_samples": 1},
+                "num_samples": 1, "report_words": False},
     "encoder": {"top_k": 5},
     "encdec": {"max_new_tokens": None, "temperature": 0.8, "top_k": 40, "seed": 0,
                "num_samples": 1},
@@ -420,6 +421,18 @@ def generate_seq2seq(model, tokenizer, prompt: str, *, seq_len: int, target_len:
     return out
 
 
+def word_report(cfg: Config, text: str) -> str:
+    """One line: how many words of ``text`` occur in the run's training text.
+
+    ``data.known_words`` against ``data.word_set`` of the training split; the demo's check that
+    a sample reads like text (at least half its words known).
+    """
+    vocabulary = datalib.word_set(load_data(cfg, log=lambda _: None).source.documents("train"))
+    known, total = datalib.known_words(text, vocabulary)
+    share = f"{100 * known / total:.0f}%" if total else "-"
+    return f"[words found in the training text: {known} of {total} ({share})]"
+
+
 def _options(kind: str, given: dict[str, Any]) -> dict[str, Any]:
     allowed = DEFAULTS[kind]
     for name in given:
@@ -441,7 +454,8 @@ def sample(run_dir: str | Path, prompt: str = "", *, step: Optional[int] = None,
       log: where the progress line goes.
       **options: the kind's sampling options (``DEFAULTS``): ``max_new_tokens``,
         ``temperature``, ``top_k`` (``None``: all tokens), ``seed``, ``num_samples`` for
-        decoder and encdec runs; ``top_k`` (candidates per mask) for encoder runs.
+        decoder and encdec runs; ``top_k`` (candidates per mask) for encoder runs;
+        ``report_words`` (decoder): add ``word_report`` of each continuation.
 
     Returns:
       decoder: each sample as prompt + continuation; encoder: ``FillMask.report()``;
@@ -461,8 +475,11 @@ def sample(run_dir: str | Path, prompt: str = "", *, step: Optional[int] = None,
         log(f"fill-mask by {run_dir} at step {at}")
         return report
     if kind == "decoder":
-        blocks = [prompt + text for text in generate_text(model, tokenizer, prompt,
-                                                          seq_len=seq_len, **opts)]
+        report_words = opts.pop("report_words")
+        texts = generate_text(model, tokenizer, prompt, seq_len=seq_len, **opts)
+        blocks = [prompt + text for text in texts]
+        if report_words:
+            blocks = [f"{b}\n{word_report(cfg, text)}" for b, text in zip(blocks, texts)]
     else:
         samples = generate_seq2seq(model, tokenizer, prompt, seq_len=seq_len, packing=packing,
                                    target_len=seq2seq_target_limit(model, cfg), **opts)
