@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer} [options]
+USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,finetune,evaluate,predict} [options]
 
   train    train a model (default when the first argument is an option); --help for options
   sample   generate text from a trained decoder run: --run-dir DIR --prompt TEXT
@@ -21,6 +21,10 @@ USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer} [options]
            coordinate check: --parametrization umup|sp [--coord-check] [--out DIR]
   tokenizer train a subword tokenizer on local text: tokenizer train --data FILES
            --kind wordpiece|bpe|unigram --vocab-size N --out tok.json
+  finetune fine-tune an encoder: --task classify|tag --data DIR (or --train F --dev F)
+           [--init-from RUN_DIR] [--freeze-trunk]; --help for options
+  evaluate score a fine-tuned run: --run-dir DIR --data FILE (writes report.json)
+  predict  predictions of a fine-tuned run: --run-dir DIR --data FILE --out FILE
 """
 
 
@@ -118,6 +122,35 @@ def _tokenizer(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
+def _finetune(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.finetune import finetune, format_finetune_summary
+    from unitscale_jax.train.flags import parse_finetune_args
+    summary = finetune(parse_finetune_args(argv, prog))
+    print(format_finetune_summary(summary), flush=True)
+    return 0
+
+
+def _evaluate(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.finetune import evaluate_run
+    from unitscale_jax.train.flags import evaluate_parser
+    ns = evaluate_parser(prog).parse_all(argv)
+    report, table = evaluate_run(ns.run_dir, ns.data, out=ns.out, step=ns.step,
+                                 log=lambda m: print(m, file=sys.stderr))
+    print(f"{ns.data}: {report['n_examples']} examples, step {report['step']} of "
+          f"{ns.run_dir}\n{table}\n  report: {report['report']}", flush=True)
+    return 0
+
+
+def _predict(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.finetune import predict_run
+    from unitscale_jax.train.flags import predict_parser
+    ns = predict_parser(prog).parse_all(argv)
+    n = predict_run(ns.run_dir, ns.data, ns.out, step=ns.step,
+                    log=lambda m: print(m, file=sys.stderr))
+    print(f"predictions for {n} examples -> {ns.out}", flush=True)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> int:
     """Entry point; returns the exit status (``SystemExit`` from ``--help`` passes through)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -129,10 +162,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
         return 0
     command, rest = (argv[0], argv[1:]) if not argv[0].startswith("-") else ("train", argv)
     commands = {"train": _train, "sample": _sample, "analyse": _analyse,
-                "tokenizer": _tokenizer}
+                "tokenizer": _tokenizer, "finetune": _finetune, "evaluate": _evaluate,
+                "predict": _predict}
     if command not in commands:
-        print(f"{prog}: error: unknown command {command!r}; use train, sample, analyse or "
-              "tokenizer.", file=sys.stderr)
+        print(f"{prog}: error: unknown command {command!r}; use {', '.join(commands)}.",
+              file=sys.stderr)
         return 2
     sub_prog = prog if prog != "unitscale-jax" else f"{prog} {command}"
     try:

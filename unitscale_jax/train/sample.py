@@ -9,7 +9,6 @@ generated from the last ``seq_len / 2`` tokens.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -22,30 +21,33 @@ from unitscale_jax import data as datalib
 from unitscale_jax import nn
 from unitscale_jax.train import build
 from unitscale_jax.train.checkpoint import Checkpoints
-from unitscale_jax.train.config import Config, resolve
+from unitscale_jax.train.config import resolve
 from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.run_dir import read_run_config
 from unitscale_jax.train.trainer import init_state_fn
 
 
-def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
-    """The config, tokenizer and model (parameters restored) of a decoder run.
+def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print,
+             kind: str = "decoder", purpose: str = "sample", flag: str = "--run-dir"):
+    """The config, tokenizer and model (parameters restored) of a pretraining run.
 
     Args:
       run_dir: the run directory.
       step: the checkpoint to load; default the newest one that verifies.
+      kind: the ``--model`` the run must have trained.
+      purpose, flag: how the caller names itself and the directory, in messages.
 
     Raises:
-      UsageError: no run, not a decoder, no (valid) checkpoint, or no such step.
+      UsageError: no run, another model kind or a fine-tuning run, no (valid) checkpoint, or
+        no such step.
     """
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise UsageError(f"--run-dir {run_dir}: no config.json there; train a run first "
-                         "(unitscale-jax train --run-dir ...).")
-    cfg = resolve(Config.from_dict(json.loads(cfg_path.read_text())))
-    if cfg.model.kind != "decoder":
-        raise UsageError(f"sample needs a decoder run; {run_dir} trained a {cfg.model.kind} "
-                         "(train one with --model decoder).")
+    cfg = resolve(read_run_config(run_dir, flag))
+    if cfg.model.kind != kind or cfg.finetune is not None:
+        what = (f"fine-tuned a {cfg.finetune.task} model" if cfg.finetune is not None else
+                f"trained a {cfg.model.kind}")
+        raise UsageError(f"{purpose} needs a {kind} run; {flag} {run_dir} {what} (train one "
+                         f"with 'unitscale-jax train --model {kind}').")
     try:
         tokenizer = datalib.get_tokenizer(cfg.data.tokenizer)
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -58,7 +60,7 @@ def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
                           jax.eval_shape(init_state_fn(cfg, tokenizer.vocab_size, tx)))
     ckpt_dir = run_dir / "checkpoints"
     if not ckpt_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir}: no checkpoints directory; the run saved none.")
+        raise UsageError(f"{flag} {run_dir}: no checkpoints directory; the run saved none.")
     ckpt = Checkpoints(ckpt_dir, async_save=False, log=log)
     try:
         if step is not None:
@@ -72,7 +74,7 @@ def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
     finally:
         ckpt.close()
     if found is None:
-        raise UsageError(f"--run-dir {run_dir}: no complete checkpoint to sample from.")
+        raise UsageError(f"{flag} {run_dir}: no complete checkpoint to load.")
     model = nnx.merge(graphdef, found[1]["params"])
     model.eval()
     return cfg, tokenizer, model, found[0]
