@@ -383,7 +383,8 @@ def finetune_optimizer(cfg: Config, abstract_model) -> tuple[optax.GradientTrans
     updates are zero (``optax.partition`` with ``optax.set_to_zero``)."""
     tx, schedule = build.build_optimizer(cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
     if cfg.finetune.freeze_trunk:
-        tx = optax.partition({"train": tx, "frozen": optax.set_to_zero()}, freeze_labels)
+        labels = freeze_labels(nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)))
+        tx = optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
 
 
