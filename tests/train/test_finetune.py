@@ -106,6 +106,16 @@ def test_pretrain_finetune_evaluate_predict(pretrained, tmp_path, capsys):
     for k in ("accuracy", "macro_f1", "n_examples"):
         assert report[k] == scores[k], k
 
+    # bad input: one line, exit 2, the existing output untouched (nothing half-written)
+    written = (tmp_path / "pred.tsv").read_text()
+    (tmp_path / "bad.tsv").write_text("sentence\tlabel\n")
+    rc = main(["predict", "--run-dir", str(run), "--data", str(tmp_path / "bad.tsv"), "--out",
+               str(tmp_path / "pred.tsv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "only a header row" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "pred.tsv").read_text() == written
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
 
 def test_tagging_evaluate_equals_scores_of_predict_output(tmp_path, capsys):
     data = write_tagging(tmp_path / "ner")
