@@ -100,7 +100,7 @@ def test_init_from_a_non_encoder_or_mismatched_run(tmp_path, capsys):
     _fails(capsys, _finetune(tmp_path, "--data", str(data), "--init-from", str(decoder)),
            "is a decoder run", "needs a pretrained encoder run")
     _fails(capsys, _finetune(tmp_path, "--data", str(data), "--init-from", str(tmp_path / "no")),
-           "--init-from", "not a directory")
+           "--init-from", "no config.json there")
     tok = tmp_path / "tok.json"
     (tmp_path / "text.txt").write_text("the film was good and the plot was bad\n" * 20)
     train_tokenizer([str(tmp_path / "text.txt")], kind="wordpiece", vocab_size=60,
@@ -139,7 +139,7 @@ def test_evaluate_predict_need_a_finetuning_run(tmp_path, capsys, command):
     _fails(capsys, [command, "--run-dir", str(run), "--data", str(data / "dev.tsv"),
                     "--out", str(out)], "is not a fine-tuning run")
     _fails(capsys, [command, "--run-dir", str(tmp_path / "none"), "--data",
-                    str(data / "dev.tsv"), "--out", str(out)], "not a directory")
+                    str(data / "dev.tsv"), "--out", str(out)], "no config.json there")
     assert out.read_text() == "keep me\n"
 
 

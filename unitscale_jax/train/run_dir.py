@@ -79,8 +79,8 @@ def read_run_config(run_dir: str | Path, flag: str = "--run-dir") -> Config:
       UsageError: no directory, no ``config.json``, or one that is not a run config.
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UsageError(f"{flag} {run_dir}: not a directory; pass a run directory (one that "
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{flag} {run_dir} is a file; pass a run directory (one that "
                          "'unitscale-jax train --run-dir ...' wrote).")
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
