@@ -1,4 +1,5 @@
-"""The ``unitscale-jax`` command: ``train`` (default), ``sample``, ``analyse`` and ``tokenizer``.
+"""The ``unitscale-jax`` command: ``train`` (default), ``sample``, ``analyse``, ``tokenizer``,
+and ``finetune`` / ``evaluate`` / ``predict`` (an encoder on labelled data).
 
 ``unitscale-jax train --preset tiny`` trains on the built-in corpus; rerunning the same command
 resumes from its last checkpoint. ``unitscale-jax sample --run-dir runs/tiny-decoder-umup
