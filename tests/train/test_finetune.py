@@ -106,6 +106,14 @@ def test_pretrain_finetune_evaluate_predict(pretrained, tmp_path, capsys):
     for k in ("accuracy", "macro_f1", "n_examples"):
         assert report[k] == scores[k], k
 
+    # JSONL in, JSONL out: each record as it was plus "prediction", the same predictions
+    records = [{"sentence": r[0], "label": int(r[1])} for r in rows]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["predict", "--run-dir", str(run), "--data", str(tmp_path / "in.jsonl"),
+                 "--out", str(tmp_path / "pred.jsonl")]) == 0
+    got = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert got == [{**r, "prediction": row[2]} for r, row in zip(records, rows)]
+
     # bad input: one line, exit 2, the existing output untouched (nothing half-written)
     written = (tmp_path / "pred.tsv").read_text()
     (tmp_path / "bad.tsv").write_text("sentence\tlabel\n")
