@@ -10,6 +10,8 @@ Each benchmark runs as its own process (so one's JAX/XLA settings cannot leak in
 - ``attention``: the chunked (memory-efficient) attention backend against dense XLA attention,
   forward + backward: time ratio and compiled temporary memory at S = 1k and 4k (16k chunked
   only);
+- ``finetune``: ``unitscale-jax finetune``'s train step (sequence classification) against the
+  same step written as a plain NNX encoder with optax, in examples/s;
 - ``torch_comparison``: the authors' PyTorch ``unit_scaling.TransformerDecoder`` against ours
   at the same configuration (only where a Python with ``torch`` and ``unit-scaling`` is found:
   ``--torch-python``, ``$UNITSCALE_TORCH_PYTHON`` or this interpreter; otherwise reported as
@@ -49,6 +51,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "torch_comparison": ("torch_comparison.py", [], ["--quick", "--no-write"]),
     "fp8_matmul": ("fp8_matmul.py", [], ["--tiny", "--out", "{tmp}"]),
     "attention": ("attention.py", [], ["--quick", "--no-write"]),
+    "finetune": ("finetune.py", [], ["--quick", "--no-write"]),
 }
 # result file a benchmark writes in full mode, when not ``<name>.json``
 RESULT_FILES = {"fp8_matmul": "fp8_matmul.json"}

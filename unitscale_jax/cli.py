@@ -1,5 +1,6 @@
-"""The ``unitscale-jax`` command: ``train`` (default), ``sample``, ``analyse``,
-``tokenizer``, ``convert`` and ``export``.
+"""The ``unitscale-jax`` command: ``train`` (default), ``sample``, ``analyse``, ``tokenizer``,
+``convert``, ``export``, and ``finetune`` / ``evaluate`` / ``predict`` (an encoder on labelled
+data).
 
 ``unitscale-jax train --preset tiny`` trains on the built-in corpus; rerunning the same command
 resumes from its last checkpoint. ``unitscale-jax sample --run-dir runs/tiny-decoder-umup
@@ -16,7 +17,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,convert,export} [options]
+USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,convert,export,finetune,evaluate,
+                      predict} [options]
 
   train    train a model (default when the first argument is an option); --help for options
   sample   what a trained run predicts: --run-dir DIR --prompt TEXT; a decoder continues
@@ -30,6 +32,10 @@ USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,convert,export} 
            --from-torch CKPT --config CONFIG.json --run-dir DIR
   export   a run's parameters and u-muP metadata as one file (train --init-from FILE
            starts a new run from it): --run-dir DIR [--format safetensors] [--out FILE]
+  finetune fine-tune an encoder: --task classify|tag --data DIR (or --train F --dev F)
+           [--init-from RUN_DIR] [--freeze-trunk]; --help for options
+  evaluate score a fine-tuned run: --run-dir DIR --data FILE (writes report.json)
+  predict  predictions of a fine-tuned run: --run-dir DIR --data FILE --out FILE
 """
 
 
@@ -143,6 +149,35 @@ def _tokenizer(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
+def _finetune(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.finetune import finetune, format_finetune_summary
+    from unitscale_jax.train.flags import parse_finetune_args
+    summary = finetune(parse_finetune_args(argv, prog))
+    print(format_finetune_summary(summary), flush=True)
+    return 0
+
+
+def _evaluate(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.finetune import evaluate_run
+    from unitscale_jax.train.flags import evaluate_parser
+    ns = evaluate_parser(prog).parse_all(argv)
+    report, table = evaluate_run(ns.run_dir, ns.data, out=ns.out, step=ns.step,
+                                 log=lambda m: print(m, file=sys.stderr))
+    print(f"{ns.data}: {report['n_examples']} examples, step {report['step']} of "
+          f"{ns.run_dir}\n{table}\n  report: {report['report']}", flush=True)
+    return 0
+
+
+def _predict(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.finetune import predict_run
+    from unitscale_jax.train.flags import predict_parser
+    ns = predict_parser(prog).parse_all(argv)
+    n = predict_run(ns.run_dir, ns.data, ns.out, step=ns.step,
+                    log=lambda m: print(m, file=sys.stderr))
+    print(f"predictions for {n} examples -> {ns.out}", flush=True)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> int:
     """Entry point; returns the exit status (``SystemExit`` from ``--help`` passes through)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -153,11 +188,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
         print(USAGE, end="")
         return 0
     command, rest = (argv[0], argv[1:]) if not argv[0].startswith("-") else ("train", argv)
-    commands = {"train": _train, "sample": _sample, "analyse": _analyse, "convert": _convert,
-                "export": _export, "tokenizer": _tokenizer}
+    commands = {"train": _train, "sample": _sample, "analyse": _analyse,
+                "tokenizer": _tokenizer, "convert": _convert, "export": _export,
+                "finetune": _finetune, "evaluate": _evaluate, "predict": _predict}
     if command not in commands:
-        print(f"{prog}: error: unknown command {command!r}; use "
-              f"{', '.join(list(commands)[:-1])} or {list(commands)[-1]}.", file=sys.stderr)
+        print(f"{prog}: error: unknown command {command!r}; use {', '.join(commands)}.",
+              file=sys.stderr)
         return 2
     sub_prog = prog if prog != "unitscale-jax" else f"{prog} {command}"
     try:

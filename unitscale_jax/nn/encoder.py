@@ -118,16 +118,23 @@ class TransformerEncoder(nnx.Module):
         return tap("cls_logits", head(self.pool(self.encode(ids, mask=mask, rng=rng), mask),
                                         rng=_common.head_key(rng)))
 
-    def classification_loss(self, ids: jax.Array, labels: jax.Array, *,
+    def classification_loss(self, ids: jax.Array, labels: jax.Array,
+                            where: Optional[jax.Array] = None, *,
                             mask: Optional[jax.Array] = None,
                             rng: Optional[jax.Array] = None) -> jax.Array:
-        """Mean cross-entropy of the sequence labels ``[batch]`` (e.g. SST-2 sentiment)."""
+        """Mean cross-entropy of the sequence labels ``[batch]`` (e.g. SST-2 sentiment).
+
+        ``where`` (boolean ``[batch]``) selects the rows scored (default all), e.g. to leave
+        out the padding rows of a final partial batch.
+        """
         c = self.config
         logits = self.classify(ids, mask=mask, rng=rng)
         labels = _common.check_labels(labels, ids.shape[:1],
                                       "TransformerEncoder.classification_loss")
+        where = _common.check_where(where, ids.shape[:1],
+                                    "TransformerEncoder.classification_loss")
         return c.parametrization.cross_entropy(logits, labels, mult=c.loss_mult,
-                                    check_ids=c.check_ids)
+                                    where=where, check_ids=c.check_ids)
 
     def tag(self, ids: jax.Array, *, mask: Optional[jax.Array] = None,
             rng: Optional[jax.Array] = None) -> jax.Array:

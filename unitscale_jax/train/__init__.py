@@ -9,6 +9,9 @@ Python API (what the experiment scripts call in-process)::
     summary = train.run(cfg)            # dict: losses, tokens/s, paths, history
     trainer = train.Trainer(cfg)        # the same, in pieces: build_state, step, evaluate, save
     model = train.build_model(cfg, vocab_size=260)
+    from unitscale_jax.train.flags import parse_finetune_args
+    ft = train.FineTuner(parse_finetune_args(["--data", "../shared/data/sst2"]))
+    summary = ft.run()                  # fine-tuning (unitscale_jax.train.finetune)
     tx, schedule = train.build_optimizer(train.resolve(cfg), unitscale_jax.nn.param_info(model))
 """
 
@@ -29,6 +32,7 @@ from unitscale_jax.train.config import (
     validate,
 )
 from unitscale_jax.train.errors import TrainingStopped, UsageError
+from unitscale_jax.train.finetune import FineTuner
 from unitscale_jax.train.loop import format_summary, run
 from unitscale_jax.train.metrics import loss_curve, read_metrics
 from unitscale_jax.train.precision import PRECISIONS, precision_setup
@@ -43,5 +47,5 @@ __all__ = [
     "Config", "DataConfig", "ModelConfig", "OptimizerConfig", "TrainingConfig", "default_lr",
     "resolve", "validate", "TrainingStopped", "UsageError", "format_summary", "run",
     "loss_curve", "read_metrics", "PRESETS", "get_preset", "PRECISIONS", "precision_setup",
-    "fill_mask", "generate_seq2seq", "generate_text", "load_run", "sample",
+    "fill_mask", "generate_seq2seq", "generate_text", "load_run", "sample", "FineTuner",
 ]

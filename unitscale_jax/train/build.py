@@ -49,11 +49,14 @@ def transformer_config(cfg: Config, vocab_size: int) -> nn.TransformerConfig:
         raise UsageError(str(e)) from None
 
 
-def build_model(cfg: Config, vocab_size: int, *, seed: Optional[int] = None) -> nnx.Module:
-    """The model of ``cfg`` with parameters initialised from ``seed`` (default the run's)."""
+def build_model(cfg: Config, vocab_size: int, *, seed: Optional[int] = None,
+                task: Optional[Task] = None) -> nnx.Module:
+    """The model of ``cfg`` with parameters initialised from ``seed`` (default the run's);
+    ``task`` (default ``--model``'s) makes it (``Task.make_model``: a fine-tuning task adds
+    its heads)."""
     seed = cfg.training.seed if seed is None else seed
-    return get_task(cfg.model.kind).model_class(transformer_config(cfg, vocab_size),
-                                                rngs=nnx.Rngs(seed))
+    task = get_task(cfg.model.kind) if task is None else task
+    return task.make_model(transformer_config(cfg, vocab_size), nnx.Rngs(seed))
 
 
 # --------------------------------------------------------------------------- optimizers

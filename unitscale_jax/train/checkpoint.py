@@ -12,8 +12,11 @@ Orbax writes each checkpoint into a temporary directory and renames it when comp
 run killed during a save leaves a ``*.orbax-checkpoint-tmp*`` directory: it is reported and
 removed, never read. A complete checkpoint whose restore fails or whose digest does not
 match (a corrupt file) is reported, moved to ``<run_dir>/corrupt_checkpoints`` and skipped;
-the previous one is tried. The digest is computed on the host and so needs fully addressable
-arrays (one process); multi-process runs skip it and rely on orbax's own checks.
+the previous one is tried. With ``best_metric`` (fine-tuning), each save may carry metrics
+(orbax's ``metrics`` item): the checkpoint with the highest value of that metric is kept as
+well as the latest N (``BestN`` next to ``LatestN``) and ``best_step`` names it. The digest
+is computed on the host and so needs fully addressable arrays (one process); multi-process
+runs skip it and rely on orbax's own checks.
 """
 
 from __future__ import annotations
@@ -54,17 +57,29 @@ class Checkpoints:
       keep: how many of the latest checkpoints to keep (orbax ``LatestN`` preservation).
       async_save: write in a background thread (``enable_async_checkpointing``).
       log: function receiving one-line reports (partial / corrupt checkpoints).
+      best_metric: keep also the checkpoint whose saved ``metrics[best_metric]`` is highest.
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, best_metric: Optional[str] = None):
         self.directory = Path(directory).absolute()
         self.log = log
+        self.best_metric = best_metric
         self.directory.mkdir(parents=True, exist_ok=True)
         self._report_partial()
+        policy = ocp.checkpoint_managers.LatestN(n=keep)
+        best = {}
+        if best_metric is not None:
+            def metric(m):
+                return float(m[best_metric])
+
+            policy = ocp.checkpoint_managers.AnyPreservationPolicy([policy, (
+                ocp.checkpoint_managers.BestN(get_metric_fn=metric, n=1,
+                                              keep_checkpoints_without_metrics=False))])
+            best = dict(best_fn=metric, best_mode="max")  # saves and reloads the metrics
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+            preservation_policy=policy, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True, create=True, **best)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
 
@@ -78,12 +93,22 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
-        """Starts saving ``state`` at ``step`` (returns at once when async)."""
+    def save(self, step: int, state: Any, data_state: dict, *, force: bool = False,
+             metrics: Optional[dict] = None) -> bool:
+        """Starts saving ``state`` at ``step`` (returns at once when async); ``metrics``
+        (with ``best_metric``) rank it for ``best_step``."""
         meta = {"step": int(step), "digest": state_digest(state), "time": time.time()}
+        kw = {"metrics": metrics} if self.best_metric is not None and metrics else {}
         return self.manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=force)
+            meta=ocp.args.JsonSave(meta)), force=force, **kw)
+
+    def best_step(self) -> Optional[int]:
+        """The step whose saved ``best_metric`` is highest (None: no ranked checkpoint)."""
+        if self.best_metric is None:
+            return None
+        self.manager.wait_until_finished()
+        return self.manager.best_step()
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """``(state, data_state)`` of checkpoint ``step``, restored into ``abstract_state``'s

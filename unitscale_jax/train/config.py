@@ -186,15 +186,55 @@ class TrainingConfig:
     overwrite: bool = _f(False, "delete an existing run in run_dir instead of resuming it")
 
 
+FINETUNE_TASKS = ("classify", "tag")
+POOLINGS = ("cls", "mean")
+TAG_SCHEMES = ("iob2", "iob1", "iobes")
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Fine-tuning an encoder on labelled data (``unitscale-jax finetune``): the task, the
+    split files and their columns, the trunk's initialisation and early stopping. ``--data``
+    (``DataConfig.data``) names a directory of ``train.*`` / ``dev.*`` / ``test.*`` files."""
+
+    task: str = _f("classify", "classify (sentence / sentence-pair labels) or tag (a tag per "
+                   "word, CoNLL)", choices=FINETUNE_TASKS)
+    train: Optional[str] = _f(None, "training file (default: train.* in --data)")
+    dev: Optional[str] = _f(None, "dev file evaluated every --eval-every steps (default: dev.* "
+                            "or validation.* in --data)")
+    test: Optional[str] = _f(None, "test file scored with the best checkpoint at the end "
+                             "(default: test.* in --data, if any)")
+    text_column: Optional[list] = _f(None, "classify: a text column, name or 0-based index "
+                                     "(repeat for sentence pairs; default: the GLUE layout)")
+    label_column: Optional[str] = _f(None, "classify: the label column, name or 0-based index "
+                                     "(default: label)")
+    tag_column: Optional[int] = _f(None, "tag: the 0-based tag column (default: the last)")
+    header: bool = _f(True, "TSV/CSV files have a header row (--no-header: they do not)")
+    scheme: str = _f("iob2", "tag scheme the tags are checked against", choices=TAG_SCHEMES)
+    pooling: str = _f("mean", "classify: sentence representation, the first token (cls) or "
+                      "the mean of the real tokens (mean; learns faster from scratch, measured "
+                      "on SST-2)", choices=POOLINGS)
+    truncate: bool = _f(True, "cut examples longer than --seq-len (and report how many); "
+                        "--no-truncate: an error instead")
+    init_from: Optional[str] = _f(None, "a 'train --model encoder' run directory whose trunk "
+                                  "(embedding, layers, final norm) initialises the model; "
+                                  "default: train from scratch")
+    freeze_trunk: bool = _f(False, "train the task head only (a linear probe)")
+    patience: Optional[int] = _f(None, "stop after this many evaluations without a better "
+                                 "dev score (default: never)")
+
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
             "training": TrainingConfig}
+OPTIONAL_SECTIONS = {"finetune": FinetuneConfig}
+"""Sections only some runs have (``None`` otherwise; left out of ``to_dict``)."""
 
 # Fields that may change between a run and its resumption (they do not change what the
 # checkpointed state means).
 RESUMABLE_CHANGES = {("training", f) for f in (
     "steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "keep_checkpoints",
     "async_checkpointing", "run_dir", "progress", "tensorboard", "plot", "overwrite",
-    "distributed")}
+    "distributed")} | {("finetune", "patience")}
 
 
 @dataclasses.dataclass
@@ -206,9 +246,14 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     preset: str = "tiny"
+    finetune: Optional[FinetuneConfig] = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for name in OPTIONAL_SECTIONS:
+            if d[name] is None:
+                del d[name]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -216,12 +261,15 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         """Builds a config from ``to_dict`` output; unknown keys are an error."""
-        unknown = set(d) - set(SECTIONS) - {"preset"}
+        unknown = set(d) - set(SECTIONS) - set(OPTIONAL_SECTIONS) - {"preset"}
         if unknown:
             raise UsageError(f"config has unknown section(s) {sorted(unknown)}; expected "
-                             f"{sorted(SECTIONS)} and 'preset'.")
+                             f"{sorted(SECTIONS)}, 'preset' and optionally "
+                             f"{sorted(OPTIONAL_SECTIONS)}.")
         parts = {}
-        for name, klass in SECTIONS.items():
+        for name, klass in {**SECTIONS, **OPTIONAL_SECTIONS}.items():
+            if name in OPTIONAL_SECTIONS and d.get(name) is None:
+                continue
             values = dict(d.get(name, {}))
             known = {f.name for f in dataclasses.fields(klass)}
             bad = set(values) - known
@@ -237,9 +285,9 @@ class Config:
             if name == "preset":
                 d["preset"] = values
                 continue
-            if name not in SECTIONS:
+            if name not in SECTIONS and name not in OPTIONAL_SECTIONS:
                 raise UsageError(f"unknown config section {name!r}; use one of {sorted(SECTIONS)}.")
-            d[name].update(values)
+            d[name] = {**(d.get(name) or {}), **values}
         return Config.from_dict(d)
 
 
@@ -259,8 +307,10 @@ def validate(cfg: Config) -> None:
       UsageError: with the field's flag name, the bad value and what is allowed.
     """
     from unitscale_jax.train.precision import PRECISIONS
-    for section, klass in SECTIONS.items():
+    for section, klass in {**SECTIONS, **OPTIONAL_SECTIONS}.items():
         obj = getattr(cfg, section)
+        if obj is None:
+            continue
         for f in dataclasses.fields(klass):
             value = getattr(obj, f.name)
             flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
@@ -316,6 +366,26 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"--loss-scale must be > 0 (e.g. 1024 or 2^10), got {t.loss_scale}.")
     if t.tensor_parallel is not None and t.tensor_parallel < 1:
         raise UsageError(f"--tensor-parallel must be >= 1, got {t.tensor_parallel}.")
+    if cfg.finetune is not None:
+        _validate_finetune(cfg)
+
+
+def _validate_finetune(cfg: Config) -> None:
+    f, t = cfg.finetune, cfg.training
+    if cfg.model.kind != "encoder":
+        raise UsageError(f"fine-tuning trains an encoder; got --model {cfg.model.kind!r}.")
+    if f.text_column is not None and not (1 <= len(f.text_column) <= 2
+                                          and all(isinstance(c, str) for c in f.text_column)):
+        raise UsageError(f"--text-column: give one (sentences) or two (sentence pairs), got "
+                         f"{f.text_column!r}.")
+    if f.patience is not None and f.patience < 1:
+        raise UsageError(f"--patience must be >= 1 (or none), got {f.patience}.")
+    if f.patience is not None and not t.eval_every:
+        raise UsageError("--patience needs evaluations: set --eval-every N (> 0).")
+    if t.checkpoint_every not in (None, t.eval_every):
+        raise UsageError(f"--checkpoint-every {t.checkpoint_every}: fine-tuning saves a "
+                         f"checkpoint at each evaluation (--eval-every {t.eval_every}), to keep "
+                         "the best one; leave --checkpoint-every out.")
 
 
 def _unit_scaled(parametrization: str) -> bool:
@@ -348,7 +418,9 @@ def resolve(cfg: Config) -> Config:
     if t.checkpoint_every is None:
         train["checkpoint_every"] = t.eval_every
     if t.run_dir is None:
-        train["run_dir"] = f"runs/{cfg.preset}-{m.kind}-{m.parametrization}"
+        train["run_dir"] = (f"runs/{cfg.preset}-{m.kind}-{m.parametrization}"
+                            if cfg.finetune is None else
+                            f"runs/{cfg.preset}-finetune-{cfg.finetune.task}-{m.parametrization}")
     out = cfg.replace(model=model, optimizer=opt, training=train)
     if out.optimizer.schedule == "warmup_cosine" and out.optimizer.warmup_steps >= t.steps:
         raise UsageError(f"--warmup-steps ({out.optimizer.warmup_steps}) must be smaller than "
@@ -360,8 +432,12 @@ def differences(old: Config, new: Config) -> list[str]:
     """Fields (``section.field: old -> new``) that differ and may not change on resumption."""
     out = []
     a, b = old.to_dict(), new.to_dict()
-    for section in SECTIONS:
-        for k in a[section]:
+    for section in (*SECTIONS, *OPTIONAL_SECTIONS):
+        if (section in a) != (section in b):
+            out.append(f"{section}: {'set' if section in a else 'none'} -> "
+                       f"{'set' if section in b else 'none'}")
+            continue
+        for k in a.get(section, {}):
             if (section, k) in RESUMABLE_CHANGES:
                 continue
             if a[section][k] != b[section].get(k):

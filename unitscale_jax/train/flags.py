@@ -17,7 +17,13 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from unitscale_jax.train.config import SECTIONS, Config, field_type
+from unitscale_jax.train.config import (
+    OPTIONAL_SECTIONS,
+    SECTIONS,
+    Config,
+    FinetuneConfig,
+    field_type,
+)
 from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train.precision import PRECISIONS
 from unitscale_jax.train.presets import PRESETS, get_preset
@@ -88,14 +94,26 @@ def flag_name(field: dataclasses.Field) -> str:
     return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
 
 
-def add_config_flags(parser: argparse.ArgumentParser, base: Config) -> None:
-    """Adds one flag per config field (defaults from ``base``), grouped by section."""
+def add_config_flags(parser: argparse.ArgumentParser, base: Config, *,
+                     sections: Sequence[str] = tuple(SECTIONS),
+                     skip: Sequence[str] = ()) -> None:
+    """Adds one flag per config field (defaults from ``base``), grouped by section.
+
+    Args:
+      sections: the sections whose fields become flags (``base`` must have each).
+      skip: flags (``"--flag"``) or fields (``"section.field"``) left out (their fields keep
+        ``base``'s values).
+    """
     seen = set()
-    for section, klass in SECTIONS.items():
+    classes = {**SECTIONS, **OPTIONAL_SECTIONS}
+    for section in sections:
+        klass = classes[section]
         group = parser.add_argument_group(section)
         obj = getattr(base, section)
         for f in dataclasses.fields(klass):
             flag = flag_name(f)
+            if flag in skip or f"{section}.{f.name}" in skip:
+                continue
             assert flag not in seen, f"duplicate flag {flag}"
             seen.add(flag)
             dest = f"{section}.{f.name}"
@@ -111,6 +129,9 @@ def add_config_flags(parser: argparse.ArgumentParser, base: Config) -> None:
             elif typ is bool:
                 group.add_argument(flag, dest=dest, default=default, help=help_,
                                    metavar="{true,false,none}", type=_optional_bool)
+            elif typ is list:  # repeatable: --flag A --flag B
+                group.add_argument(flag, dest=dest, default=default, help=help_,
+                                   action="append", metavar="STR")
             elif typ in (int, float):
                 group.add_argument(flag, dest=dest, default=default, help=help_,
                                    type=_number(typ, optional, flag), metavar=typ.__name__.upper())
@@ -148,16 +169,89 @@ def train_parser(base: Config, prog: str = "unitscale-jax train") -> Parser:
     return p
 
 
-def parse_train_args(argv: Sequence[str], prog: str = "unitscale-jax train") -> Config:
-    """``Config`` from command-line arguments (preset, then config file, then flags)."""
-    base, _ = _base_config(argv, prog)
-    ns = train_parser(base, prog).parse_all(argv)
-    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+def _config_from(ns: argparse.Namespace, base: Config) -> Config:
+    values: dict[str, dict[str, Any]] = {
+        s: dict(v) for s, v in base.to_dict().items() if s != "preset"}
     for key, value in vars(ns).items():
         if "." in key:
             section, name = key.split(".", 1)
             values[section][name] = value
     return Config.from_dict({**values, "preset": ns.preset if not ns.config else base.preset})
+
+
+def parse_train_args(argv: Sequence[str], prog: str = "unitscale-jax train") -> Config:
+    """``Config`` from command-line arguments (preset, then config file, then flags)."""
+    base, _ = _base_config(argv, prog)
+    ns = train_parser(base, prog).parse_all(argv)
+    return _config_from(ns, base)
+
+
+FINETUNE_SKIP = ("--model", "--packing", "--validation-fraction", "--data-dir", "--text-key",
+                 "--mask-prob", "--noise-density", "--mean-span", "--eval-batches",
+                 "training.init_from")
+"""``train`` flags that mean nothing for fine-tuning (the model is an encoder; the whole dev
+split is evaluated; ``--init-from`` is the fine-tuning section's: a pretrained run)."""
+
+
+def finetune_parser(base: Config, prog: str = "unitscale-jax finetune") -> Parser:
+    p = Parser(prog=prog, description="Fine-tune an encoder on sentence classification or "
+               "token classification (NER), from scratch or from a 'train --model encoder' run "
+               "(--init-from). --data DIR finds train.* / dev.* / test.* there. Rerunning the "
+               "same command resumes.")
+    p.add_argument("--preset", default=base.preset, choices=tuple(PRESETS),
+                   help="starting configuration (default: %(default)s)")
+    p.add_argument("--config", default=None, help="a saved config.json to start from")
+    add_config_flags(p, base, sections=("finetune", *SECTIONS), skip=FINETUNE_SKIP)
+    return p
+
+
+def parse_finetune_args(argv: Sequence[str], prog: str = "unitscale-jax finetune") -> Config:
+    """``Config`` of a fine-tuning run (``finetune`` section set, ``--model encoder``).
+
+    With ``--init-from RUN``, the model flags and ``--tokenizer`` default to that run's, so
+    only the fine-tuning options need giving.
+
+    Raises:
+      UsageError: bad flags, or an ``--init-from`` directory that holds no run.
+    """
+    from unitscale_jax.train.run_dir import read_run_config
+    base, _ = _base_config(argv, prog)
+    pre = Parser(prog=prog, add_help=False)
+    pre.add_argument("--init-from", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if base.finetune is None:
+        base = base.replace(finetune=dataclasses.asdict(FinetuneConfig()))
+    if known.init_from and known.init_from.lower() not in ("none", "null"):
+        pretrained = read_run_config(known.init_from, "--init-from")
+        base = base.replace(model=pretrained.to_dict()["model"],
+                            data={"tokenizer": pretrained.data.tokenizer})
+    base = base.replace(model={"kind": "encoder"})
+    return _config_from(finetune_parser(base, prog).parse_all(argv), base)
+
+
+def evaluate_parser(prog: str = "unitscale-jax evaluate") -> Parser:
+    p = Parser(prog=prog, description="Score a fine-tuned run on a labelled file: prints the "
+               "report table and writes report.json (and a confusion-matrix PNG for "
+               "classification).")
+    p.add_argument("--run-dir", required=True, help="the fine-tuning run directory")
+    p.add_argument("--data", required=True, help="a labelled file in the run's format")
+    p.add_argument("--out", default=None, help="the report to write (default: "
+                   "RUN_DIR/report.json)")
+    p.add_argument("--step", type=_number(int, True, "--step"), default=None,
+                   help="checkpoint step to load (default: the best by the dev score)")
+    return p
+
+
+def predict_parser(prog: str = "unitscale-jax predict") -> Parser:
+    p = Parser(prog=prog, description="Write a fine-tuned run's predictions: every input line "
+               "with its columns unchanged and a predicted column appended (a 'prediction' "
+               "column for TSV/CSV/JSONL; a tag column for CoNLL).")
+    p.add_argument("--run-dir", required=True, help="the fine-tuning run directory")
+    p.add_argument("--data", required=True, help="the input file (labels not needed)")
+    p.add_argument("--out", required=True, help="the file to write (written atomically)")
+    p.add_argument("--step", type=_number(int, True, "--step"), default=None,
+                   help="checkpoint step to load (default: the best by the dev score)")
+    return p
 
 
 def sample_parser(prog: str = "unitscale-jax sample") -> Parser:

@@ -122,11 +122,13 @@ def export_run(run_dir: str | Path, out: Optional[str | Path] = None, *,
     Raises:
       UsageError: no run there, ``out`` not writable, an unknown format.
     """
-    from unitscale_jax.train.sample import read_run_config, restore_params
+    from unitscale_jax.train.config import resolve
+    from unitscale_jax.train.run_dir import read_run_config
+    from unitscale_jax.train.sample import restore_params
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not supported; use one of {', '.join(FORMATS)}.")
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
+    cfg = resolve(read_run_config(run_dir))
     out = Path(out) if out is not None else run_dir / "model.safetensors"
     check_writable(out)
     tokenizer, abstract_model, params, at = restore_params(run_dir, cfg, step=step, log=log)

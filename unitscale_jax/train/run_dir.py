@@ -19,7 +19,8 @@ from unitscale_jax.train.config import Config, differences
 from unitscale_jax.train.errors import UsageError
 
 OUTPUTS = ("checkpoints", "corrupt_checkpoints", "tensorboard", "metrics.jsonl", "config.json",
-           "loss.png", "summary.json")
+           "loss.png", "summary.json", "labels.json", "dev_report.json", "test_report.json",
+           "confusion.png", "test_confusion.png", "report.json", "report_confusion.png")
 """What a run writes in its directory (``--overwrite`` deletes these)."""
 
 
@@ -46,6 +47,9 @@ def prepare_run_dir(cfg: Config, given: Config) -> Path:
     """
     run_dir = Path(cfg.training.run_dir)
     cfg_path = run_dir / "config.json"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file, not a directory; pass a directory "
+                         "(it is created if missing).")
     if cfg.training.overwrite and run_dir.exists() and jax.process_index() == 0:
         for name in OUTPUTS:
             p = run_dir / name
@@ -66,6 +70,27 @@ def prepare_run_dir(cfg: Config, given: Config) -> Path:
                              "another --run-dir.")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def read_run_config(run_dir: str | Path, flag: str = "--run-dir") -> Config:
+    """The saved (unresolved) ``config.json`` of a run directory.
+
+    Raises:
+      UsageError: no directory, no ``config.json``, or one that is not a run config.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{flag} {run_dir} is a file; pass a run directory (one that "
+                         "'unitscale-jax train --run-dir ...' wrote).")
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UsageError(f"{flag} {run_dir}: no config.json there; train a run first "
+                         "(unitscale-jax train --run-dir ...).")
+    try:
+        return Config.from_dict(json.loads(cfg_path.read_text()))
+    except (json.JSONDecodeError, UsageError, TypeError, AttributeError) as e:
+        raise UsageError(f"{flag} {run_dir}: {cfg_path.name} is not a valid run config "
+                         f"({e}).") from None
 
 
 class StopSignals:

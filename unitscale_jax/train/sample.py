@@ -29,7 +29,6 @@ distribution the model was trained on, ``softmax(loss_mult * logits)``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,6 +44,7 @@ from unitscale_jax.train.checkpoint import Checkpoints
 from unitscale_jax.train.config import Config, resolve
 from unitscale_jax.train.data import load_data
 from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.run_dir import read_run_config
 from unitscale_jax.train.tasks import TASKS
 from unitscale_jax.train.trainer import init_state_fn
 
@@ -62,33 +62,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 ``max_new_tokens``: the training target length)."""
 
 
-def read_run_config(run_dir: str | Path, flag: str = "--run-dir") -> Config:
-    """The resolved config of the run in ``run_dir`` (its ``config.json``).
-
-    Raises:
-      UsageError: ``run_dir`` is a file, holds no ``config.json`` or an unreadable one.
-    """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"{flag} {run_dir} is a file, not a run directory; pass the "
-                         "directory that holds config.json and checkpoints/.")
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise UsageError(f"{flag} {run_dir}: no config.json there; train a run first "
-                         "(unitscale-jax train --run-dir ...).")
-    try:
-        return resolve(Config.from_dict(json.loads(cfg_path.read_text())))
-    except (json.JSONDecodeError, TypeError, AttributeError) as e:
-        raise UsageError(f"{cfg_path} is not a valid run config ({e}).") from None
-
-
 def restore_params(run_dir: str | Path, cfg: Config, *, step: Optional[int] = None,
                    log=print, flag: str = "--run-dir"):
     """The parameters of a run's checkpoint (any model kind).
 
     Args:
       run_dir: the run directory.
-      cfg: its config (``read_run_config``).
+      cfg: its config (``run_dir.read_run_config``; resolved here).
       step: the checkpoint to load; default the newest one that verifies.
 
     Returns:
@@ -99,7 +79,7 @@ def restore_params(run_dir: str | Path, cfg: Config, *, step: Optional[int] = No
     Raises:
       UsageError: no (valid) checkpoint, no such step, or an unusable tokenizer.
     """
-    run_dir = Path(run_dir)
+    run_dir, cfg = Path(run_dir), resolve(cfg)
     try:
         tokenizer = datalib.get_tokenizer(cfg.data.tokenizer)
     except (ValueError, FileNotFoundError, ImportError) as e:
@@ -129,24 +109,35 @@ def restore_params(run_dir: str | Path, cfg: Config, *, step: Optional[int] = No
     return tokenizer, abstract_model, found[1]["params"], found[0]
 
 
-def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print):
-    """The config, tokenizer and model (parameters restored, eval mode) of a run of any kind.
+def load_run(run_dir: str | Path, *, step: Optional[int] = None, log=print,
+             kind: Optional[str] = None, purpose: str = "sample", flag: str = "--run-dir"):
+    """The config, tokenizer and model (parameters restored, eval mode) of a pretraining run.
 
     Args:
       run_dir: the run directory.
       step: the checkpoint to load; default the newest one that verifies.
+      log: where progress messages go.
+      kind: the ``--model`` the run must have trained; None: any kind.
+      purpose: how the caller names itself in messages.
+      flag: how the caller names the directory in messages.
 
     Returns:
       ``(config, tokenizer, model, step)``.
 
     Raises:
-      UsageError: no run, no (valid) checkpoint, or no such step.
+      UsageError: no run, another model kind or a fine-tuning run, no (valid) checkpoint, or
+        no such step.
     """
-    cfg = read_run_config(run_dir)
-    if cfg.model.kind not in TASKS:
-        raise UsageError(f"--run-dir {run_dir}: unknown model kind {cfg.model.kind!r} in "
-                         f"config.json (sample knows {', '.join(TASKS)}).")
-    tokenizer, abstract_model, params, at = restore_params(run_dir, cfg, step=step, log=log)
+    cfg = resolve(read_run_config(run_dir, flag))
+    if cfg.finetune is not None or cfg.model.kind not in TASKS or kind not in (None,
+                                                                                cfg.model.kind):
+        want = f"a {kind}" if kind else "a pretraining"
+        what = (f"fine-tuned a {cfg.finetune.task} model" if cfg.finetune is not None else
+                f"trained a {cfg.model.kind}")
+        raise UsageError(f"{purpose} needs {want} run; {flag} {run_dir} {what} (train one "
+                         f"with 'unitscale-jax train --model {kind or 'decoder'}').")
+    tokenizer, abstract_model, params, at = restore_params(run_dir, cfg, step=step, log=log,
+                                                           flag=flag)
     graphdef, _ = nnx.split(abstract_model, nnx.Param)
     model = nnx.merge(graphdef, params)
     model.eval()

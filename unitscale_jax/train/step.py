@@ -51,7 +51,7 @@ class Parallel:
     Attributes:
       mesh: ``Mesh`` with axes ``("data", "fsdp", "tensor")``.
       rules: logical -> mesh axis rules (``nn.logical_rules(kind, mesh)``).
-      batch: ``NamedSharding`` of ``[batch, length]`` arrays.
+      batch: ``NamedSharding`` of ``[batch, ...]`` arrays (split on the batch axis only).
       replicated: fully replicated ``NamedSharding``.
       batch_shards: how many ways the batch axis is split.
     """
@@ -122,8 +122,10 @@ def make_parallel(kind: str = "dp", *, tensor_parallel: Optional[int] = None,
     axes = spec[0] if spec and spec[0] is not None else ()
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    return Parallel(kind, mesh, rules, NamedSharding(mesh, spec), NamedSharding(mesh, P()),
-                    shards)
+    # the batch axis only: the same placement for [batch, length] arrays, and valid for the
+    # [batch] arrays of fine-tuning (labels, valid) too
+    return Parallel(kind, mesh, rules, NamedSharding(mesh, P(*tuple(spec)[:1])),
+                    NamedSharding(mesh, P()), shards)
 
 
 # --------------------------------------------------------------------------- shardings

@@ -41,6 +41,10 @@ class Task:
         """``(mean loss over the scored items, number scored)`` of one batch."""
         raise NotImplementedError
 
+    def make_model(self, config: Any, rngs: Any) -> Any:
+        """The model trained, from a ``TransformerConfig`` (task heads included)."""
+        return self.model_class(config, rngs=rngs)
+
     def max_seq_len(self, seq_len: int, data_config: Any) -> int:
         """The model's ``max_seq_len`` for rows of ``seq_len`` tokens (``--seq-len``)."""
         return seq_len
@@ -102,6 +106,72 @@ class ModelLoss(Task):
     def loss(self, model, batch, rng):
         ids = batch["ids"]
         return model.loss(ids), jnp.asarray(ids[:, 1:].size)
+
+
+class SequenceClassification(Task):
+    """Sentence (pair) classification with an encoder and a fresh ``cls_head``
+    (``TransformerEncoder.classification_loss``); the padding rows of a partial batch
+    (``valid`` False) are not scored.
+
+    Args:
+      n_classes: the classes (the training split's label vocabulary).
+      pooling: ``cls`` or ``mean`` (``TransformerEncoder.pool``).
+    """
+
+    objective, model_class = "classify", nn.TransformerEncoder
+
+    def __init__(self, n_classes: int, pooling: str = "mean"):
+        self.n_classes, self.pooling = n_classes, pooling
+
+    def make_model(self, config, rngs):
+        return self.model_class(config, rngs=rngs, n_classes=self.n_classes, mlm_head=False,
+                                pooling=self.pooling)
+
+    def loss(self, model, batch, rng):
+        where = batch.get("valid")
+        loss = model.classification_loss(batch["ids"], batch["labels"], where,
+                                         mask=batch["mask"], rng=rng)
+        return loss, (jnp.sum(where) if where is not None else jnp.asarray(batch["ids"].shape[0]))
+
+    def predict(self, model, batch) -> jax.Array:
+        """Predicted class ids ``[batch]`` (eval mode)."""
+        return jnp.argmax(model.classify(batch["ids"], mask=batch["mask"]), axis=-1)
+
+    def metrics(self, means, bytes_per_token):
+        return dict(means)
+
+
+class TokenClassification(Task):
+    """Token classification (NER) with an encoder and a fresh ``token_head``
+    (``TransformerEncoder.token_classification_loss``): each word's tag sits on its first
+    subword (``where``); the other positions and padding rows are not scored.
+
+    Args:
+      n_tags: the tags (``LabelVocab.for_tags`` of the training split).
+    """
+
+    objective, model_class = "tag", nn.TransformerEncoder
+
+    def __init__(self, n_tags: int):
+        self.n_tags = n_tags
+
+    def make_model(self, config, rngs):
+        return self.model_class(config, rngs=rngs, n_token_classes=self.n_tags, mlm_head=False)
+
+    def loss(self, model, batch, rng):
+        where = batch["where"]
+        if "valid" in batch:
+            where = where & batch["valid"][:, None]
+        loss = model.token_classification_loss(batch["ids"], batch["labels"], where,
+                                               mask=batch["mask"], rng=rng)
+        return loss, jnp.sum(where)
+
+    def predict(self, model, batch) -> jax.Array:
+        """Predicted tag ids ``[batch, seq]`` (eval mode)."""
+        return jnp.argmax(model.tag(batch["ids"], mask=batch["mask"]), axis=-1)
+
+    def metrics(self, means, bytes_per_token):
+        return dict(means)
 
 
 TASKS: dict[str, Task] = {"decoder": LanguageModelling(), "encoder": MaskedLanguageModelling(),

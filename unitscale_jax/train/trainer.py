@@ -30,14 +30,16 @@ from unitscale_jax.train.errors import TrainingStopped, UsageError
 from unitscale_jax.train.metrics import MetricsWriter, read_metrics, truncate
 from unitscale_jax.train.plotting import plot_losses
 from unitscale_jax.train.run_dir import Log, StopSignals, prepare_run_dir
+from unitscale_jax.train.tasks import Task
 
 
-def init_state_fn(cfg: Config, vocab_size: int, tx) -> Callable[[], dict]:
+def init_state_fn(cfg: Config, vocab_size: int, tx, task: Optional[Task] = None
+                  ) -> Callable[[], dict]:
     """A function (to jit) returning a freshly initialised train state
-    ``{"params", "opt_state", "step", "rng"}``."""
+    ``{"params", "opt_state", "step", "rng"}`` (of ``task``'s model, default ``--model``'s)."""
 
     def init():
-        model = build.build_model(cfg, vocab_size)
+        model = build.build_model(cfg, vocab_size, task=task)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return steplib.new_state(params, tx, cfg.training.seed)
 
@@ -50,6 +52,11 @@ class Trainer:
     ``Trainer(cfg).run()`` is ``unitscale_jax.train.run(cfg)``. The pieces are usable
     alone: ``build_state()`` restores or initialises ``state``, ``step(batch)`` takes one
     optimizer step, ``evaluate(step)`` writes a validation row, ``save(step)`` a checkpoint.
+
+    A subclass changes what is trained through the hooks ``_load_data``, ``_make_task``,
+    ``_make_optimizer``, ``_make_checkpoints`` and ``_fresh_state`` (fine-tuning:
+    ``unitscale_jax.train.finetune.FineTuner``); an ``evaluate`` that sets ``stop_reason``
+    ends the run early (after a checkpoint of that step).
 
     Args:
       config: a ``Config`` (or its ``to_dict()``); ``None`` fields take their defaults.
@@ -71,8 +78,8 @@ class Trainer:
         self.quiet = quiet
         self.log = Log(self.primary, quiet)
         self.run_dir = prepare_run_dir(cfg, self.given)
-        self.task = build.get_task(cfg.model.kind)
-        self.data = load_data(cfg, self.log)
+        self.data = self._load_data()
+        self.task = self._make_task()
         tcfg = build.transformer_config(cfg, self.data.vocab_size)
         self.par = par = steplib.make_parallel(
             t.sharding, tensor_parallel=t.tensor_parallel,
@@ -84,12 +91,14 @@ class Trainer:
                              f"({par.describe()}); use a multiple of "
                              f"{math.lcm(par.batch_shards, n_proc)}.")
 
-        abstract_model = nnx.eval_shape(lambda: build.build_model(cfg, self.data.vocab_size))
+        abstract_model = nnx.eval_shape(lambda: build.build_model(cfg, self.data.vocab_size,
+                                                                  task=self.task))
         graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        self.graphdef = graphdef
         self.n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_params))
-        tx, schedule = build.build_optimizer(cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
-        self.tx = tx
-        self._init = init_state_fn(cfg, self.data.vocab_size, tx)
+        self.tx, schedule = self._make_optimizer(abstract_model)
+        tx = self.tx
+        self._init = init_state_fn(cfg, self.data.vocab_size, tx, task=self.task)
         self.abstract_state = jax.eval_shape(self._init)
         p_shardings = steplib.param_shardings(abstract_params, par)
         self.shardings = steplib.state_shardings(tx, self.abstract_state, p_shardings, par)
@@ -99,9 +108,7 @@ class Trainer:
                  f"layers, {tcfg.n_heads} heads), {cfg.optimizer.name} lr {cfg.optimizer.lr:g} "
                  f"{cfg.optimizer.schedule}, precision {t.precision}; {par.describe()}")
 
-        self.ckpt = (Checkpoints(self.run_dir / "checkpoints", keep=t.keep_checkpoints,
-                                 async_save=t.async_checkpointing, log=self.log)
-                     if t.checkpoint else None)
+        self.ckpt = self._make_checkpoints() if t.checkpoint else None
         self.train_it = self.data.train_iterator(cfg, shard_index=jax.process_index(),
                                                  shard_count=n_proc)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -115,6 +122,42 @@ class Trainer:
         self.history: list[dict] = []
         self.last: dict[str, Optional[dict]] = {"train": None, "validation": None}
         self.writer: Optional[MetricsWriter] = None
+        self.stop_reason: Optional[str] = None
+
+    # ----------------------------------------------------------------------- hooks
+
+    def _load_data(self):
+        """The run's data (``train.data.RunData`` or an object with its interface)."""
+        return load_data(self.cfg, self.log)
+
+    def _make_task(self) -> Task:
+        """The task trained (its model, loss and validation metrics)."""
+        return build.get_task(self.cfg.model.kind)
+
+    def _make_optimizer(self, abstract_model) -> tuple[Any, Callable]:
+        """``(tx, schedule)`` for the model (``build.build_optimizer``)."""
+        return build.build_optimizer(self.cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
+
+    def _make_checkpoints(self) -> Checkpoints:
+        t = self.cfg.training
+        return Checkpoints(self.run_dir / "checkpoints", keep=t.keep_checkpoints,
+                           async_save=t.async_checkpointing, log=self.log)
+
+    def _fresh_state(self) -> dict:
+        """The state at step 0 (no checkpoint to resume), in the state's shardings."""
+        return jax.jit(self._init, out_shardings=self.shardings)()
+
+    def _state_of(self, params: Any) -> dict:
+        """The step-0 train state of given parameters, placed in the run's shardings."""
+        interop.check_arrays(interop.flat_params(params),
+                             interop.flat_params(self.abstract_state["params"]), "params")
+        host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
+        placed = jax.tree.map(
+            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx]),
+            host, self.shardings["params"])
+        seed = self.cfg.training.seed
+        return jax.jit(lambda p: steplib.new_state(p, self.tx, seed),
+                       out_shardings=self.shardings)(placed)
 
     # ----------------------------------------------------------------------- pieces
 
@@ -124,7 +167,7 @@ class Trainer:
 
         Args:
           params: initial parameters (a pure dict of arrays shaped like the model's) used
-            when there is no checkpoint, instead of ``--init-from`` or a random init.
+            when there is no checkpoint, instead of ``--init-from`` or a fresh init.
 
         Raises:
           UsageError: the checkpoint is past ``--steps``; an ``--init-from`` file that cannot
@@ -158,10 +201,7 @@ class Trainer:
                 params = interop.params_from_file(t.init_from, self.abstract_state["params"],
                                                   self.cfg, self.data.vocab_size, log=self.log)
                 self.log(f"initialised the parameters from {t.init_from}")
-            if params is None:
-                self.state = jax.jit(self._init, out_shardings=self.shardings)()
-            else:
-                self.state = self._state_of(params)
+            self.state = self._fresh_state() if params is None else self._state_of(params)
             if self.primary:
                 self.metrics_path.write_text("")
         if self.primary:
@@ -171,18 +211,6 @@ class Trainer:
                                     purge_step=start + 1 if start else None, enabled=self.primary)
         self.start_step = start
         return start
-
-    def _state_of(self, params: Any) -> dict:
-        """The step-0 train state of given parameters, placed in the run's shardings."""
-        interop.check_arrays(interop.flat_params(params),
-                             interop.flat_params(self.abstract_state["params"]), "params")
-        host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
-        placed = jax.tree.map(
-            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx]),
-            host, self.shardings["params"])
-        seed = self.cfg.training.seed
-        return jax.jit(lambda p: steplib.new_state(p, self.tx, seed),
-                       out_shardings=self.shardings)(placed)
 
     def step(self, batch: dict) -> dict:
         """One optimizer step on this process's rows of ``batch``; returns the step's
@@ -288,11 +316,14 @@ class Trainer:
         startup_s = t_loop - self.t_start
         timing = {"first_step_s": None, "train_s": 0.0, "steps_timed": 0, "ema_tps": None,
                   "tick": time.perf_counter(), "tick_step": start}
+        end = t.steps
         try:
             if start == 0 and t.eval_every:
                 self.evaluate(0)
                 timing["tick"] = time.perf_counter()
-            for s in range(start + 1, t.steps + 1):
+            if self.stop_reason is not None:  # e.g. a resumed run that had already stopped
+                end = start
+            for s in range(start + 1, t.steps + 1 if self.stop_reason is None else start + 1):
                 m = self.step(next(self.train_it))
                 if timing["first_step_s"] is None:
                     jax.block_until_ready(m)
@@ -304,9 +335,13 @@ class Trainer:
                 if t.eval_every and s % t.eval_every == 0:
                     self.evaluate(s)
                     timing["tick"] = time.perf_counter()
-                if ckpt_now:
-                    self.save(s)
+                if ckpt_now or (self.stop_reason is not None and ckpt is not None):
+                    self.save(s, force=self.stop_reason is not None)
                 bar.update(1)
+                if self.stop_reason is not None:
+                    self.log(f"step {s}: {self.stop_reason}; stopping.")
+                    end = s
+                    break
                 if stop.received:
                     saved = ""
                     if ckpt is not None:
@@ -316,10 +351,10 @@ class Trainer:
                         saved = f"checkpoint saved at step {s}; "
                     raise TrainingStopped(f"{stop.received} received at step {s}: {saved}rerun "
                                           "the same command to resume.")
-            if self.last["validation"] is None or self.last["validation"]["step"] != t.steps:
-                self.evaluate(t.steps)
-            if ckpt is not None and t.steps not in ckpt.steps():
-                self.save(t.steps, force=True)
+            if self.last["validation"] is None or self.last["validation"]["step"] != end:
+                self.evaluate(end)
+            if ckpt is not None and end not in ckpt.steps():
+                self.save(end, force=True)
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the step loop
             raise TrainingStopped("interrupted; the last complete checkpoint is kept; rerun the "
                                   "same command to resume.") from None
@@ -328,9 +363,10 @@ class Trainer:
             bar.close()
             self.log.bar = None
             self.close()
-        return self._summary(startup_s, time.perf_counter() - t_loop, timing)
+        return self._summary(startup_s, time.perf_counter() - t_loop, timing, end)
 
-    def _summary(self, startup_s: float, train_s: float, timing: dict) -> dict[str, Any]:
+    def _summary(self, startup_s: float, train_s: float, timing: dict,
+                 end: Optional[int] = None) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.training
         plot_path = None
         if t.plot and self.primary:
@@ -341,7 +377,8 @@ class Trainer:
                if timing["train_s"] > 0 else None)
         last_train, last_val = self.last["train"] or {}, self.last["validation"] or {}
         summary = {
-            "run_dir": str(self.run_dir), "steps": t.steps, "start_step": self.start_step,
+            "run_dir": str(self.run_dir), "steps": t.steps if end is None else end,
+            "start_step": self.start_step,
             "final_train_loss": last_train.get("loss"),
             "final_val_loss": last_val.get("loss"),
             "final_bits_per_byte": last_val.get("bits_per_byte"),
@@ -351,8 +388,8 @@ class Trainer:
             "metrics": str(self.metrics_path),
             "tensorboard": str(self.writer.tb_dir) if t.tensorboard else None,
             "plot": str(plot_path) if plot_path else None,
-            "checkpoint": (str(self.ckpt.directory / str(t.steps)) if self.ckpt is not None
-                           else None),
+            "checkpoint": (str(self.ckpt.directory / str(t.steps if end is None else end))
+                           if self.ckpt is not None else None),
             "config": str(self.run_dir / "config.json"),
             "skipped_steps": last_train.get("skipped_steps", 0),
         }

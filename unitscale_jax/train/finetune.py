@@ -1,0 +1,781 @@
+"""Fine-tuning: ``unitscale-jax finetune | evaluate | predict``.
+
+``FineTuner`` is a ``Trainer`` (the same loop, checkpoints, resumption, metrics, TensorBoard,
+progress bar and loss plot) whose hooks train a ``TransformerEncoder`` with a fresh task head
+on labelled data (``unitscale_jax.data.labelled``):
+
+- the task is ``tasks.SequenceClassification`` (``--task classify``: TSV/CSV/JSONL) or
+  ``tasks.TokenClassification`` (``--task tag``: CoNLL, the tag on each word's first subword);
+- ``--init-from RUN`` copies the trunk (``TRUNK``: embedding, layers, final norm) of a ``train
+  --model encoder`` run into the model at step 0 (``restore_trunk``; the architecture and the
+  tokenizer must match, ``check_pretrained``); ``--freeze-trunk`` trains the heads only, the
+  trunk's updates set to zero by ``optax.partition`` (the heads keep the u-muP optimizer's
+  rules: the optimizer is the run's own, applied to the head subtree);
+- every evaluation scores the whole dev split with the task metric (``scores.TASK_METRICS``:
+  accuracy, or entity F1) and each checkpoint carries it, so the best one is kept next to the
+  latest ones (``Checkpoints(best_metric=...)``); ``--patience N`` stops after N evaluations
+  without a better score;
+- at the end the best checkpoint scores the dev (and test) split: ``dev_report.json``,
+  ``test_report.json`` and, for classification, ``confusion.png`` / ``test_confusion.png``.
+
+``evaluate_run`` and ``predict_run`` load a finished run's best checkpoint (``load_finetuned``)
+to score a labelled file (``report.json``) or to write predictions next to the input lines
+(atomically: a temporary file renamed into place).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from unitscale_jax import data as datalib
+from unitscale_jax import nn
+from unitscale_jax.data.labelled import DataError
+from unitscale_jax.train import build
+from unitscale_jax.train import step as steplib
+from unitscale_jax.train.checkpoint import Checkpoints
+from unitscale_jax.train.config import Config, ModelConfig, resolve
+from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.metrics import read_metrics
+from unitscale_jax.train.plotting import plot_confusion
+from unitscale_jax.train.run_dir import read_run_config
+from unitscale_jax.train.scores import (
+    TASK_METRICS,
+    classification_scores,
+    format_classification_report,
+    format_tagging_report,
+    tagging_scores,
+)
+from unitscale_jax.train.tasks import SequenceClassification, Task, TokenClassification
+from unitscale_jax.train.trainer import Trainer, init_state_fn
+
+TRUNK = ("embed", "stack", "final_norm")
+"""The encoder's trunk: what ``--init-from`` copies and ``--freeze-trunk`` freezes (the rest,
+``cls_head`` / ``token_head``, are the task heads)."""
+
+NOT_ARCHITECTURE = ("kind", "dropout", "attention_impl", "check_ids", "remat")
+"""``ModelConfig`` fields a fine-tuning run may set differently from its pretrained run."""
+
+LABELS_FILE = "labels.json"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_tokenizer(spec: str, flag: str = "--tokenizer"):
+    """``data.get_tokenizer(spec)``; a missing or unreadable tokenizer is a ``UsageError``."""
+    try:
+        return datalib.get_tokenizer(spec)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
+        raise UsageError(f"{flag} {spec}: {e}") from None
+
+
+def resolve_splits(cfg: Config) -> dict[str, Path]:
+    """The split files: ``train.*`` / ``dev.*`` / ``test.*`` of ``--data DIR``, each replaced
+    by ``--train`` / ``--dev`` / ``--test`` when given.
+
+    Raises:
+      UsageError: no training or no dev file, or a ``--data`` that is not a split directory.
+    """
+    f = cfg.finetune
+    found: dict[str, Path] = {}
+    if cfg.data.data is not None:
+        try:
+            found = datalib.find_splits(cfg.data.data)
+        except DataError as e:
+            raise UsageError(f"--data {cfg.data.data}: {e}") from None
+    for split in ("train", "dev", "test"):
+        if getattr(f, split) is not None:
+            found[split] = Path(getattr(f, split))
+    where = f" (none in --data {cfg.data.data})" if cfg.data.data is not None else ""
+    for split in ("train", "dev"):
+        if split not in found:
+            raise UsageError(f"no {split} file{where}; pass --{split} FILE, or --data DIR with "
+                             f"a {split}.* file in it.")
+    return found
+
+
+def read_split(cfg: Config, path: str | os.PathLike, *, with_labels: bool = True):
+    """``TextExamples`` (classify) or ``TaggedSentences`` (tag) of one file, read with the
+    run's column settings.
+
+    Raises:
+      DataError: anything wrong with the file (one line, with file:line where it applies).
+    """
+    f = cfg.finetune
+    if f.task == "classify":
+        return datalib.read_classification(path, text_columns=f.text_column,
+                                           label_column=f.label_column, no_header=not f.header,
+                                           with_labels=with_labels)
+    return datalib.read_conll(path, scheme=f.scheme, tag_column=f.tag_column,
+                              with_tags=with_labels)
+
+
+def make_vocab(cfg: Config, examples) -> datalib.LabelVocab:
+    """The label vocabulary of the training split (every scheme tag of its entity types, for
+    tagging)."""
+    if cfg.finetune.task == "classify":
+        vocab = datalib.LabelVocab.from_labels(examples.labels)
+        if len(vocab) < 2:
+            raise DataError(f"{examples.path}: one label ({vocab.labels[0]!r}) in the training "
+                            "split; classification needs at least two.")
+        return vocab
+    return datalib.LabelVocab.for_tags((t for s in examples.tags for t in s), cfg.finetune.scheme)
+
+
+def encode_split(cfg: Config, examples, tokenizer, vocab) -> datalib.labelled.Encoded:
+    """Model inputs of one split (``encode_texts`` / ``encode_tagged``)."""
+    kw = dict(vocab=vocab, truncate=cfg.finetune.truncate)
+    if cfg.finetune.task == "classify":
+        return datalib.encode_texts(examples, tokenizer, cfg.data.seq_len, **kw)
+    return datalib.encode_tagged(examples, tokenizer, cfg.data.seq_len, **kw)
+
+
+def make_task(cfg: Config, vocab: datalib.LabelVocab) -> Task:
+    """The fine-tuning task of a run: its head's size from the label vocabulary."""
+    if cfg.finetune.task == "classify":
+        return SequenceClassification(len(vocab), cfg.finetune.pooling)
+    return TokenClassification(len(vocab))
+
+
+BATCH_KEYS = {"classify": ("ids", "mask", "labels"),
+              "tag": ("ids", "mask", "labels", "where")}
+"""The arrays of ``Encoded`` a model batch carries (plus ``valid``)."""
+
+
+def _batches(cfg: Config, encoded, tokenizer, *, batch_size: int, split: str, name: str,
+             train: bool):
+    arrays = {k: encoded.arrays[k] for k in BATCH_KEYS[cfg.finetune.task]}
+    kw = (dict(shuffle=True, seed=cfg.training.seed) if train else
+          dict(shuffle=False, num_epochs=1, drop_remainder=False))
+    return datalib.make_batch_iterator(arrays, batch_size=batch_size, tokenizer=tokenizer,
+                                       name=name, split=split, task=cfg.finetune.task, **kw)
+
+
+def _truncation_note(path, encoded, seq_len: int) -> Optional[str]:
+    if not encoded.truncated:
+        return None
+    return (f"{path}: truncated {encoded.truncated} of {len(encoded)} examples longer than "
+            f"--seq-len {seq_len} (pass --no-truncate to make that an error)")
+
+
+@dataclasses.dataclass
+class Split:
+    """One split of a fine-tuning run: the file read, its encoding."""
+
+    path: Path
+    examples: Any
+    encoded: Any
+
+
+class LabelledData:
+    """The labelled splits of a fine-tuning run, with the interface of ``train.data.RunData``
+    (``vocab_size``, ``train_iterator``, ``eval_batches``) that ``Trainer`` uses.
+
+    Raises:
+      UsageError: a missing tokenizer or split, or any ``DataError`` of the files (a missing
+        column, an empty file, a bad CoNLL line, a dev label never seen in training, ...).
+    """
+
+    bytes_per_token = float("nan")
+
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.paths = resolve_splits(cfg)
+        try:
+            train = read_split(cfg, self.paths["train"])
+            self.vocab = make_vocab(cfg, train)
+            self.splits = {"train": Split(self.paths["train"], train,
+                                          encode_split(cfg, train, self.tokenizer, self.vocab))}
+            for name in ("dev", "test"):
+                if name in self.paths:
+                    ex = read_split(cfg, self.paths[name])
+                    self.splits[name] = Split(self.paths[name], ex,
+                                              encode_split(cfg, ex, self.tokenizer, self.vocab))
+        except DataError as e:
+            raise UsageError(str(e)) from None
+        for split in self.splits.values():
+            note = _truncation_note(split.path, split.encoded, cfg.data.seq_len)
+            if note:
+                log(note)
+        sizes = ", ".join(f"{k} {len(v.encoded)}" for k, v in self.splits.items())
+        log(f"data: {cfg.finetune.task}, {sizes} examples; {len(self.vocab)} "
+            f"{'labels' if cfg.finetune.task == 'classify' else 'tags'} "
+            f"({', '.join(self.vocab.labels[:8])}{', ...' if len(self.vocab) > 8 else ''}); "
+            f"tokenizer {getattr(self.tokenizer, 'name', type(self.tokenizer).__name__)} "
+            f"(vocabulary {self.tokenizer.vocab_size})")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size)
+
+    def train_iterator(self, cfg: Config, *, shard_index: int = 0, shard_count: int = 1):
+        if shard_count != 1:
+            raise UsageError("fine-tuning runs in one process (for now); run it without "
+                             "jax.distributed (--distributed off).")
+        s = self.splits["train"]
+        if len(s.encoded) < cfg.training.batch_size:
+            raise UsageError(f"{s.path}: {len(s.encoded)} training examples, fewer than "
+                             f"--batch-size {cfg.training.batch_size}; lower --batch-size.")
+        return _batches(cfg, s.encoded, self.tokenizer, batch_size=cfg.training.batch_size,
+                        split="train", name=str(s.path), train=True)
+
+    def eval_batches(self, cfg: Config, n: int = 0, split: str = "dev") -> list[dict]:
+        """Every batch of one in-order pass over ``split`` (the last filled with padding
+        rows, ``valid`` False); ``n`` is ignored: the whole split is scored."""
+        s = self.splits[split]
+        return list(_batches(cfg, s.encoded, self.tokenizer, batch_size=cfg.training.batch_size,
+                             split=split, name=str(s.path), train=False))
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def predict_fn(graphdef, task: Task) -> Callable:
+    """``(params, batch) -> (loss sums, predictions)`` in eval mode (to jit)."""
+
+    def predict(params, batch):
+        model = nnx.merge(graphdef, params)
+        model.eval()
+        return task.eval_sums(model, batch), task.predict(model, batch)
+
+    return predict
+
+
+def run_predictions(predict: Callable, params, batches: Sequence[dict], n: int,
+                    put: Callable = lambda b: b) -> tuple[np.ndarray, float]:
+    """Predictions of every row (``[n]`` classes or ``[n, seq]`` tags) and the mean loss."""
+    preds, loss, count = [], 0.0, 0
+    for b in batches:
+        sums, p = predict(params, put(b))
+        s, c = sums["loss"]
+        loss, count = loss + float(s), count + int(c)
+        preds.append(np.asarray(p))
+    return np.concatenate(preds)[:n], loss / max(count, 1)
+
+
+def score(cfg: Config, examples, encoded, pred: np.ndarray, vocab: datalib.LabelVocab
+          ) -> tuple[dict, Any]:
+    """``(scores, predicted labels)`` of one split's predictions: ``classification_scores``
+    (class names per example) or ``tagging_scores`` (tags per word, against the file's full,
+    untruncated sentences)."""
+    if cfg.finetune.task == "classify":
+        return (classification_scores(encoded.arrays["labels"], pred, vocab.labels),
+                vocab.decode(pred))
+    tags = datalib.tags_from_subwords(pred, encoded.arrays["word_index"], encoded.n_words, vocab)
+    return tagging_scores(examples.tags, tags, scheme=cfg.finetune.scheme), tags
+
+
+def row_values(task: str, scores: dict) -> dict[str, float]:
+    """The scores a validation row of ``metrics.jsonl`` carries."""
+    keys = ("accuracy", "macro_f1") if task == "classify" else ("precision", "recall", "f1")
+    return {k: scores[k] for k in keys}
+
+
+def format_report(task: str, scores: dict) -> str:
+    return (format_classification_report(scores) if task == "classify" else
+            format_tagging_report(scores))
+
+
+def write_report(cfg: Config, scores: dict, path: Path, *, extra: dict,
+                 confusion: Optional[Path] = None, title: str = "") -> dict:
+    """Writes ``scores`` (and ``extra``) as JSON and, for classification, the confusion PNG."""
+    report = {"task": cfg.finetune.task, **extra, **scores}
+    if confusion is not None and cfg.finetune.task == "classify":
+        plot_confusion(scores["confusion"], scores["labels"], confusion, title=title)
+        report["confusion_png"] = str(confusion)
+    _write_atomic(path, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# --------------------------------------------------------------------------- the trunk
+
+
+def _tokenizer_identity(spec: str) -> str:
+    kind, _, path = spec.partition(":")
+    if path and os.path.isfile(path):
+        return f"{kind}:{hashlib.sha256(Path(path).read_bytes()).hexdigest()}"
+    return spec
+
+
+def check_pretrained(cfg: Config, run_dir: str | os.PathLike) -> Config:
+    """The resolved config of the ``--init-from`` run, checked against the fine-tuning run.
+
+    Raises:
+      UsageError: not a ``train --model encoder`` run, or its architecture (every model
+        field but ``NOT_ARCHITECTURE``) or tokenizer differs; the message lists each
+        differing field.
+    """
+    flag = "--init-from"
+    pre = read_run_config(run_dir, flag)
+    if pre.finetune is not None or pre.model.kind != "encoder":
+        what = (f"a fine-tuning run ({pre.finetune.task})" if pre.finetune is not None else
+                f"a {pre.model.kind} run")
+        raise UsageError(f"{flag} {run_dir} is {what}; --init-from needs a pretrained encoder "
+                         "run (unitscale-jax train --model encoder).")
+    pre = resolve(pre)
+    diffs = [f"{f.name} {getattr(pre.model, f.name)!r} (pretrained) vs "
+             f"{getattr(cfg.model, f.name)!r}" for f in dataclasses.fields(ModelConfig)
+             if f.name not in NOT_ARCHITECTURE
+             and getattr(pre.model, f.name) != getattr(cfg.model, f.name)]
+    if _tokenizer_identity(pre.data.tokenizer) != _tokenizer_identity(cfg.data.tokenizer):
+        diffs.append(f"tokenizer {pre.data.tokenizer!r} (pretrained) vs {cfg.data.tokenizer!r}")
+    if diffs:
+        raise UsageError(f"{flag} {run_dir}: the pretrained encoder differs from this model in "
+                         f"{'; '.join(diffs)}; leave those flags out (they default to the "
+                         "pretrained run's) or pretrain a matching encoder.")
+    return pre
+
+
+def restore_trunk(run_dir: str | os.PathLike, log: Callable[[str], None] = print
+                  ) -> tuple[dict, int]:
+    """The trunk parameters (pure dict of ``TRUNK`` entries, host arrays) of a pretrained
+    encoder run's newest valid checkpoint, and that checkpoint's step.
+
+    A run directory (orbax checkpoint) is one source of a trunk; other sources (an exported
+    file) would be functions of their own returning the same.
+    """
+    from unitscale_jax.train.sample import load_run
+    _, _, model, step = load_run(run_dir, kind="encoder", purpose="--init-from",
+                                 flag="--init-from", log=log)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {k: jax.device_get(v) for k, v in params.items() if k in TRUNK}, step
+
+
+def with_trunk(params: dict, trunk: dict, source: str) -> dict:
+    """``params`` with its ``TRUNK`` entries replaced by ``trunk``'s (same shapes).
+
+    Raises:
+      UsageError: the trunks differ in structure or shape.
+    """
+    mine = {k: v for k, v in params.items() if k in TRUNK}
+    shapes = jax.tree.map(lambda a: tuple(a.shape), mine)
+    theirs = jax.tree.map(lambda a: tuple(np.shape(a)), trunk)
+    if shapes != theirs:
+        raise UsageError(f"--init-from {source}: the pretrained trunk's parameters do not fit "
+                         "this model (shapes differ); pretrain with the same model flags.")
+    return {**params, **trunk}
+
+
+def freeze_labels(params: dict) -> dict:
+    """``"frozen"`` for every trunk leaf, ``"train"`` for the heads' (``optax.partition``)."""
+    return {k: jax.tree.map(lambda _, k=k: "frozen" if k in TRUNK else "train", v)
+            for k, v in params.items()}
+
+
+def finetune_optimizer(cfg: Config, abstract_model) -> tuple[optax.GradientTransformation,
+                                                              Callable]:
+    """The run's optimizer (``build.build_optimizer``: u-muP rules from the heads' and trunk's
+    ``param_info``); with ``--freeze-trunk`` it updates the heads only and the trunk's
+    updates are zero (``optax.partition`` with ``optax.set_to_zero``)."""
+    tx, schedule = build.build_optimizer(cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
+    if cfg.finetune.freeze_trunk:
+        labels = freeze_labels(nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)))
+        tx = optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class FineTuner(Trainer):
+    """Fine-tunes (or resumes fine-tuning) the run a ``Config`` with a ``finetune`` section
+    describes; ``FineTuner(cfg).run()`` returns ``Trainer.run``'s summary plus ``best_step``,
+    ``best_dev``, ``dev_report``, ``test_report`` and ``examples_per_s``.
+
+    Raises:
+      UsageError: bad options or data (one line).
+    """
+
+    def __init__(self, config: Config | dict, *, quiet: bool = False,
+                 devices: Optional[Sequence[Any]] = None):
+        given = Config.from_dict(config) if isinstance(config, dict) else config
+        if given.finetune is None:
+            raise UsageError("FineTuner needs a config with a finetune section "
+                             "(flags.parse_finetune_args, or Config.replace(finetune={...})).")
+        self.pretrained: Optional[Config] = None
+        super().__init__(given, quiet=quiet, devices=devices)
+        self.metric = TASK_METRICS[self.cfg.finetune.task]
+        self._predict = jax.jit(predict_fn(self.graphdef, self.task),
+                                in_shardings=(self.shardings["params"], self.par.batch),
+                                out_shardings=self.par.replicated)
+        self.best: Optional[tuple[float, int]] = None
+        self.since_best = 0
+
+    # hooks
+    def _load_data(self):
+        data = LabelledData(self.cfg, self.log)
+        if self.cfg.finetune.init_from is not None:
+            self.pretrained = check_pretrained(self.cfg, self.cfg.finetune.init_from)
+        return data
+
+    def _make_task(self) -> Task:
+        return make_task(self.cfg, self.data.vocab)
+
+    def _make_optimizer(self, abstract_model):
+        return finetune_optimizer(self.cfg, abstract_model)
+
+    def _make_checkpoints(self) -> Checkpoints:
+        t = self.cfg.training
+        return Checkpoints(self.run_dir / "checkpoints", keep=t.keep_checkpoints,
+                           async_save=t.async_checkpointing, log=self.log,
+                           best_metric=TASK_METRICS[self.cfg.finetune.task])
+
+    def _fresh_state(self) -> dict:
+        state = super()._fresh_state()
+        f = self.cfg.finetune
+        if f.init_from is None:
+            return state
+        trunk, step = restore_trunk(f.init_from, self.log)
+        params = with_trunk(jax.device_get(state["params"]), trunk, f.init_from)
+        seed = self.cfg.training.seed
+        state = jax.jit(lambda p: steplib.new_state(p, self.tx, seed),
+                        out_shardings=self.shardings)(params)
+        heads = sorted(k for k in params if k not in TRUNK)
+        self.log(f"init: trunk ({', '.join(k for k in TRUNK if k in trunk)}) from "
+                 f"{f.init_from} at step {step}; fresh {', '.join(heads)}"
+                 + ("; the trunk is frozen" if f.freeze_trunk else ""))
+        return state
+
+    def build_state(self) -> int:
+        start = super().build_state()
+        if self.primary:
+            (self.run_dir / LABELS_FILE).write_text(self.data.vocab.to_json() + "\n")
+        for row in read_metrics(self.metrics_path):  # early stopping resumes where it was
+            if row["split"] == "validation" and self.metric in row:
+                self._track(row)
+        return start
+
+    def _track(self, row: dict) -> None:
+        value, s = float(row[self.metric]), int(row["step"])
+        if self.best is None or value > self.best[0]:
+            self.best, self.since_best = (value, s), 0
+        else:
+            self.since_best += 1
+        patience = self.cfg.finetune.patience
+        if patience is not None and self.since_best >= patience:
+            self.stop_reason = (f"early stop: no better dev {self.metric} in {patience} "
+                                f"evaluation(s) (best {self.best[0]:.4f} at step {self.best[1]})")
+
+    def evaluate(self, step: int) -> dict:
+        """Scores the whole dev split; writes and returns the validation row (``loss`` and the
+        task's scores)."""
+        dev = self.data.splits["dev"]
+        with self.par.context():
+            pred, loss = run_predictions(self._predict, self.state["params"], self.eval_batches,
+                                         len(dev.encoded),
+                                         put=lambda b: steplib.put_batch(b, self.par))
+        scores, _ = score(self.cfg, dev.examples, dev.encoded, pred, self.data.vocab)
+        row = self.writer.write(step, "validation",
+                                {"loss": loss, **row_values(self.cfg.finetune.task, scores)})
+        self.history.append(row)
+        self.last["validation"] = row
+        self._track(row)
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "split"))
+        self.log(f"step {step}: dev {parts}")
+        return row
+
+    def save(self, step: int, *, force: bool = False) -> None:
+        """A checkpoint at ``step``, ranked by the dev score when ``step`` was evaluated."""
+        if self.ckpt is None:
+            return
+        row = self.last["validation"]
+        metrics = ({k: v for k, v in row.items() if k not in ("step", "split")}
+                   if row is not None and row["step"] == step else None)
+        self.ckpt.save(step, self.state, self.train_it.get_state(), force=force,
+                       metrics=metrics)
+
+    def run(self) -> dict[str, Any]:
+        summary = super().run()
+        return self._final_reports(summary)
+
+    def _best_params(self) -> tuple[Any, int]:
+        if self.ckpt is None:
+            return self.state["params"], int(jax.device_get(self.state["step"]))
+        ckpt = self._make_checkpoints()
+        try:
+            step = ckpt.best_step()
+            if step is None:
+                step = max(ckpt.steps())
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  self.abstract_state, self.shardings)
+            state, _ = ckpt.restore(step, target)
+        finally:
+            ckpt.close()
+        return state["params"], step
+
+    def _final_reports(self, summary: dict) -> dict:
+        params, best = self._best_params()
+        task, out = self.cfg.finetune.task, {"best_step": best}
+        for name in ("dev", "test"):
+            split = self.data.splits.get(name)
+            if split is None or not self.primary:
+                continue
+            batches = self.eval_batches if name == "dev" else self.data.eval_batches(
+                self.cfg, split=name)
+            with self.par.context():
+                pred, loss = run_predictions(self._predict, params, batches, len(split.encoded),
+                                             put=lambda b: steplib.put_batch(b, self.par))
+            scores, _ = score(self.cfg, split.examples, split.encoded, pred, self.data.vocab)
+            png = self.run_dir / ("confusion.png" if name == "dev" else "test_confusion.png")
+            write_report(self.cfg, scores, self.run_dir / f"{name}_report.json",
+                         extra={"split": name, "data": str(split.path), "step": best,
+                                "loss": loss}, confusion=png if self.cfg.training.plot else None,
+                         title=f"{name} (step {best})")
+            out[f"{name}_report"] = str(self.run_dir / f"{name}_report.json")
+            out[f"best_{name}" if name == "dev" else "test"] = row_values(task, scores)
+        tps = summary.get("tokens_per_s")
+        out["examples_per_s"] = tps / self.cfg.data.seq_len if tps else None
+        out["stop_reason"] = self.stop_reason
+        summary.update(out)
+        if self.primary:
+            path = self.run_dir / "summary.json"
+            saved = json.loads(path.read_text())
+            path.write_text(json.dumps({**saved, **out}, indent=2) + "\n")
+        return summary
+
+
+def finetune(config: Config | dict, *, quiet: bool = False,
+             devices: Optional[Sequence[Any]] = None) -> dict[str, Any]:
+    """Fine-tunes (or resumes) the run of ``config`` (``FineTuner(config).run()``)."""
+    return FineTuner(config, quiet=quiet, devices=devices).run()
+
+
+def format_finetune_summary(s: dict) -> str:
+    """The report printed at the end of ``unitscale-jax finetune``."""
+    from unitscale_jax.train.loop import format_summary
+    base = format_summary(s).split("\n")
+    lines = [base[0], f"final train loss {s['final_train_loss']:.4f}, dev loss "
+             f"{s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else base[1]]
+    if s.get("stop_reason"):
+        lines.append(s["stop_reason"])
+    eps = s.get("examples_per_s")
+    lines.append(f"{'n/a' if eps is None else f'{eps:,.0f}'} examples/s; best checkpoint: "
+                 f"step {s.get('best_step')}")
+    for name, key in (("dev", "best_dev"), ("test", "test")):
+        if s.get(key):
+            lines.append(f"{name} (best checkpoint): "
+                         + ", ".join(f"{k} {v:.4f}" for k, v in s[key].items()))
+    lines += [x for x in base if x.startswith("  ")]
+    for key in ("dev_report", "test_report"):
+        if s.get(key):
+            lines.append(f"  {key.replace('_', ' ') + ':':<13}{s[key]}")
+    lines.append(f"  evaluate:    unitscale-jax evaluate --run-dir {s['run_dir']} --data FILE")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- a finished run
+
+
+@dataclasses.dataclass
+class Finetuned:
+    """A fine-tuned run loaded for scoring or prediction."""
+
+    cfg: Config
+    vocab: datalib.LabelVocab
+    tokenizer: Any
+    task: Task
+    params: Any
+    step: int
+    predict: Callable
+
+
+def load_finetuned(run_dir: str | os.PathLike, *, step: Optional[int] = None,
+                   log: Callable[[str], None] = print) -> Finetuned:
+    """A fine-tuning run's config, labels, tokenizer and parameters (its best checkpoint by
+    the dev score, or ``step``).
+
+    Raises:
+      UsageError: not a directory, not a fine-tuning run, no checkpoint, no such step.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file; pass a fine-tuning run directory.")
+    given = read_run_config(run_dir)
+    if given.finetune is None:
+        raise UsageError(f"--run-dir {run_dir} is not a fine-tuning run (it is a 'train "
+                         f"--model {given.model.kind}' run); pass a run of 'unitscale-jax "
+                         "finetune'.")
+    cfg = resolve(given)
+    try:
+        vocab = datalib.LabelVocab.from_json((run_dir / LABELS_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--run-dir {run_dir}: no readable {LABELS_FILE} ({e}); the run never "
+                         "started training.") from None
+    tokenizer = load_tokenizer(cfg.data.tokenizer, "tokenizer of the run:")
+    task = make_task(cfg, vocab)
+    abstract_model = nnx.eval_shape(lambda: build.build_model(cfg, tokenizer.vocab_size,
+                                                              task=task))
+    graphdef, _ = nnx.split(abstract_model, nnx.Param)
+    tx, _ = finetune_optimizer(cfg, abstract_model)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          jax.eval_shape(init_state_fn(cfg, tokenizer.vocab_size, tx, task)))
+    ckpt_dir = run_dir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir}: no checkpoints directory; the run saved none.")
+    ckpt = Checkpoints(ckpt_dir, async_save=False, log=log,
+                       best_metric=TASK_METRICS[cfg.finetune.task])
+    try:
+        have = ckpt.steps()
+        if step is not None and step not in have:
+            raise UsageError(f"--step {step}: no checkpoint at that step in {ckpt_dir} (have "
+                             f"{have}).")
+        if step is None:
+            step = ckpt.best_step()
+        if step is not None:
+            state, _ = ckpt.restore(step, target)
+        else:
+            found = ckpt.restore_latest(target)
+            if found is None:
+                raise UsageError(f"--run-dir {run_dir}: no complete checkpoint to load.")
+            step, state, _ = found
+    finally:
+        ckpt.close()
+    return Finetuned(cfg, vocab, tokenizer, task, state["params"], step,
+                     jax.jit(predict_fn(graphdef, task)))
+
+
+def _read_input(run: Finetuned, path: str | os.PathLike, *, with_labels: bool, log):
+    try:
+        examples = read_split(run.cfg, path, with_labels=with_labels)
+        encoded = encode_split(run.cfg, examples, run.tokenizer,
+                               run.vocab if with_labels else None)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    note = _truncation_note(path, encoded, run.cfg.data.seq_len)
+    if note:
+        log(note)
+    return examples, encoded
+
+
+def _predict_all(run: Finetuned, encoded) -> np.ndarray:
+    keys = BATCH_KEYS[run.cfg.finetune.task]
+    arrays = {k: encoded.arrays[k] for k in keys if k in encoded.arrays}
+    if "labels" not in arrays:  # unlabelled input: the loss is not used
+        n = len(encoded)
+        shape = (n,) if run.cfg.finetune.task == "classify" else (n, run.cfg.data.seq_len)
+        arrays["labels"] = np.zeros(shape, np.int32)
+    it = datalib.make_batch_iterator(arrays, batch_size=run.cfg.training.batch_size,
+                                     shuffle=False, num_epochs=1, drop_remainder=False,
+                                     tokenizer=run.tokenizer)
+    pred, _ = run_predictions(run.predict, run.params, list(it), len(encoded))
+    return pred
+
+
+def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *,
+                 out: Optional[str | os.PathLike] = None, step: Optional[int] = None,
+                 log: Callable[[str], None] = print) -> tuple[dict, str]:
+    """Scores a fine-tuned run on a labelled file; writes the report (default
+    ``RUN_DIR/report.json``, plus ``report_confusion.png`` for classification).
+
+    Returns:
+      ``(report, table)``: the report dict as written and the printed table.
+
+    Raises:
+      UsageError: a bad run directory or data file (one line).
+    """
+    run = load_finetuned(run_dir, step=step, log=log)
+    examples, encoded = _read_input(run, data, with_labels=True, log=log)
+    if run.cfg.finetune.task == "tag" and examples.tags is None:
+        raise UsageError(f"{data}: no tags to score against.")
+    pred = _predict_all(run, encoded)
+    scores, _ = score(run.cfg, examples, encoded, pred, run.vocab)
+    out_path = Path(out) if out is not None else Path(run_dir) / "report.json"
+    png = out_path.with_name(out_path.stem + "_confusion.png")
+    report = write_report(run.cfg, scores, out_path, confusion=png,
+                          extra={"run_dir": str(run_dir), "data": str(data), "step": run.step,
+                                 "truncated": int(encoded.truncated), "report": str(out_path)},
+                          title=f"{Path(data).name} (step {run.step})")
+    return report, format_report(run.cfg.finetune.task, scores)
+
+
+def _write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to a temporary file next to ``path`` and renames it into place."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; pass a file path to write.")
+    if not path.parent.is_dir():
+        raise UsageError(f"{path.parent}: no such directory; create it first or pick another "
+                         "output path.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _classification_output(examples, predicted: list[str]) -> str:
+    if examples.format == "jsonl":
+        return "".join(json.dumps({**row, "prediction": p}, ensure_ascii=False) + "\n"
+                       for row, p in zip(examples.rows, predicted))
+    buf = io.StringIO()
+    if examples.format == "tsv":
+        lines = (["\t".join([*examples.header, "prediction"])] if examples.header else [])
+        lines += ["\t".join([*row, p]) for row, p in zip(examples.rows, predicted)]
+        return "".join(line + "\n" for line in lines)
+    writer = csv.writer(buf, lineterminator="\n")
+    if examples.header:
+        writer.writerow([*examples.header, "prediction"])
+    for row, p in zip(examples.rows, predicted):
+        writer.writerow([*row, p])
+    return buf.getvalue()
+
+
+def _conll_output(path, examples, tags: list[list[str]]) -> str:
+    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    at = {line: tag for numbers, sentence in zip(examples.lines, tags)
+          for line, tag in zip(numbers, sentence)}
+    first = lines[min(at) - 1]
+    sep = "\t" if "\t" in first else " "
+    return "".join((f"{raw.rstrip()}{sep}{at[i]}" if i in at else raw) + "\n"
+                   for i, raw in enumerate(lines, 1))
+
+
+def predict_run(run_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+                step: Optional[int] = None, log: Callable[[str], None] = print) -> int:
+    """Writes a fine-tuned run's predictions for ``data`` to ``out``: every input line with its
+    columns unchanged and the prediction appended (a ``prediction`` column / key for
+    TSV/CSV/JSONL, a tag column for CoNLL token lines; blank and ``-DOCSTART-`` lines kept).
+    Nothing is written unless all of it is. Returns the number of examples.
+
+    Raises:
+      UsageError: a bad run directory, input or output path (one line).
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; pass a file path.")
+    run = load_finetuned(run_dir, step=step, log=log)
+    examples, encoded = _read_input(run, data, with_labels=False, log=log)
+    pred = _predict_all(run, encoded)
+    if run.cfg.finetune.task == "classify":
+        text = _classification_output(examples, run.vocab.decode(pred))
+    else:
+        tags = datalib.tags_from_subwords(pred, encoded.arrays["word_index"], encoded.n_words,
+                                          run.vocab)
+        text = _conll_output(data, examples, tags)
+    _write_atomic(out, text)
+    return len(encoded)
+
+
+__all__ = ["TRUNK", "FineTuner", "LabelledData", "finetune", "format_finetune_summary",
+           "check_pretrained", "restore_trunk", "with_trunk", "finetune_optimizer",
+           "load_finetuned", "evaluate_run", "predict_run", "resolve_splits", "read_split",
+           "make_vocab", "encode_split", "make_task", "score"]
