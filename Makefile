@@ -22,8 +22,8 @@ install: $(STAMP)
 DEMO_RUN ?= runs/demo
 
 demo: $(STAMP)
-	$(BIN)/unitscale-jax train --preset tiny --run-dir $(DEMO_RUN)
-	$(BIN)/unitscale-jax sample --run-dir $(DEMO_RUN) --prompt "The " --max-new-tokens 120
+	$(BIN)/unitscale-jax train --preset demo --run-dir $(DEMO_RUN) $(DEMO_ARGS)
+	$(BIN)/unitscale-jax sample --run-dir $(DEMO_RUN) --prompt "The " --max-new-tokens 200 --temperature 0.5 --report-words
 
 # style (ruff) and the layer contracts (import-linter, pyproject.toml)
 lint: $(STAMP)
