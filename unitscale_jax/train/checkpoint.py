@@ -12,13 +12,17 @@ Orbax writes each checkpoint into a temporary directory and renames it when comp
 run killed during a save leaves a ``*.orbax-checkpoint-tmp*`` directory: it is reported and
 removed, never read. A complete checkpoint whose restore fails or whose digest does not
 match (a corrupt file) is reported, moved to ``<run_dir>/corrupt_checkpoints`` and skipped;
-the previous one is tried. The digest is computed on the host and so needs fully addressable
-arrays (one process); multi-process runs skip it and rely on orbax's own checks.
+the previous one is tried. Readers of a run (``sample``, ``export``) open it ``read_only``:
+they skip what is incomplete or corrupt the same way but change nothing on disk, so they work
+on a run they may not write to, and never delete the temporary directory of a save that a
+training run is making at that moment. The digest is computed on the host and so needs fully
+addressable arrays (one process); multi-process runs skip it and rely on orbax's own checks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -46,6 +50,23 @@ def state_digest(state: Any) -> Optional[str]:
     return h.hexdigest()
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    """Drops orbax's warning "Given directory is read only" that every ``read_only``
+    ``CheckpointManager`` logs (reading a run is not worth a warning)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+_READ_ONLY_FILTER = _DropReadOnlyNotice()
+
+
+def failure(e: BaseException) -> str:
+    """``"ErrorType: first line of the message"`` of a failed restore, for one-line reports."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+
+
 class Checkpoints:
     """Saves and restores train state + data state under ``directory``.
 
@@ -54,17 +75,29 @@ class Checkpoints:
       keep: how many of the latest checkpoints to keep (orbax ``LatestN`` preservation).
       async_save: write in a background thread (``enable_async_checkpointing``).
       log: function receiving one-line reports (partial / corrupt checkpoints).
+      read_only: only restore: the directory must exist; nothing in it is created, removed or
+        moved (``save`` must not be called).
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, read_only: bool = False):
         self.directory = Path(directory).absolute()
         self.log = log
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        self.skipped: list[str] = []
+        """What was found unusable, one phrase each (``"step 3 (corrupt or incomplete: ...)"``)."""
+        if read_only:
+            logging.getLogger("absl").addFilter(_READ_ONLY_FILTER)  # idempotent
+            # (the options orbax would otherwise override with a logged warning)
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                   save_interval_steps=0,
+                                                   enable_async_checkpointing=False)
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+                enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
         self._report_partial()
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
 
@@ -72,8 +105,11 @@ class Checkpoints:
         if jax.process_index() != 0:
             return
         for p in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
-            self.log(f"checkpoint: ignoring incomplete checkpoint {p.name} (the run stopped "
-                     "while saving it); removing it.")
+            why = ("a run stopped while saving it, or is saving it now" if self.read_only else
+                   "the run stopped while saving it")
+            self.skipped.append(f"{p.name} (incomplete: {why})")
+            self.log(f"checkpoint: ignoring incomplete checkpoint {p.name} ({why})"
+                     + ("." if self.read_only else "; removing it."))
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -113,8 +149,8 @@ class Checkpoints:
     def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
         """The newest checkpoint that restores and verifies, as ``(step, state, data_state)``.
 
-        Checkpoints that fail are reported, moved to ``../corrupt_checkpoints`` and skipped.
-        Returns None when there is none.
+        Checkpoints that fail are reported, moved to ``../corrupt_checkpoints`` (unless
+        ``read_only``) and skipped. Returns None when there is none.
         """
         bad = []
         result = None
@@ -122,14 +158,14 @@ class Checkpoints:
             try:
                 state, data = self.restore(step, abstract_state)
             except Exception as e:  # any failure means: do not use this checkpoint
-                reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                self.skipped.append(f"step {step} (corrupt or incomplete: {failure(e)})")
                 self.log(f"checkpoint: step {step} in {self.directory} is corrupt or "
-                         f"incomplete ({type(e).__name__}: {reason}); skipping it.")
+                         f"incomplete ({failure(e)}); skipping it.")
                 bad.append(step)
                 continue
             result = (step, state, data)
             break
-        if bad:
+        if bad and not self.read_only:
             self._quarantine(bad)
         return result
 

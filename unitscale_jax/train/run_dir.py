@@ -15,12 +15,14 @@ from typing import Optional
 
 import jax
 
+from unitscale_jax import paths
 from unitscale_jax.train.config import Config, differences
 from unitscale_jax.train.errors import UsageError
 
-OUTPUTS = ("checkpoints", "corrupt_checkpoints", "tensorboard", "metrics.jsonl", "config.json",
-           "loss.png", "summary.json")
-"""What a run writes in its directory (``--overwrite`` deletes these)."""
+OUTPUTS = {"checkpoints": "dir", "corrupt_checkpoints": "dir", "tensorboard": "dir",
+           "metrics.jsonl": "file", "config.json": "file", "loss.png": "file",
+           "summary.json": "file"}
+"""What a run writes in its directory, and the kind of each (``--overwrite`` deletes these)."""
 
 
 class Log:
@@ -43,28 +45,33 @@ def prepare_run_dir(cfg: Config, given: Config) -> Path:
 
     Raises:
       UsageError: the directory holds another run, or an unreadable ``config.json``.
+      PathError: ``run_dir`` cannot be created or written in, or it holds a file where the run
+        writes a directory (or the reverse), as an interrupted or foreign run may leave.
     """
-    run_dir = Path(cfg.training.run_dir)
+    another = "pass another --run-dir"
+    run_dir = paths.output_dir(cfg.training.run_dir, "--run-dir", another)
     cfg_path = run_dir / "config.json"
-    if cfg.training.overwrite and run_dir.exists() and jax.process_index() == 0:
+    if cfg.training.overwrite and jax.process_index() == 0:
         for name in OUTPUTS:
             p = run_dir / name
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+    again = "pass --overwrite to start a new run there, or another --run-dir"
+    for name, kind in OUTPUTS.items():
+        paths.check_kind(run_dir / name, kind, fix=again)
     if cfg_path.exists():
         try:
             old = Config.from_dict(json.loads(cfg_path.read_text()))
-        except (json.JSONDecodeError, UsageError, TypeError) as e:
-            raise UsageError(f"{cfg_path} is not a valid run config ({e}); pass --overwrite to "
-                             "start a new run there, or another --run-dir.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, UsageError, TypeError,
+                AttributeError, OSError) as e:
+            raise UsageError(f"{cfg_path} is not a valid run config ({e}); {again}.") from None
         diff = differences(old, given)
         if diff:
             raise UsageError(f"{run_dir} holds a run with a different config ({'; '.join(diff)}); "
                              "rerun with the same options to resume it, or pass --overwrite or "
                              "another --run-dir.")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 

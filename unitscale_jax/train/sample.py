@@ -39,9 +39,9 @@ import numpy as np
 from flax import nnx
 
 from unitscale_jax import data as datalib
-from unitscale_jax import nn
+from unitscale_jax import nn, paths
 from unitscale_jax.train import build
-from unitscale_jax.train.checkpoint import Checkpoints
+from unitscale_jax.train.checkpoint import Checkpoints, failure
 from unitscale_jax.train.config import Config, resolve
 from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train.tasks import TASKS
@@ -65,20 +65,21 @@ def read_run_config(run_dir: str | Path, flag: str = "--run-dir") -> Config:
     """The resolved config of the run in ``run_dir`` (its ``config.json``).
 
     Raises:
-      UsageError: ``run_dir`` is a file, holds no ``config.json`` or an unreadable one.
+      PathError: ``run_dir`` is a file, or its ``config.json`` a directory.
+      UsageError: ``run_dir`` holds no ``config.json`` or an unreadable one.
     """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"{flag} {run_dir} is a file, not a run directory; pass the "
-                         "directory that holds config.json and checkpoints/.")
+    run_dir = paths.check_kind(run_dir, "dir", flag, "pass the run directory (it holds "
+                               "config.json and checkpoints/)")
     cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise UsageError(f"{flag} {run_dir}: no config.json there; train a run first "
                          "(unitscale-jax train --run-dir ...).")
+    fix = "pass the directory of a complete run, or train it again with --overwrite"
+    paths.check_kind(cfg_path, "file", fix=fix)
     try:
         return resolve(Config.from_dict(json.loads(cfg_path.read_text())))
-    except (json.JSONDecodeError, TypeError, AttributeError) as e:
-        raise UsageError(f"{cfg_path} is not a valid run config ({e}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError, OSError) as e:
+        raise UsageError(f"{cfg_path} is not a valid run config ({e}); {fix}.") from None
 
 
 def restore_params(run_dir: str | Path, cfg: Config, *, step: Optional[int] = None,
@@ -111,20 +112,30 @@ def restore_params(run_dir: str | Path, cfg: Config, *, step: Optional[int] = No
     ckpt_dir = run_dir / "checkpoints"
     if not ckpt_dir.is_dir():
         raise UsageError(f"{flag} {run_dir}: no checkpoints directory; the run saved none.")
-    ckpt = Checkpoints(ckpt_dir, async_save=False, log=log)
+    notes: list[str] = []  # reported when a checkpoint loads; else the error names them
+    ckpt = Checkpoints(ckpt_dir, async_save=False, log=notes.append, read_only=True)
     try:
         if step is not None:
             if step not in ckpt.steps():
                 raise UsageError(f"--step {step}: no checkpoint at that step in {ckpt_dir} "
                                  f"(have {ckpt.steps()}).")
-            state, _ = ckpt.restore(step, target)
+            try:
+                state, _ = ckpt.restore(step, target)
+            except Exception as e:  # orbax raises many kinds for a damaged checkpoint
+                raise UsageError(f"--step {step}: the checkpoint in {ckpt_dir / str(step)} is "
+                                 f"corrupt or incomplete ({failure(e)}); pick another --step "
+                                 "or leave it out for the latest valid one.") from None
             found = (step, state, None)
         else:
             found = ckpt.restore_latest(target)
     finally:
         ckpt.close()
     if found is None:
-        raise UsageError(f"{flag} {run_dir}: no complete checkpoint there.")
+        why = f" (skipped {', '.join(ckpt.skipped)})" if ckpt.skipped else ""
+        raise UsageError(f"{flag} {run_dir}: no complete checkpoint there{why}; resume the run "
+                         "with the same train command to save one.")
+    for note in notes:
+        log(note)
     return tokenizer, abstract_model, found[1]["params"], found[0]
 
 
