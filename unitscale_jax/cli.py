@@ -6,8 +6,9 @@ data).
 resumes from its last checkpoint. ``unitscale-jax sample --run-dir runs/tiny-decoder-umup
 --prompt "The "`` continues a prompt; for an encoder run (``--model encoder``) ``--prompt "The
 <mask> of"`` lists the likeliest tokens at each ``<mask>``, and for an encdec run it generates
-the text of each ``<mask>`` span. Mistakes in the input (options, data, config) print one
-line on stderr and exit with status 2; a run stopped by a non-finite loss or an interrupt
+the text of each ``<mask>`` span. Mistakes in the input (options, data, config, a path of the
+wrong kind or where nothing can be written: ``unitscale_jax.paths``) print one line on stderr
+and exit with status 2; a run stopped by a non-finite loss or an interrupt
 exits with status 1 (its last good checkpoint stays).
 """
 
@@ -183,6 +184,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
     argv = list(sys.argv[1:] if argv is None else argv)
     _keep_freed_memory()
     _quiet_logs()
+    from unitscale_jax.paths import PathError
     from unitscale_jax.train.errors import TrainingStopped, UsageError
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
@@ -198,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
     sub_prog = prog if prog != "unitscale-jax" else f"{prog} {command}"
     try:
         return commands[command](rest, sub_prog)
-    except UsageError as e:
+    except (UsageError, PathError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:

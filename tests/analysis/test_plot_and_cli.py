@@ -10,6 +10,7 @@ from unitscale_jax.analysis.cli import analyse_main, text_batch
 from unitscale_jax.analysis.plot import _label_groups, format_lines, plot_scales
 from unitscale_jax.analysis.records import read_csv, select
 from unitscale_jax.precision import E4M3, E5M2, FP16
+from unitscale_jax.train.errors import UsageError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -59,7 +60,7 @@ def test_text_batch():
     assert r.shape == (2, 5) and r.max() < 10
     with pytest.raises(ValueError, match="vocab-size >= 256"):
         text_batch("builtin", 1, 4, 64)
-    with pytest.raises(ValueError, match="existing file"):
+    with pytest.raises(ValueError, match="--data /no/such/file.txt: no such file"):
         text_batch("/no/such/file.txt", 1, 4, 256)
 
 
@@ -107,12 +108,12 @@ def test_analyse_cli_coord_check_wiring(tmp_path, monkeypatch):
     assert calls[0][1] == [64, 128, 256, 512, 1024] and calls[0][2] == 8
 
 
-def test_analyse_cli_bad_arguments(tmp_path, capsys):
-    assert analyse_main(["--seq-len", "1", "--out", str(tmp_path)]) == 2
-    assert "--seq-len" in capsys.readouterr().err
-    assert analyse_main(["--vocab-size", "64", "--out", str(tmp_path)]) == 2
-    assert "vocab-size >= 256" in capsys.readouterr().err
-    assert analyse_main(["--no-scales"]) == 2
-    with pytest.raises(SystemExit) as e:
+def test_analyse_cli_bad_arguments(tmp_path):
+    with pytest.raises(UsageError, match="--seq-len must be >= 2"):
+        analyse_main(["--seq-len", "1", "--out", str(tmp_path)])
+    with pytest.raises(UsageError, match="vocab-size >= 256"):
+        analyse_main(["--vocab-size", "64", "--out", str(tmp_path)])
+    with pytest.raises(UsageError, match="leaves nothing to do"):
+        analyse_main(["--no-scales"])
+    with pytest.raises(UsageError, match="invalid choice: 'xp'"):
         analyse_main(["--parametrization", "xp"])
-    assert e.value.code == 2

@@ -8,6 +8,7 @@ from unitscale_jax.cli import main
 from unitscale_jax.data import ByteTokenizer, get_tokenizer, regular_ids
 from unitscale_jax.data.labelled import LabelVocab, encode_tagged, read_conll, tags_from_subwords
 from unitscale_jax.data.tokenizers import HF_SPECIAL_TOKENS, encode_words, train_tokenizer
+from unitscale_jax.paths import PathError
 
 TEXT = ("the quick brown fox jumps over the lazy dog , again and again .\n"
         "Peter Blackburn visits New York City with the brown dog .\n") * 40
@@ -90,7 +91,7 @@ def test_train_tokenizer_bad_input(corpus, tmp_path):
         train_tokenizer([corpus], kind="bpe", vocab_size=200, out_path=out)
     with pytest.raises(FileNotFoundError, match="data file not found"):
         train_tokenizer([tmp_path / "missing.txt"], out_path=out)
-    with pytest.raises(FileNotFoundError, match="directory of --out .* does not exist"):
+    with pytest.raises(PathError, match="--out .* does not exist; create that directory"):
         train_tokenizer([corpus], out_path=tmp_path / "no" / "t.json")
     binary = tmp_path / "b.txt"
     binary.write_bytes(b"fine\n\xff\xfe\n")
@@ -104,7 +105,7 @@ def test_train_tokenizer_bad_input(corpus, tmp_path):
 
 
 def test_get_tokenizer_not_a_tokenizer(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         get_tokenizer(f"hf:{tmp_path / 'missing.json'}")
     junk = tmp_path / "junk.json"
     junk.write_text('{"not": "a tokenizer"}', encoding="utf-8")

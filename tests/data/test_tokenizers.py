@@ -122,7 +122,7 @@ def test_get_tokenizer(tmp_path):
     assert get_tokenizer(tok) is tok
     with pytest.raises(ValueError, match="unknown tokenizer"):
         get_tokenizer("wordpiece:x")
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         get_tokenizer(f"sentencepiece:{tmp_path / 'missing.model'}")
 
 

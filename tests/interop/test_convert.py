@@ -195,8 +195,8 @@ def test_bad_config_file_and_run_dir(tmp_path, tfds_dir, capsys, converted):
     bad = _write(tmp_path / "bad.json", b"{hidden_size: 16")
     one_line(capsys, run_cli(*argv, bad, "--run-dir", tmp_path / "r"), "is not valid JSON")
     a_file = _write(tmp_path / "file", b"x")
-    one_line(capsys, run_cli(*argv, config, "--run-dir", a_file), "is a file; pass a new "
-             "directory")
+    one_line(capsys, run_cli(*argv, config, "--run-dir", a_file), "is a file, not a directory; "
+             "pass a new directory")
     one_line(capsys, run_cli(*argv, config, "--run-dir", converted), "already holds a run")
     one_line(capsys, run_cli("convert", "--config", config, "--run-dir", tmp_path / "r"),
              "the following arguments are required: --from-torch")

@@ -145,12 +145,13 @@ def _unwritable_dir(tmp_path):
 def test_export_bad_input(trained, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    one_line(capsys, run_cli("export", "--run-dir", a_file), "is a file; pass a run directory")
+    one_line(capsys, run_cli("export", "--run-dir", a_file), "is a file, not a directory; "
+             "pass the run directory")
     one_line(capsys, run_cli("export", "--run-dir", tmp_path / "none"), "no config.json")
     one_line(capsys, run_cli("export", "--run-dir", trained, "--out",
                              tmp_path / "no" / "m.safetensors"), "does not exist")
     one_line(capsys, run_cli("export", "--run-dir", trained, "--out", a_file / "m.safetensors"),
-             "is not a directory")
+             "is a file, not a directory")
     one_line(capsys, run_cli("export", "--run-dir", trained, "--out",
                              os.path.join(_unwritable_dir(tmp_path), "m.safetensors")),
              "cannot write in")

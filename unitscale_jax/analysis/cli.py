@@ -23,13 +23,18 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from unitscale_jax.paths import PathError, existing_file, output_dir
+from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.flags import Parser
+
 MODELS = ("decoder",)
 PARAMETRIZATIONS = ("umup", "sp", "mup")
 
 
 def parser(prog: str = "unitscale-jax analyse") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The flags of ``unitscale-jax analyse`` (a parse error is a one-line ``UsageError``)."""
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=MODELS, default="decoder", help="model kind")
     p.add_argument("--parametrization", choices=PARAMETRIZATIONS, default="umup")
     p.add_argument("--d-model", type=int, default=128, help="width")
@@ -72,8 +77,7 @@ def text_batch(source: str, batch_size: int, seq_len: int, vocab_size: int,
         from unitscale_jax.data.corpus import builtin_documents
         text = "\n".join(t for _, t in builtin_documents())
     else:
-        if not os.path.isfile(source):
-            raise ValueError(f"--data {source!r}: not 'builtin', 'random' or an existing file.")
+        existing_file(source, "--data", "'builtin', 'random' or a UTF-8 text file")
         with open(source, encoding="utf-8", errors="replace") as f:
             text = f.read()
     data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
@@ -125,18 +129,20 @@ def _coord_check(ns, log) -> None:
 
 
 def analyse_main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax analyse") -> int:
-    """Runs ``unitscale-jax analyse``; returns the exit status (2 for bad arguments)."""
-    ns = parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    """Runs ``unitscale-jax analyse``; returns the exit status (0).
+
+    Raises:
+      UsageError: a bad option or value (``unitscale_jax.cli.main`` prints it as one line).
+      PathError: ``--out`` or ``--data`` of the wrong kind, or ``--out`` not writable.
+    """
+    ns = parser(prog).parse_all(list(sys.argv[1:] if argv is None else argv))
     for name in ("d_model", "n_layers", "n_heads", "vocab_size", "seq_len", "batch_size"):
         if getattr(ns, name) < 1 or (name == "seq_len" and ns.seq_len < 2):
-            print(f"{prog}: error: --{name.replace('_', '-')} must be >= "
-                  f"{2 if name == 'seq_len' else 1}.",
-                  file=sys.stderr)
-            return 2
+            raise UsageError(f"--{name.replace('_', '-')} must be >= "
+                             f"{2 if name == 'seq_len' else 1}.")
     if ns.no_scales and not ns.coord_check:
-        print(f"{prog}: error: --no-scales without --coord-check leaves nothing to do.",
-              file=sys.stderr)
-        return 2
+        raise UsageError("--no-scales without --coord-check leaves nothing to do.")
+    output_dir(ns.out, "--out")
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -146,11 +152,8 @@ def analyse_main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-ja
             _scales(ns, log)
         if ns.coord_check:
             _coord_check(ns, log)
+    except PathError:
+        raise
     except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(analyse_main())

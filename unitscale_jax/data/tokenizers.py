@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+from unitscale_jax.paths import existing_file, output_file, write_text_atomic
 
 __all__ = ["Tokenizer", "ByteTokenizer", "SubwordTokenizer", "get_tokenizer", "encode_words",
            "train_tokenizer", "TOKENIZER_KINDS", "HF_SPECIAL_TOKENS"]
@@ -215,7 +216,9 @@ def get_tokenizer(spec: str | Tokenizer | None = None) -> Tokenizer:
 
     Raises:
       ValueError: an unknown spec, or a file that is not a tokenizer of the named kind.
-      FileNotFoundError: a missing model file. ImportError: the named package is not installed.
+      PathError: the path is a directory (``unitscale_jax.paths``; a ``ValueError``).
+      FileNotFoundError: a missing model file (``paths.MissingPathError``). ImportError: the
+        named package is not installed.
     """
     if spec is None or spec == "bytes":
         return ByteTokenizer()
@@ -227,8 +230,8 @@ def get_tokenizer(spec: str | Tokenizer | None = None) -> Tokenizer:
     if kind not in ("sentencepiece", "hf") or not path:
         raise ValueError(f"unknown tokenizer {spec!r}; use 'bytes', 'sentencepiece:PATH.model' or "
                          "'hf:PATH/tokenizer.json'.")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    existing_file(path, "--tokenizer", "the tokenizer's file (tokenizer.json for hf:, "
+                  "the .model file for sentencepiece:)")
     if kind == "sentencepiece":
         spm = _import("sentencepiece", "pip install sentencepiece")
         try:
@@ -299,7 +302,8 @@ def train_tokenizer(files: Sequence[str | os.PathLike] | str, *, kind: str = "wo
 
     Raises:
       ValueError: an unknown kind, a vocabulary too small, no text. FileNotFoundError: a
-        missing file.
+        missing file. PathError: ``out_path`` is a directory, its directory is missing, or
+        nothing can be written there (``unitscale_jax.paths``).
     """
     from unitscale_jax.data.corpus import expand_paths
     tk = _import("tokenizers", "pip install tokenizers")
@@ -311,9 +315,7 @@ def train_tokenizer(files: Sequence[str | os.PathLike] | str, *, kind: str = "wo
         why = " (the 256 bytes and 5 special tokens)" if kind == "bpe" else ""
         raise ValueError(f"--vocab-size {vocab_size} is too small for {kind}; use at least "
                          f"{least}{why}.")
-    out = Path(out_path)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"the directory of --out {out} does not exist; create it first.")
+    out = output_file(out_path, "--out", example="tokenizer.json")
     paths = expand_paths(files) if files else []
     extra = list(texts) if texts is not None else []
     if not paths and not extra:
@@ -354,11 +356,5 @@ def train_tokenizer(files: Sequence[str | os.PathLike] | str, *, kind: str = "wo
         raise ValueError(f"training the {kind} tokenizer failed: {_first_line(e)}.") from None
     if tok.get_vocab_size() <= len(specials):
         raise ValueError("the training text is empty (no pieces learnt); pass files with text.")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        tok.save(str(tmp))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text_atomic(out, tok.to_str(pretty=True))
     return SubwordTokenizer(tk.Tokenizer.from_file(str(out)), name=f"hf:{out}")

@@ -14,14 +14,18 @@ removed, never read. A complete checkpoint whose restore fails or whose digest d
 match (a corrupt file) is reported, moved to ``<run_dir>/corrupt_checkpoints`` and skipped;
 the previous one is tried. With ``best_metric`` (fine-tuning), each save may carry metrics
 (orbax's ``metrics`` item): the checkpoint with the highest value of that metric is kept as
-well as the latest N (``BestN`` next to ``LatestN``) and ``best_step`` names it. The digest
-is computed on the host and so needs fully addressable arrays (one process); multi-process
-runs skip it and rely on orbax's own checks.
+well as the latest N (``BestN`` next to ``LatestN``) and ``best_step`` names it. Readers of a
+run (``sample``, ``export``, ``evaluate``) open it ``read_only``: they skip what is incomplete
+or corrupt the same way but change nothing on disk, so they work on a run they may not write
+to, and never delete the temporary directory of a save that a training run is making at that
+moment. The digest is computed on the host and so needs fully addressable arrays (one
+process); multi-process runs skip it and rely on orbax's own checks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -49,6 +53,23 @@ def state_digest(state: Any) -> Optional[str]:
     return h.hexdigest()
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    """Drops orbax's warning "Given directory is read only" that every ``read_only``
+    ``CheckpointManager`` logs (reading a run is not worth a warning)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+_READ_ONLY_FILTER = _DropReadOnlyNotice()
+
+
+def failure(e: BaseException) -> str:
+    """``"ErrorType: first line of the message"`` of a failed restore, for one-line reports."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+
+
 class Checkpoints:
     """Saves and restores train state + data state under ``directory``.
 
@@ -58,17 +79,21 @@ class Checkpoints:
       async_save: write in a background thread (``enable_async_checkpointing``).
       log: function receiving one-line reports (partial / corrupt checkpoints).
       best_metric: keep also the checkpoint whose saved ``metrics[best_metric]`` is highest.
+      read_only: only restore: the directory must exist; nothing in it is created, removed or
+        moved (``save`` must not be called).
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
-                 log: Callable[[str], None] = print, best_metric: Optional[str] = None):
+                 log: Callable[[str], None] = print, best_metric: Optional[str] = None,
+                 read_only: bool = False):
         self.directory = Path(directory).absolute()
         self.log = log
         self.best_metric = best_metric
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._report_partial()
-        policy = ocp.checkpoint_managers.LatestN(n=keep)
+        self.read_only = read_only
+        self.skipped: list[str] = []
+        """What was found unusable, one phrase each (``"step 3 (corrupt or incomplete: ...)"``)."""
         best = {}
+        policy = ocp.checkpoint_managers.LatestN(n=keep)
         if best_metric is not None:
             def metric(m):
                 return float(m[best_metric])
@@ -77,9 +102,18 @@ class Checkpoints:
                 ocp.checkpoint_managers.BestN(get_metric_fn=metric, n=1,
                                               keep_checkpoints_without_metrics=False))])
             best = dict(best_fn=metric, best_mode="max")  # saves and reloads the metrics
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True, create=True, **best)
+        if read_only:
+            logging.getLogger("absl").addFilter(_READ_ONLY_FILTER)  # idempotent
+            # (the options orbax would otherwise override with a logged warning)
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                   save_interval_steps=0,
+                                                   enable_async_checkpointing=False, **best)
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=policy, enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True, create=True, **best)
+        self._report_partial()
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
 
@@ -87,8 +121,11 @@ class Checkpoints:
         if jax.process_index() != 0:
             return
         for p in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
-            self.log(f"checkpoint: ignoring incomplete checkpoint {p.name} (the run stopped "
-                     "while saving it); removing it.")
+            why = ("a run stopped while saving it, or is saving it now" if self.read_only else
+                   "the run stopped while saving it")
+            self.skipped.append(f"{p.name} (incomplete: {why})")
+            self.log(f"checkpoint: ignoring incomplete checkpoint {p.name} ({why})"
+                     + ("." if self.read_only else "; removing it."))
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -138,8 +175,8 @@ class Checkpoints:
     def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
         """The newest checkpoint that restores and verifies, as ``(step, state, data_state)``.
 
-        Checkpoints that fail are reported, moved to ``../corrupt_checkpoints`` and skipped.
-        Returns None when there is none.
+        Checkpoints that fail are reported, moved to ``../corrupt_checkpoints`` (unless
+        ``read_only``) and skipped. Returns None when there is none.
         """
         bad = []
         result = None
@@ -147,14 +184,14 @@ class Checkpoints:
             try:
                 state, data = self.restore(step, abstract_state)
             except Exception as e:  # any failure means: do not use this checkpoint
-                reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                self.skipped.append(f"step {step} (corrupt or incomplete: {failure(e)})")
                 self.log(f"checkpoint: step {step} in {self.directory} is corrupt or "
-                         f"incomplete ({type(e).__name__}: {reason}); skipping it.")
+                         f"incomplete ({failure(e)}); skipping it.")
                 bad.append(step)
                 continue
             result = (step, state, data)
             break
-        if bad:
+        if bad and not self.read_only:
             self._quarantine(bad)
         return result
 

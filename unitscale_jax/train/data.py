@@ -12,6 +12,8 @@ import itertools
 from typing import Any, Callable
 
 from unitscale_jax import data as datalib
+from unitscale_jax import paths
+from unitscale_jax.paths import PathError
 from unitscale_jax.train.config import Config
 from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train.tasks import get_task
@@ -78,14 +80,23 @@ def load_data(cfg: Config, log: Callable[[str], None] = print) -> RunData:
 
     Raises:
       UsageError: any problem with the data the user named.
+      PathError: a ``--tokenizer`` file or ``--data-dir`` of the wrong kind.
     """
     d = cfg.data
     try:
         tokenizer = datalib.get_tokenizer(d.tokenizer)
+    except PathError:
+        raise
+    except _USER_ERRORS as e:
+        raise UsageError(f"--tokenizer {d.tokenizer}: {e}") from None
+    if d.data_dir is not None:  # tfds prepares the data there (may be read-only once it has)
+        paths.output_dir(d.data_dir, "--data-dir", "pass a directory for the prepared "
+                         "datasets, or leave it out", probe=False)
+    try:
         source = datalib.resolve_source(_spec(d.data), data_dir=d.data_dir,
                                         validation_fraction=d.validation_fraction,
                                         text_key=d.text_key)
-    except UsageError:
+    except (UsageError, PathError):
         raise
     except _USER_ERRORS as e:
         raise UsageError(f"{_name(cfg)}: {e}") from None

@@ -14,9 +14,9 @@ import argparse
 import dataclasses
 import difflib
 import json
-from pathlib import Path
 from typing import Any, Sequence
 
+from unitscale_jax.paths import existing_file
 from unitscale_jax.train.config import (
     OPTIONAL_SECTIONS,
     SECTIONS,
@@ -147,12 +147,11 @@ def _base_config(argv: Sequence[str], prog: str) -> tuple[Config, list[str]]:
     pre.add_argument("--config", default=None)
     ns, rest = pre.parse_known_args(argv)
     if ns.config:
-        path = Path(ns.config)
-        if not path.is_file():
-            raise UsageError(f"--config {path}: no such file.")
+        path = existing_file(ns.config, "--config", "a config.json file (a run's, or one "
+                             "written like it)")
         try:
             base = Config.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
             raise UsageError(f"--config {path}: not a valid config file ({e}).") from None
     else:
         base = get_preset(ns.preset)

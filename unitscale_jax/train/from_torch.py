@@ -52,6 +52,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from unitscale_jax import paths
 from unitscale_jax.train import build, interop
 from unitscale_jax.train.config import SECTIONS, Config
 from unitscale_jax.train.errors import UsageError
@@ -221,14 +222,12 @@ def read_config(path: str | Path, run_dir: str | Path) -> tuple[TorchDecoderConf
     """The torch hyperparameters in ``path`` and the run ``Config`` they give.
 
     Raises:
-      UsageError: no such file, bad JSON, bad or conflicting fields.
+      PathError: no such file, or a directory.
+      UsageError: bad JSON, bad or conflicting fields.
     """
-    path = Path(path)
+    path = paths.existing_file(path, "--config", "the JSON file of the torch model's "
+                               "hyperparameters")
     where = f"--config {path}"
-    if not path.is_file():
-        raise UsageError(f"{where}: no such file." if not path.exists()
-                         else f"{where} is a directory; pass the JSON file of the torch model's "
-                         "hyperparameters.")
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -274,15 +273,11 @@ def read_state_dict(path: str | Path, flag: str = "--from-torch") -> dict[str, n
     or with ``torch.save`` (``.pt``/``.pth``/``.bin``; needs torch).
 
     Raises:
-      UsageError: no such file, a directory, an unknown suffix, torch missing for a ``.pt``,
+      PathError: no such file, or a directory.
+      UsageError: an unknown suffix, torch missing for a ``.pt``,
         or a file that does not hold a state dict.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a directory; pass the state dict file "
-                         "(.safetensors, .pt or .pth).")
-    if not path.is_file():
-        raise UsageError(f"{flag} {path}: no such file.")
+    path = paths.existing_file(path, flag, "the state dict file (.safetensors, .pt or .pth)")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return interop.read_params_file(path, flag)[0]
@@ -357,13 +352,11 @@ def convert(ckpt: str | Path, config: str | Path, run_dir: str | Path, *,
       ``{"run_dir", "checkpoint", "config", "n_params"}``.
 
     Raises:
-      UsageError: any of the inputs is wrong (one line saying which and how).
+      UsageError, PathError: any of the inputs is wrong (one line saying which and how).
     """
     from unitscale_jax import data as datalib
     from unitscale_jax.train.trainer import Trainer
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir} is a file; pass a new directory.")
+    run_dir = paths.check_kind(run_dir, "dir", "--run-dir", "pass a new directory")
     ckpt_dir = run_dir / "checkpoints"
     if (run_dir / "config.json").exists() or (ckpt_dir.is_dir() and any(ckpt_dir.iterdir())):
         raise UsageError(f"--run-dir {run_dir} already holds a run; pass a new directory "

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from unitscale_jax import nn
+from unitscale_jax import nn, paths
 from unitscale_jax.train import build
 from unitscale_jax.train.config import Config
 from unitscale_jax.train.errors import UsageError
@@ -62,24 +62,6 @@ def _info_dict(abstract_model: nnx.Module) -> dict[str, dict]:
     info = flat_params(nnx.to_pure_dict(nn.param_info(abstract_model)),
                        is_leaf=lambda x: isinstance(x, nn.ParamInfo))
     return {k: {"type": v.type, "fan_in": v.fan_in, "depth": v.depth} for k, v in info.items()}
-
-
-def check_writable(out: Path, flag: str = "--out") -> None:
-    """Raises ``UsageError`` unless a file can be created at ``out`` (tries it)."""
-    parent = out.parent
-    if out.is_dir():
-        raise UsageError(f"{flag} {out} is a directory; pass a file name such as "
-                         f"{out / 'model.safetensors'}.")
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {out}: {parent} " + (
-            "is not a directory" if parent.exists() else "does not exist")
-            + "; create that directory or choose another path.")
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".tmp"):
-            pass
-    except OSError as e:
-        raise UsageError(f"{flag} {out}: cannot write in {parent} ({e.strerror or e}); choose "
-                         "another path.") from None
 
 
 def write_params_file(out: Path, params: Any, abstract_model: nnx.Module, model: dict,
@@ -120,7 +102,8 @@ def export_run(run_dir: str | Path, out: Optional[str | Path] = None, *,
       The path written.
 
     Raises:
-      UsageError: no run there, ``out`` not writable, an unknown format.
+      UsageError: no run there, an unknown format.
+      PathError: ``out`` is a directory or not writable.
     """
     from unitscale_jax.train.config import resolve
     from unitscale_jax.train.run_dir import read_run_config
@@ -130,7 +113,7 @@ def export_run(run_dir: str | Path, out: Optional[str | Path] = None, *,
     run_dir = Path(run_dir)
     cfg = resolve(read_run_config(run_dir))
     out = Path(out) if out is not None else run_dir / "model.safetensors"
-    check_writable(out)
+    paths.output_file(out, "--out", example="model.safetensors")
     tokenizer, abstract_model, params, at = restore_params(run_dir, cfg, step=step, log=log)
     write_params_file(out, params, abstract_model, model_metadata(cfg, tokenizer.vocab_size),
                       (run_dir / "config.json").read_text().strip(), at)
@@ -143,14 +126,11 @@ def read_params_file(path: str | Path, flag: str = "--init-from"
     """``({name: array}, header metadata)`` of a safetensors file.
 
     Raises:
-      UsageError: no such file, a directory, or not a safetensors file.
+      PathError: no such file, or a directory.
+      UsageError: not a safetensors file.
     """
     from safetensors import SafetensorError, safe_open
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a directory; pass a .safetensors file.")
-    if not path.is_file():
-        raise UsageError(f"{flag} {path}: no such file.")
+    path = paths.existing_file(path, flag, "a .safetensors file")
     try:
         with safe_open(str(path), framework="numpy") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

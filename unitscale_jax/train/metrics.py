@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from unitscale_jax.paths import write_text_atomic
+
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "step_time_s")
 
 
@@ -34,10 +36,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def truncate(path: str | os.PathLike, last_step: int) -> int:
-    """Keeps only lines with ``step <= last_step``; returns how many were dropped."""
+    """Keeps only lines with ``step <= last_step`` (the file is replaced atomically, so a kill
+    here loses nothing); returns how many were dropped."""
     rows = read_metrics(path)
     keep = [r for r in rows if r["step"] <= last_step]
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in keep))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
     return len(rows) - len(keep)
 
 

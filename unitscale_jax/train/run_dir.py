@@ -15,13 +15,16 @@ from typing import Optional
 
 import jax
 
+from unitscale_jax import paths
 from unitscale_jax.train.config import Config, differences
 from unitscale_jax.train.errors import UsageError
 
-OUTPUTS = ("checkpoints", "corrupt_checkpoints", "tensorboard", "metrics.jsonl", "config.json",
-           "loss.png", "summary.json", "labels.json", "dev_report.json", "test_report.json",
-           "confusion.png", "test_confusion.png", "report.json", "report_confusion.png")
-"""What a run writes in its directory (``--overwrite`` deletes these)."""
+OUTPUTS = {"checkpoints": "dir", "corrupt_checkpoints": "dir", "tensorboard": "dir",
+           "metrics.jsonl": "file", "config.json": "file", "loss.png": "file",
+           "summary.json": "file", "labels.json": "file", "dev_report.json": "file",
+           "test_report.json": "file", "confusion.png": "file", "test_confusion.png": "file",
+           "report.json": "file", "report_confusion.png": "file"}
+"""What a run writes in its directory, and the kind of each (``--overwrite`` deletes these)."""
 
 
 class Log:
@@ -44,31 +47,33 @@ def prepare_run_dir(cfg: Config, given: Config) -> Path:
 
     Raises:
       UsageError: the directory holds another run, or an unreadable ``config.json``.
+      PathError: ``run_dir`` cannot be created or written in, or it holds a file where the run
+        writes a directory (or the reverse), as an interrupted or foreign run may leave.
     """
-    run_dir = Path(cfg.training.run_dir)
+    another = "pass another --run-dir"
+    run_dir = paths.output_dir(cfg.training.run_dir, "--run-dir", another)
     cfg_path = run_dir / "config.json"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir} is a file, not a directory; pass a directory "
-                         "(it is created if missing).")
-    if cfg.training.overwrite and run_dir.exists() and jax.process_index() == 0:
+    if cfg.training.overwrite and jax.process_index() == 0:
         for name in OUTPUTS:
             p = run_dir / name
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+    again = "pass --overwrite to start a new run there, or another --run-dir"
+    for name, kind in OUTPUTS.items():
+        paths.check_kind(run_dir / name, kind, fix=again)
     if cfg_path.exists():
         try:
             old = Config.from_dict(json.loads(cfg_path.read_text()))
-        except (json.JSONDecodeError, UsageError, TypeError) as e:
-            raise UsageError(f"{cfg_path} is not a valid run config ({e}); pass --overwrite to "
-                             "start a new run there, or another --run-dir.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, UsageError, TypeError,
+                AttributeError, OSError) as e:
+            raise UsageError(f"{cfg_path} is not a valid run config ({e}); {again}.") from None
         diff = differences(old, given)
         if diff:
             raise UsageError(f"{run_dir} holds a run with a different config ({'; '.join(diff)}); "
                              "rerun with the same options to resume it, or pass --overwrite or "
                              "another --run-dir.")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -76,21 +81,22 @@ def read_run_config(run_dir: str | Path, flag: str = "--run-dir") -> Config:
     """The saved (unresolved) ``config.json`` of a run directory.
 
     Raises:
-      UsageError: no directory, no ``config.json``, or one that is not a run config.
+      PathError: ``run_dir`` is a file, or its ``config.json`` a directory.
+      UsageError: no ``config.json``, or one that is not a run config.
     """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"{flag} {run_dir} is a file; pass a run directory (one that "
-                         "'unitscale-jax train --run-dir ...' wrote).")
+    run_dir = paths.check_kind(run_dir, "dir", flag, "pass the run directory (it holds "
+                               "config.json and checkpoints/)")
     cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise UsageError(f"{flag} {run_dir}: no config.json there; train a run first "
                          "(unitscale-jax train --run-dir ...).")
+    fix = "pass the directory of a complete run, or train it again with --overwrite"
+    paths.check_kind(cfg_path, "file", fix=fix)
     try:
         return Config.from_dict(json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, UsageError, TypeError, AttributeError) as e:
-        raise UsageError(f"{flag} {run_dir}: {cfg_path.name} is not a valid run config "
-                         f"({e}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, UsageError, TypeError, AttributeError,
+            OSError) as e:
+        raise UsageError(f"{cfg_path} is not a valid run config ({e}); {fix}.") from None
 
 
 class StopSignals:

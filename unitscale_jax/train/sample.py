@@ -40,7 +40,7 @@ from flax import nnx
 from unitscale_jax import data as datalib
 from unitscale_jax import nn
 from unitscale_jax.train import build
-from unitscale_jax.train.checkpoint import Checkpoints
+from unitscale_jax.train.checkpoint import Checkpoints, failure
 from unitscale_jax.train.config import Config, resolve
 from unitscale_jax.train.data import load_data
 from unitscale_jax.train.errors import UsageError
@@ -92,20 +92,30 @@ def restore_params(run_dir: str | Path, cfg: Config, *, step: Optional[int] = No
     ckpt_dir = run_dir / "checkpoints"
     if not ckpt_dir.is_dir():
         raise UsageError(f"{flag} {run_dir}: no checkpoints directory; the run saved none.")
-    ckpt = Checkpoints(ckpt_dir, async_save=False, log=log)
+    notes: list[str] = []  # reported when a checkpoint loads; else the error names them
+    ckpt = Checkpoints(ckpt_dir, async_save=False, log=notes.append, read_only=True)
     try:
         if step is not None:
             if step not in ckpt.steps():
                 raise UsageError(f"--step {step}: no checkpoint at that step in {ckpt_dir} "
                                  f"(have {ckpt.steps()}).")
-            state, _ = ckpt.restore(step, target)
+            try:
+                state, _ = ckpt.restore(step, target)
+            except Exception as e:  # orbax raises many kinds for a damaged checkpoint
+                raise UsageError(f"--step {step}: the checkpoint in {ckpt_dir / str(step)} is "
+                                 f"corrupt or incomplete ({failure(e)}); pick another --step "
+                                 "or leave it out for the latest valid one.") from None
             found = (step, state, None)
         else:
             found = ckpt.restore_latest(target)
     finally:
         ckpt.close()
     if found is None:
-        raise UsageError(f"{flag} {run_dir}: no complete checkpoint there.")
+        why = f" (skipped {', '.join(ckpt.skipped)})" if ckpt.skipped else ""
+        raise UsageError(f"{flag} {run_dir}: no complete checkpoint there{why}; resume the run "
+                         "with the same train command to save one.")
+    for note in notes:
+        log(note)
     return tokenizer, abstract_model, found[1]["params"], found[0]
 
 

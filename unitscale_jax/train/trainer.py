@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from unitscale_jax import nn
+from unitscale_jax import nn, paths
 from unitscale_jax.train import build, distributed, interop
 from unitscale_jax.train import step as steplib
 from unitscale_jax.train.checkpoint import Checkpoints
@@ -205,7 +205,7 @@ class Trainer:
             if self.primary:
                 self.metrics_path.write_text("")
         if self.primary:
-            (self.run_dir / "config.json").write_text(self.given.to_json() + "\n")
+            paths.write_text_atomic(self.run_dir / "config.json", self.given.to_json() + "\n")
         self.eval_batches = self.data.eval_batches(self.cfg, t.eval_batches)
         self.writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard,
                                     purge_step=start + 1 if start else None, enabled=self.primary)
@@ -394,7 +394,7 @@ class Trainer:
             "skipped_steps": last_train.get("skipped_steps", 0),
         }
         if self.primary:
-            (self.run_dir / "summary.json").write_text(
-                json.dumps({**summary, "resolved_config": cfg.to_dict()}, indent=2) + "\n")
+            paths.write_text_atomic(self.run_dir / "summary.json", json.dumps(
+                {**summary, "resolved_config": cfg.to_dict()}, indent=2) + "\n")
         summary["history"] = self.history
         return summary
