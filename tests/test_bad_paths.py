@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.train.conftest import SMALL, subprocess_env
+from tests.train.finetune_helpers import TINY, write_classification
 from unitscale_jax.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +31,7 @@ TRAIN = ["train", *SMALL, "--steps", "2", "--eval-every", "0", "--data-dir", "{t
 CONVERT = ["convert", "--from-torch", str(TORCH), "--config", str(TORCH_CONFIG)]
 ANALYSE = ["analyse", "--d-model", "16", "--n-layers", "1", "--n-heads", "1"]
 TOKENIZER = ["tokenizer", "train", "--vocab-size", "300"]
+FINETUNE = ["finetune", "--task", "classify", *TINY, "--steps", "2"]
 
 # what an interrupted (or foreign) run leaves in a run directory: {run:NAME} is a damaged copy
 DAMAGES = {
@@ -150,6 +152,39 @@ CASES = [
     ("export", "half-written checkpoint", ["export", "--run-dir", "{run:half_written_step}",
                                            "--out", "{out}/m.safetensors"],
      "--run-dir {run:half_written_step}: no complete checkpoint there (skipped step 2"),
+    ("finetune", "--data is a file", [*FINETUNE, "--data", "{file}", "--run-dir", "{out}/f"],
+     "{file}: not a directory; pass a directory holding train.* / dev.* / test.* files"),
+    ("finetune", "--data has no splits", [*FINETUNE, "--data", "{dir}", "--run-dir", "{out}/f"],
+     "no train.*, dev.*, validation.* or test.* file"),
+    ("finetune", "--train is a directory", [*FINETUNE, "--train", "{dir}", "--dev",
+                                            "{labelled}/dev.tsv", "--run-dir", "{out}/f"],
+     "{dir} is a directory; pass a .tsv, .csv or .jsonl file"),
+    ("finetune", "run dir is a file", [*FINETUNE, "--data", "{labelled}", "--run-dir", "{file}"],
+     "--run-dir {file} is a file, not a directory; pass another --run-dir"),
+    ("finetune", "run dir cannot be created", [*FINETUNE, "--data", "{labelled}", "--run-dir",
+                                               f"{PROC}/f"],
+     f"--run-dir {PROC}/f: cannot create it"),
+    ("finetune", "--init-from is a file", [*FINETUNE, "--data", "{labelled}", "--init-from",
+                                           "{file}", "--run-dir", "{out}/f"],
+     "--init-from {file} is a file, not a directory; pass the run directory"),
+    ("finetune", "--init-from is not an encoder run", [*FINETUNE, "--data", "{labelled}",
+                                                       "--init-from", "{run}", "--run-dir",
+                                                       "{out}/f"],
+     "--init-from {run}"),
+    ("finetune", "--tokenizer hf: a directory", [*FINETUNE, "--data", "{labelled}",
+                                                 "--tokenizer", "hf:{dir}", "--run-dir",
+                                                 "{out}/f"],
+     "--tokenizer {dir} is a directory; pass the tokenizer's file"),
+    ("evaluate", "run dir is a file", ["evaluate", "--run-dir", "{file}", "--data", "{file}"],
+     "--run-dir {file} is a file; pass a fine-tuning run directory"),
+    ("evaluate", "not a fine-tuning run", ["evaluate", "--run-dir", "{run}", "--data", "{file}"],
+     "--run-dir {run} is not a fine-tuning run"),
+    ("predict", "run dir is a file", ["predict", "--run-dir", "{file}", "--data", "{file}",
+                                      "--out", "{out}/p.tsv"],
+     "--run-dir {file} is a file; pass a fine-tuning run directory"),
+    ("predict", "--out is a directory", ["predict", "--run-dir", "{run}", "--data", "{file}",
+                                         "--out", "{dir}"],
+     "--out {dir} is a directory; pass a file path"),
 ]
 
 
@@ -166,6 +201,7 @@ def world(tmp_path_factory):
     assert (run / "checkpoints" / "2" / "state").is_dir()
     (inputs / "notes.txt").write_text("Some words to train a tokenizer on.\n" * 50)
     (inputs / "folder").mkdir()
+    write_classification(inputs / "labelled")
     return {"inputs": inputs, "run": run, "tfds": tfds}
 
 
@@ -182,6 +218,7 @@ def _fill(text: str, world: dict, out: Path, **more: Path) -> str:
                 DAMAGES[damage](copy)
             return str(copy)
         return str({"file": world["inputs"] / "notes.txt", "dir": world["inputs"] / "folder",
+                    "labelled": world["inputs"] / "labelled",
                     "run": world["run"], "out": out, "tfds": world["tfds"], **more}[name])
     return re.sub(r"\{(\w+)(?::(\w+))?\}", one, text)
 

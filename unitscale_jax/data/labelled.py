@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import grain
 import numpy as np
 
+from unitscale_jax import paths
 from unitscale_jax.data.pipeline import DataIterator, EpochShuffle
 from unitscale_jax.data.tokenizers import Tokenizer, encode_words
 
@@ -149,7 +150,7 @@ class TextExamples:
 
 
 def _read_bytes(path: str | os.PathLike) -> str:
-    p = Path(path)
+    p = paths.check_kind(path, "file")
     if not p.is_file():
         raise DataError(f"{p}: no such file; check the path.")
     data = p.read_bytes()
@@ -346,6 +347,7 @@ def read_classification(path: str | os.PathLike, *,
         message lists the columns found), a malformed line (file:line).
     """
     name = os.fspath(path)
+    paths.check_kind(name, "file", fix="pass a .tsv, .csv or .jsonl file")
     fmt = format or FORMATS.get(Path(name).suffix.lower())
     if fmt not in ("tsv", "csv", "jsonl"):
         raise DataError(f"{name}: cannot tell the format from the extension "
