@@ -88,10 +88,10 @@ def find_splits(data_dir: str | os.PathLike) -> dict[str, Path]:
             continue
         if stem.lower() in stems:
             found.setdefault(stems[stem.lower()], []).append(path)
-    for split, paths in found.items():
-        if len(paths) > 1:
-            raise DataError(f"{root}: {len(paths)} files for the {split} split "
-                            f"({', '.join(p.name for p in paths)}); keep one, or name the files "
+    for split, files in found.items():
+        if len(files) > 1:
+            raise DataError(f"{root}: {len(files)} files for the {split} split "
+                            f"({', '.join(p.name for p in files)}); keep one, or name the files "
                             "with --train / --dev.")
     if not found:
         names = ", ".join(p.name for p in sorted(root.iterdir())[:8]) or "nothing"
@@ -251,7 +251,8 @@ def examples_from_records(records: Iterable[Mapping[str, Any] | Sequence[Any]], 
       with_labels: False to read texts only (prediction input); a label column is then used
         when named, and ignored otherwise.
       has_names: whether ``columns`` are real names (False for a file without a header).
-      header, format: stored on the result.
+      header: stored on the result.
+      format: stored on the result.
 
     Raises:
       DataError: no records, a missing column (the message lists the columns found), a row
@@ -584,7 +585,8 @@ def read_conll(path: str | os.PathLike, *, scheme: str = "iob2", tag_column: int
       path: the file.
       scheme: ``iob2`` (default), ``iob1`` or ``iobes``; every sentence's tags are checked
         (``check_tags``).
-      tag_column, token_column: 0-based column indices (negative counts from the end).
+      tag_column: the tags' 0-based column index (negative counts from the end).
+      token_column: the tokens' 0-based column index (negative counts from the end).
       with_tags: False for prediction input: tokens only (a single column is then allowed).
 
     Raises:
@@ -860,8 +862,10 @@ def make_batch_iterator(arrays: Mapping[str, np.ndarray], *, batch_size: int, se
         False the final batch is filled with padding rows (``ids`` = pad id, other arrays 0 /
         False, ``valid`` False).
       tokenizer: gives the pad id (and is recorded in the state's config).
-      name, split, task: recorded in the state's config (a state saved for other data is then
-        refused by ``set_state``).
+      name: recorded in the state's config (a state saved for other data is then refused by
+        ``set_state``).
+      split: recorded in the state's config, as ``name``.
+      task: recorded in the state's config, as ``name``.
       num_threads: grain read threads.
 
     Raises:

@@ -371,7 +371,9 @@ def generate_seq2seq(model, tokenizer, prompt: str, *, seq_len: int, target_len:
         length and the most tokens generated.
       packing: the run's ``--packing``.
       max_new_tokens: tokens to generate (default ``target_len``).
-      temperature, top_k, seed: sampling (temperature 0: greedy).
+      temperature: softmax temperature (0: greedy).
+      top_k: sample among the k likeliest tokens (None: all).
+      seed: the sampling seed.
       num_samples: independent outputs.
 
     Raises:

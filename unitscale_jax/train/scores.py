@@ -60,7 +60,8 @@ def classification_scores(y_true: Sequence[int] | np.ndarray,
     """Scores of class ids against the true ids.
 
     Args:
-      y_true, y_pred: class ids (``LabelVocab`` ids), one per example.
+      y_true: the true class ids (``LabelVocab`` ids), one per example.
+      y_pred: the predicted class ids, one per example.
       labels: the class names in id order (``LabelVocab.labels``).
 
     Returns:
@@ -159,7 +160,8 @@ def tagging_scores(y_true: Sequence[Sequence[str]], y_pred: Sequence[Sequence[st
     """Entity-level scores of predicted tag sequences, as ``seqeval``'s strict mode.
 
     Args:
-      y_true, y_pred: per sentence, its tags (one per word; the same lengths).
+      y_true: per sentence, its true tags (one per word).
+      y_pred: per sentence, its predicted tags (the same lengths as ``y_true``).
       scheme: ``iob2``, ``iob1`` or ``iobes``.
 
     Returns:
