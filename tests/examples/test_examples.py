@@ -105,3 +105,30 @@ def test_umup_from_ops():
         if want_grad is not None:
             assert want_grad == 1.0 and 0.5 <= grad <= 2.0, (name, out)
     assert "78 of 78 stds within [0.5, 2] x their expected value" in out
+
+
+def test_finetune_sst2_script(tmp_path):
+    """The pretrain -> fine-tune -> evaluate script on a small SST-2-like task of its own (the
+    real SST-2 run is the script's default)."""
+    import json
+
+    from tests.train.finetune_helpers import write_classification
+    data = write_classification(tmp_path / "sst", n_train=1500, n_dev=40)
+    out = tmp_path / "out"
+    env = dict(os.environ, PRETRAIN_STEPS="10", FINETUNE_STEPS="10", VOCAB_SIZE="200",
+               EXTRA_FLAGS="--eval-every 5 --batch-size 8 --no-progress --no-tensorboard "
+                           "--no-plot",
+               UNITSCALE_JAX=f"{sys.executable} -m unitscale_jax.cli")
+    proc = subprocess.run(["bash", str(EXAMPLES / "finetune_sst2.sh"), str(data), str(out)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for step in ("1. tokenizer", "2. masked-LM pretraining", "3. fine-tuning", "4. evaluation"):
+        assert f"== {step}" in proc.stdout
+    assert "init: trunk (embed, stack) from" in proc.stdout + proc.stderr
+    report = json.loads((out / "finetuned" / "report.json").read_text())
+    assert report["n_examples"] == 40 and 0 <= report["accuracy"] <= 1
+    printed = float(re.search(rf"^accuracy\s+({NUMBER})", proc.stdout, flags=re.M).group(1))
+    assert printed == round(report["accuracy"], 4)
+    missing = subprocess.run(["bash", str(EXAMPLES / "finetune_sst2.sh"), str(tmp_path / "none")],
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
