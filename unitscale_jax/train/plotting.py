@@ -52,11 +52,7 @@ def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike, *,
         ax2.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out_path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out_path)
 
 
 def plot_confusion(matrix, labels, out_path: str | os.PathLike, *, title: str = "") -> Path:
@@ -90,8 +86,14 @@ def plot_confusion(matrix, labels, out_path: str | os.PathLike, *, title: str = 
                         color="white" if share[i, j] > 0.5 else "black")
     if title:
         ax.set_title(title)
+    return _save(fig, out_path)
+
+
+def _save(fig, out_path: str | Path) -> Path:
+    """Lays out, writes (110 dpi) and closes ``fig``; returns the path."""
     fig.tight_layout()
     out = Path(out_path)
     fig.savefig(out, dpi=110)
+    import matplotlib.pyplot as plt
     plt.close(fig)
     return out
