@@ -117,7 +117,7 @@ def test_init_from_a_non_encoder_or_mismatched_run(tmp_path, capsys):
 def test_tokenizer_missing_or_not_a_tokenizer(tmp_path, capsys):
     data = write_classification(tmp_path / "d", test=False)
     _fails(capsys, _finetune(tmp_path, "--data", str(data), "--tokenizer",
-                             f"hf:{tmp_path / 'nope.json'}"), "--tokenizer", "not found")
+                             f"hf:{tmp_path / 'nope.json'}"), "--tokenizer", "no such file")
     (tmp_path / "bad.json").write_text('{"not": "a tokenizer"}')
     _fails(capsys, _finetune(tmp_path, "--data", str(data), "--tokenizer",
                              f"hf:{tmp_path / 'bad.json'}"), "is not a Hugging Face tokenizer")
