@@ -17,6 +17,7 @@ Fine-tuning data (``unitscale_jax.data.labelled``)::
 
     splits = data.find_splits("../shared/data/sst2")   # {"train": Path, "dev": Path}
     train_ex = data.read_classification(splits["train"])   # or data.read_conll(path)
+    sst2 = data.read_tfds_classification("glue/sst2")  # .splits["train"|"dev"], .vocab
     vocab = data.LabelVocab.from_labels(train_ex.labels)    # saved with vocab.to_json()
     enc = data.encode_texts(train_ex, tok, seq_len=64, vocab=vocab)  # or encode_tagged
     batches = data.make_batch_iterator(enc.arrays, batch_size=32, seed=0, tokenizer=tok)
@@ -49,6 +50,7 @@ from unitscale_jax.data.labelled import (
     make_batch_iterator,
     read_classification,
     read_conll,
+    read_tfds_classification,
     tags_from_subwords,
 )
 from unitscale_jax.data.objectives import lm_batch, mask_tokens, seq2seq_target_len, span_corruption
@@ -88,5 +90,6 @@ __all__ = [
     "ByteTokenizer", "SubwordTokenizer", "Tokenizer", "get_tokenizer", "regular_ids",
     "special_ids", "encode_words", "train_tokenizer",
     "DataError", "LabelVocab", "encode_tagged", "encode_texts", "find_splits",
-    "make_batch_iterator", "read_classification", "read_conll", "tags_from_subwords",
+    "make_batch_iterator", "read_classification", "read_conll", "read_tfds_classification",
+    "tags_from_subwords",
 ]

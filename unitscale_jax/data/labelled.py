@@ -40,7 +40,8 @@ from unitscale_jax.data.tokenizers import Tokenizer, encode_words
 
 __all__ = [
     "DataError", "SPLITS", "find_splits", "FORMATS", "TextExamples", "read_classification",
-    "examples_from_records", "LabelVocab", "TAG_SCHEMES", "split_tag", "check_tags",
+    "examples_from_records", "TFDS_SPLITS", "TfdsClassification", "read_tfds_classification",
+    "LabelVocab", "TAG_SCHEMES", "split_tag", "check_tags",
     "TaggedSentences", "read_conll", "Encoded", "encode_texts", "encode_tagged",
     "tags_from_subwords", "make_batch_iterator",
 ]
@@ -399,6 +400,146 @@ def read_classification(path: str | os.PathLike, *,
         columns = [str(i) for i in range(max(len(r) for r in rows))]
     return examples_from_records(rows, name=name, columns=columns, lines=lines,
                                  has_names=not no_header, header=header, format=fmt, **common)
+
+
+TFDS_SPLITS: dict[str, tuple[str, ...]] = {"train": ("train",),
+                                           "dev": ("validation", "dev", "valid"),
+                                           "test": ("test",)}
+"""Split -> the tfds split names that give it, first present wins."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsClassification:
+    """A tfds dataset read for sentence(-pair) classification.
+
+    Attributes:
+      name: ``tfds:NAME``.
+      splits: ``"train"`` / ``"dev"`` / ``"test"`` -> its examples (``path`` is
+        ``tfds:NAME[split]``); a split without labels (GLUE's test splits, all ``-1``) is left
+        out and named in ``unlabelled``.
+      vocab: the label feature's ``ClassLabel`` names in id order, or None for an integer
+        label feature (then number the training labels with ``LabelVocab.from_labels``).
+      unlabelled: the tfds splits left out because they carry no labels.
+    """
+
+    name: str
+    splits: dict[str, TextExamples]
+    vocab: LabelVocab | None
+    unlabelled: tuple[str, ...] = ()
+
+
+def _tfds_value(value: Any) -> Any:
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def read_tfds_classification(name: str, *, data_dir: str | None = None,
+                             text_columns: Sequence[str | int] | None = None,
+                             label_column: str | int | None = None, download: bool = True,
+                             quiet: bool = True) -> TfdsClassification:
+    """Reads a tfds dataset (``glue/sst2``, any registered builder) for classification.
+
+    The splits map to ``train``, ``dev`` (``validation``, ``dev`` or ``valid``) and ``test``
+    (``TFDS_SPLITS``); the texts are the ``Text`` features (the GLUE layout when there are
+    several, as for files) and the label is the ``ClassLabel`` feature (or an integer one),
+    read through ``examples_from_records`` as a file's rows are. A ``ClassLabel``'s names
+    become the label strings and the vocabulary; ``-1`` means unlabelled.
+
+    Args:
+      name: the dataset, without the ``tfds:`` prefix (``dataset/config:version``).
+      data_dir: tfds' data directory (default: tfds' own).
+      text_columns: 1 or 2 text features (names or indices among the features); default: the
+        only ``Text`` feature, or a GLUE layout.
+      label_column: the label feature; default: the only ``ClassLabel`` feature (or one named
+        ``label``...).
+      download: allow ``download_and_prepare``.
+      quiet: hide tfds' logs.
+
+    Raises:
+      DataError: an unknown dataset, no train or dev split, no text or label feature (the
+        message lists the features), unlabelled train/dev examples, a failed download.
+    """
+    import tensorflow_datasets as tfds
+
+    from unitscale_jax.data.sources import prepare_tfds, tfds_builder
+    where = f"tfds:{name}"
+    try:
+        builder = tfds_builder(name, data_dir=data_dir)
+        features = dict(builder.info.features.items())
+        kinds = {k: type(f).__name__ for k, f in features.items()}
+        found = ", ".join(f"{k!r} ({kinds[k]})" for k in features)
+        texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
+        classes = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+        if text_columns is None:
+            layout = next((t for t in _TEXT_LAYOUTS if all(c in texts for c in t)), None)
+            if layout is None and len(texts) != 1:
+                raise DataError(f"{where}: cannot tell the text feature(s) ({len(texts)} Text "
+                                f"features; features: {found}); pass --text-column NAME (twice "
+                                "for pairs).")
+            text_columns = layout or tuple(texts)
+        if label_column is None:
+            named = [c for c in _LABEL_NAMES if c in features]
+            if len(classes) == 1:
+                label_column = classes[0]
+            elif named:
+                label_column = named[0]
+            else:
+                raise DataError(f"{where}: no label feature (a ClassLabel, or one named "
+                                f"'label'; features: {found}); pass --label-column NAME, or use "
+                                "a dataset with labels.")
+        columns = list(features)
+        label_name = _resolve_column(label_column, columns, True, "label", "--label-column",
+                                     where)
+        label_feature = features[label_name]
+        if isinstance(label_feature, tfds.features.ClassLabel):
+            names = tuple(label_feature.names)
+        elif np.issubdtype(np.dtype(getattr(label_feature, "np_dtype", object)), np.integer) \
+                and getattr(label_feature, "shape", None) == ():
+            names = None
+        else:
+            raise DataError(f"{where}: feature {label_name!r} ({kinds[label_name]}) is not a "
+                            f"class label (features: {found}); pass --label-column with a "
+                            "ClassLabel or integer feature.")
+        available = prepare_tfds(builder, name, download=download, quiet=quiet)
+    except (ValueError, RuntimeError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(str(e)) from None
+    chosen = {split: next((t for t in options if t in available), None)
+              for split, options in TFDS_SPLITS.items()}
+    for split in ("train", "dev"):
+        if chosen[split] is None:
+            raise DataError(f"{where}: no {' / '.join(TFDS_SPLITS[split])} split (it has "
+                            f"{', '.join(available)}); use a dataset with {split} and "
+                            "validation splits, or pass files with --train / --dev.")
+    out: dict[str, TextExamples] = {}
+    unlabelled = []
+    for split, tfds_split in chosen.items():
+        if tfds_split is None:
+            continue
+        source = builder.as_data_source(split=tfds_split)
+        records = [{k: _tfds_value(v) for k, v in source[i].items()}
+                   for i in range(len(source))]
+        split_name = f"{where}[{tfds_split}]"
+        missing = [i for i, r in enumerate(records) if r.get(label_name) == -1]
+        if records and len(missing) == len(records) and split == "test":
+            unlabelled.append(tfds_split)
+            continue
+        if missing:
+            raise DataError(f"{split_name}:{missing[0] + 1}: {len(missing)} example(s) without "
+                            f"a label (-1 in {label_name!r}); fine-tuning needs labelled train "
+                            "and dev splits.")
+        if names is not None:
+            for r in records:
+                r[label_name] = names[int(r[label_name])]
+        out[split] = examples_from_records(records, name=split_name, columns=columns,
+                                           text_columns=text_columns, label_column=label_name,
+                                           format="tfds")
+    vocab = LabelVocab(names) if names is not None else None
+    return TfdsClassification(where, out, vocab, tuple(unlabelled))
 
 
 # --------------------------------------------------------------------------- label vocabulary

@@ -24,7 +24,8 @@ import numpy as np
 from unitscale_jax.data import builders, corpus
 from unitscale_jax.data.tokenizers import ByteTokenizer, Tokenizer
 
-__all__ = ["TextSource", "resolve_source", "SplitStats", "corpus_stats", "describe_corpus"]
+__all__ = ["TextSource", "resolve_source", "tfds_builder", "prepare_tfds", "SplitStats",
+           "corpus_stats", "describe_corpus"]
 
 _VALIDATION_NAMES = ("validation", "valid", "dev", "test")
 
@@ -109,23 +110,38 @@ def resolve_source(spec: str | Sequence[str] | None = None, *, data_dir: str | N
     return TextSource(name, builders.prepare(b, quiet=quiet))
 
 
-def _tfds_source(name: str, *, data_dir, text_key, validation_fraction, download,
-                 quiet) -> TextSource:
+def tfds_builder(name: str, *, data_dir: str | None = None, flag: str = "--data"):
+    """The tfds builder of dataset ``name`` (``dataset/config:version``, without ``tfds:``),
+    for array_record files; ``prepare_tfds`` prepares it.
+
+    Raises:
+      ValueError: an empty or unknown dataset name (the message lists close matches).
+      RuntimeError: a package the builder needs is missing.
+    """
     import tensorflow_datasets as tfds
     if not name:
-        raise ValueError("empty tfds dataset name; use --data tfds:NAME, e.g. "
+        raise ValueError(f"empty tfds dataset name; use {flag} tfds:NAME, e.g. "
                          "tfds:tiny_shakespeare.")
     try:
         with _missing_package_hint(name):
-            builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+            return tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError:
         base = name.split("/")[0].split(":")[0]
         close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False),
                                           n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown tfds dataset {name!r} (from --data tfds:{name}): no registered "
-                         f"tensorflow-datasets builder has that name.{hint}") from None
-    key = _text_key(builder.info.features, text_key, name)
+        raise ValueError(f"unknown tfds dataset {name!r} (from {flag} tfds:{name}): no "
+                         f"registered tensorflow-datasets builder has that name.{hint}") from None
+
+
+def prepare_tfds(builder, name: str, *, download: bool = True, quiet: bool = True) -> list[str]:
+    """Prepares a ``tfds_builder`` (``download_and_prepare`` when ``download``; downloads when
+    the dataset is not yet in its data directory) and returns its split names.
+
+    Raises:
+      ValueError: the dataset is not prepared and ``download`` is False.
+      RuntimeError: the download or preparation failed, or a package it needs is missing.
+    """
     if download:
         try:
             with builders.quiet_tfds(quiet), _missing_package_hint(name):
@@ -133,11 +149,19 @@ def _tfds_source(name: str, *, data_dir, text_key, validation_fraction, download
         except OSError as e:  # includes requests' ConnectionError
             raise RuntimeError(f"could not download or prepare tfds dataset {name!r} into "
                                f"{builder.data_dir} ({type(e).__name__}: {e}); it needs the "
-                               "internet, or pass a local corpus with --data PATH.") from None
+                               "internet, or pass local files with --data instead.") from None
     available = list(builder.info.splits)
     if not available:
         raise ValueError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}; run with "
                          "downloads allowed (download=True) or prepare it first.")
+    return available
+
+
+def _tfds_source(name: str, *, data_dir, text_key, validation_fraction, download,
+                 quiet) -> TextSource:
+    builder = tfds_builder(name, data_dir=data_dir)
+    key = _text_key(builder.info.features, text_key, name)
+    available = prepare_tfds(builder, name, download=download, quiet=quiet)
     val = next((s for s in _VALIDATION_NAMES if s in available), None)
     if "train" not in available:
         raise ValueError(f"tfds dataset {name!r} has no 'train' split (it has {available}).")

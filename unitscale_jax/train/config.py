@@ -195,7 +195,8 @@ TAG_SCHEMES = ("iob2", "iob1", "iobes")
 class FinetuneConfig:
     """Fine-tuning an encoder on labelled data (``unitscale-jax finetune``): the task, the
     split files and their columns, the trunk's initialisation and early stopping. ``--data``
-    (``DataConfig.data``) names a directory of ``train.*`` / ``dev.*`` / ``test.*`` files."""
+    (``DataConfig.data``) names a directory of ``train.*`` / ``dev.*`` / ``test.*`` files, or a
+    tfds dataset (``tfds:glue/sst2``; classification, its ``ClassLabel`` names the labels)."""
 
     task: str = _f("classify", "classify (sentence / sentence-pair labels) or tag (a tag per "
                    "word, CoNLL)", choices=FINETUNE_TASKS)

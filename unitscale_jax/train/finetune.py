@@ -107,6 +107,39 @@ def resolve_splits(cfg: Config) -> dict[str, Path]:
     return found
 
 
+def is_tfds(data: Optional[str]) -> bool:
+    """Whether ``--data`` names a tfds dataset (``tfds:NAME``) rather than a directory."""
+    return isinstance(data, str) and data.startswith("tfds:")
+
+
+def read_tfds_splits(cfg: Config, log: Callable[[str], None] = print
+                     ) -> tuple[dict[str, tuple[str, Any]], datalib.LabelVocab]:
+    """The splits of ``--data tfds:NAME`` (``labelled.read_tfds_classification``), as
+    ``{split: (name, TextExamples)}``, and the label vocabulary (its ``ClassLabel`` names, or
+    the training labels numbered by ``make_vocab``).
+
+    Raises:
+      UsageError: ``--task tag``, or ``--train`` / ``--dev`` / ``--test`` given as well.
+      DataError: anything wrong with the dataset.
+    """
+    f = cfg.finetune
+    if f.task != "classify":
+        raise UsageError(f"--data {cfg.data.data}: tfds datasets are read for --task classify; "
+                         "for --task tag pass CoNLL files (--data DIR or --train / --dev).")
+    given = [f"--{s}" for s in ("train", "dev", "test") if getattr(f, s) is not None]
+    if given:
+        raise UsageError(f"--data {cfg.data.data} names every split; drop {' / '.join(given)} "
+                         "(or pass files only).")
+    ds = datalib.read_tfds_classification(cfg.data.data[len("tfds:"):],
+                                          data_dir=cfg.data.data_dir,
+                                          text_columns=f.text_column,
+                                          label_column=f.label_column)
+    if ds.unlabelled:
+        log(f"{ds.name}: split(s) {', '.join(ds.unlabelled)} carry no labels; not scored")
+    read = {split: (ex.path, ex) for split, ex in ds.splits.items()}
+    return read, ds.vocab or make_vocab(cfg, ds.splits["train"])
+
+
 def read_split(cfg: Config, path: str | os.PathLike, *, with_labels: bool = True):
     """``TextExamples`` (classify) or ``TaggedSentences`` (tag) of one file, read with the
     run's column settings.
@@ -175,7 +208,7 @@ def _truncation_note(path, encoded, seq_len: int) -> Optional[str]:
 class Split:
     """One split of a fine-tuning run: the file read, its encoding."""
 
-    path: Path
+    path: Path | str
     examples: Any
     encoded: Any
 
@@ -194,17 +227,19 @@ class LabelledData:
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.paths = resolve_splits(cfg)
         try:
-            train = read_split(cfg, self.paths["train"])
-            self.vocab = make_vocab(cfg, train)
-            self.splits = {"train": Split(self.paths["train"], train,
-                                          encode_split(cfg, train, self.tokenizer, self.vocab))}
-            for name in ("dev", "test"):
-                if name in self.paths:
-                    ex = read_split(cfg, self.paths[name])
-                    self.splits[name] = Split(self.paths[name], ex,
-                                              encode_split(cfg, ex, self.tokenizer, self.vocab))
+            if is_tfds(cfg.data.data):
+                read, vocab = read_tfds_splits(cfg, log)
+            else:
+                self.paths = resolve_splits(cfg)
+                train = read_split(cfg, self.paths["train"])
+                read, vocab = {"train": (self.paths["train"], train)}, None
+                read.update({name: (self.paths[name], read_split(cfg, self.paths[name]))
+                             for name in ("dev", "test") if name in self.paths})
+            self.vocab = vocab or make_vocab(cfg, read["train"][1])
+            self.splits = {name: Split(path, ex, encode_split(cfg, ex, self.tokenizer,
+                                                              self.vocab))
+                           for name, (path, ex) in read.items()}
         except DataError as e:
             raise UsageError(str(e)) from None
         for split in self.splits.values():
@@ -777,5 +812,6 @@ def predict_run(run_dir: str | os.PathLike, data: str | os.PathLike, out: str | 
 
 __all__ = ["TRUNK", "FineTuner", "LabelledData", "finetune", "format_finetune_summary",
            "check_pretrained", "restore_trunk", "with_trunk", "finetune_optimizer",
-           "load_finetuned", "evaluate_run", "predict_run", "resolve_splits", "read_split",
+           "load_finetuned", "evaluate_run", "predict_run", "resolve_splits", "is_tfds",
+           "read_tfds_splits", "read_split",
            "make_vocab", "encode_split", "make_task", "score"]

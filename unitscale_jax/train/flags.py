@@ -185,7 +185,7 @@ def parse_train_args(argv: Sequence[str], prog: str = "unitscale-jax train") -> 
     return _config_from(ns, base)
 
 
-FINETUNE_SKIP = ("--model", "--packing", "--validation-fraction", "--data-dir", "--text-key",
+FINETUNE_SKIP = ("--model", "--packing", "--validation-fraction", "--text-key",
                  "--mask-prob", "--noise-density", "--mean-span", "--eval-batches",
                  "training.init_from")
 """``train`` flags that mean nothing for fine-tuning (the model is an encoder; the whole dev
