@@ -424,16 +424,19 @@ def generate_seq2seq(model, tokenizer, prompt: str, *, seq_len: int, target_len:
     return out
 
 
-def word_report(cfg: Config, text: str) -> str:
-    """One line: how many words of ``text`` occur in the run's training text.
+def word_reports(cfg: Config, texts: list[str]) -> list[str]:
+    """One line per text: how many of its words occur in the run's training text.
 
-    ``data.known_words`` against ``data.word_set`` of the training split; the demo's check that
-    a sample reads like text (at least half its words known).
+    ``data.known_words`` against ``data.word_set`` of the training split (read once for all
+    texts); the demo's check that a sample reads like text (at least half its words known).
     """
     vocabulary = datalib.word_set(load_data(cfg, log=lambda _: None).source.documents("train"))
-    known, total = datalib.known_words(text, vocabulary)
-    share = f"{100 * known / total:.0f}%" if total else "-"
-    return f"[words found in the training text: {known} of {total} ({share})]"
+    lines = []
+    for text in texts:
+        known, total = datalib.known_words(text, vocabulary)
+        share = f"{100 * known / total:.0f}%" if total else "-"
+        lines.append(f"[words found in the training text: {known} of {total} ({share})]")
+    return lines
 
 
 def _options(kind: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -458,7 +461,7 @@ def sample(run_dir: str | Path, prompt: str = "", *, step: Optional[int] = None,
       **options: the kind's sampling options (``DEFAULTS``): ``max_new_tokens``,
         ``temperature``, ``top_k`` (``None``: all tokens), ``seed``, ``num_samples`` for
         decoder and encdec runs; ``top_k`` (candidates per mask) for encoder runs;
-        ``report_words`` (decoder): add ``word_report`` of each continuation.
+        ``report_words`` (decoder): add ``word_reports`` of the continuations.
 
     Returns:
       decoder: each sample as prompt + continuation; encoder: ``FillMask.report()``;
@@ -482,7 +485,7 @@ def sample(run_dir: str | Path, prompt: str = "", *, step: Optional[int] = None,
         texts = generate_text(model, tokenizer, prompt, seq_len=seq_len, **opts)
         blocks = [prompt + text for text in texts]
         if report_words:
-            blocks = [f"{b}\n{word_report(cfg, text)}" for b, text in zip(blocks, texts)]
+            blocks = [f"{b}\n{line}" for b, line in zip(blocks, word_reports(cfg, texts))]
     else:
         samples = generate_seq2seq(model, tokenizer, prompt, seq_len=seq_len, packing=packing,
                                    target_len=seq2seq_target_limit(model, cfg), **opts)
