@@ -3,6 +3,8 @@
 import random
 from pathlib import Path
 
+from unitscale_jax.cli import main
+
 TINY = ["--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--seq-len", "24",
         "--batch-size", "8", "--no-progress", "--no-tensorboard", "--no-plot"]
 """A model small enough that a fine-tuning step takes milliseconds on one CPU core."""
@@ -47,3 +49,16 @@ def write_tagging(root: Path, *, n_train: int = 48, n_dev: int = 16, seed: int =
             lines.append("")
         (root / f"{name}.conll").write_text("\n".join(lines) + "\n")
     return root
+
+
+def fails(capsys, argv, *needles) -> str:
+    """Runs ``unitscale-jax ARGV`` in-process and asserts it failed with exit 2 and one error
+    line (no traceback) holding every needle; returns that line."""
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

@@ -10,23 +10,11 @@ import time
 import pytest
 
 from tests.train.conftest import ROOT, read_rows, subprocess_env
-from tests.train.finetune_helpers import TINY, write_classification, write_tagging
-from unitscale_jax.cli import main
+from tests.train.finetune_helpers import TINY, fails, write_classification, write_tagging
 from unitscale_jax.data import train_tokenizer
 from unitscale_jax.train.config import Config
 from unitscale_jax.train.finetune import LabelledData
 from unitscale_jax.train.flags import parse_finetune_args
-
-
-def _fails(capsys, argv, *needles):
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 2, (rc, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def _finetune(tmp_path, *args):
@@ -41,9 +29,9 @@ def _tsv(path, header, rows):
 def test_missing_label_and_text_columns_name_the_columns_found(tmp_path, capsys):
     train = _tsv(tmp_path / "train.tsv", ["sentence", "score"], [["good", "1"], ["bad", "0"]])
     dev = _tsv(tmp_path / "dev.tsv", ["sentence", "label"], [["fine", "1"]])
-    _fails(capsys, _finetune(tmp_path, "--train", str(train), "--dev", str(dev)),
+    fails(capsys, _finetune(tmp_path, "--train", str(train), "--dev", str(dev)),
            "train.tsv", "no label column", "'sentence', 'score'", "--label-column")
-    _fails(capsys, _finetune(tmp_path, "--train", str(train), "--dev", str(dev),
+    fails(capsys, _finetune(tmp_path, "--train", str(train), "--dev", str(dev),
                              "--label-column", "score", "--text-column", "txt"),
            "no text column 'txt'", "'sentence', 'score'")
 
@@ -51,7 +39,7 @@ def test_missing_label_and_text_columns_name_the_columns_found(tmp_path, capsys)
 def test_empty_file(tmp_path, capsys):
     data = write_classification(tmp_path / "d")
     (data / "dev.tsv").write_text("")
-    _fails(capsys, _finetune(tmp_path, "--data", str(data)), "dev.tsv", "empty file")
+    fails(capsys, _finetune(tmp_path, "--data", str(data)), "dev.tsv", "empty file")
 
 
 @pytest.mark.parametrize("line, needles", [
@@ -63,7 +51,7 @@ def test_bad_conll_lines_name_file_and_line(tmp_path, capsys, line, needles):
     train = tmp_path / "train.conll"
     train.write_text(f"ann B-PER\nwent O\n\n{line}\ncity O\n")
     dev = write_tagging(tmp_path / "d") / "dev.conll"
-    _fails(capsys, _finetune(tmp_path, "--task", "tag", "--train", str(train), "--dev",
+    fails(capsys, _finetune(tmp_path, "--task", "tag", "--train", str(train), "--dev",
                              str(dev)), *needles)
 
 
@@ -71,7 +59,7 @@ def test_dev_label_never_seen_in_training(tmp_path, capsys):
     data = write_classification(tmp_path / "d", test=False)
     with open(data / "dev.tsv", "a") as f:
         f.write("so so\t2\n")
-    _fails(capsys, _finetune(tmp_path, "--data", str(data)), "dev.tsv:26:", "label '2' never "
+    fails(capsys, _finetune(tmp_path, "--data", str(data)), "dev.tsv:26:", "label '2' never "
            "occurs in the training split")
 
 
@@ -84,7 +72,7 @@ def test_long_texts_are_truncated_and_counted_or_refused(tmp_path, capsys):
     LabelledData(cfg, log=notes.append)
     assert any(n.startswith(f"{data / 'train.tsv'}: truncated 3 of 67 examples longer than "
                             "--seq-len 30") for n in notes), notes
-    _fails(capsys, _finetune(tmp_path, "--data", str(data), "--seq-len", "30", "--no-truncate"),
+    fails(capsys, _finetune(tmp_path, "--data", str(data), "--seq-len", "30", "--no-truncate"),
            "train.tsv:66:", "3 example(s) longer than --seq-len 30", "--no-truncate")
 
 
@@ -97,9 +85,9 @@ def _fake_run(path, cfg: Config):
 def test_init_from_a_non_encoder_or_mismatched_run(tmp_path, capsys):
     data = write_classification(tmp_path / "d", test=False)
     decoder = _fake_run(tmp_path / "dec", Config())
-    _fails(capsys, _finetune(tmp_path, "--data", str(data), "--init-from", str(decoder)),
+    fails(capsys, _finetune(tmp_path, "--data", str(data), "--init-from", str(decoder)),
            "is a decoder run", "needs a pretrained encoder run")
-    _fails(capsys, _finetune(tmp_path, "--data", str(data), "--init-from", str(tmp_path / "no")),
+    fails(capsys, _finetune(tmp_path, "--data", str(data), "--init-from", str(tmp_path / "no")),
            "--init-from", "no config.json there")
     tok = tmp_path / "tok.json"
     (tmp_path / "text.txt").write_text("the film was good and the plot was bad\n" * 20)
@@ -107,7 +95,7 @@ def test_init_from_a_non_encoder_or_mismatched_run(tmp_path, capsys):
                     out_path=str(tok))
     encoder = _fake_run(tmp_path / "enc", Config().replace(model={
         "kind": "encoder", "d_model": 16, "n_layers": 1, "n_heads": 2}))  # TINY's but d_model
-    line = _fails(capsys, _finetune(tmp_path, "--data", str(data), "--init-from", str(encoder),
+    line = fails(capsys, _finetune(tmp_path, "--data", str(data), "--init-from", str(encoder),
                                     "--d-model", "32", "--tokenizer", f"hf:{tok}"),
                   "the pretrained encoder differs", "d_model 16 (pretrained) vs 32",
                   f"tokenizer 'bytes' (pretrained) vs 'hf:{tok}'")
@@ -116,17 +104,17 @@ def test_init_from_a_non_encoder_or_mismatched_run(tmp_path, capsys):
 
 def test_tokenizer_missing_or_not_a_tokenizer(tmp_path, capsys):
     data = write_classification(tmp_path / "d", test=False)
-    _fails(capsys, _finetune(tmp_path, "--data", str(data), "--tokenizer",
+    fails(capsys, _finetune(tmp_path, "--data", str(data), "--tokenizer",
                              f"hf:{tmp_path / 'nope.json'}"), "--tokenizer", "no such file")
     (tmp_path / "bad.json").write_text('{"not": "a tokenizer"}')
-    _fails(capsys, _finetune(tmp_path, "--data", str(data), "--tokenizer",
+    fails(capsys, _finetune(tmp_path, "--data", str(data), "--tokenizer",
                              f"hf:{tmp_path / 'bad.json'}"), "is not a Hugging Face tokenizer")
 
 
 def test_run_dir_that_is_a_file(tmp_path, capsys):
     data = write_classification(tmp_path / "d", test=False)
     (tmp_path / "file").write_text("x")
-    _fails(capsys, ["finetune", "--data", str(data), "--run-dir", str(tmp_path / "file")],
+    fails(capsys, ["finetune", "--data", str(data), "--run-dir", str(tmp_path / "file")],
            "is a file, not a directory")
 
 
@@ -136,9 +124,9 @@ def test_evaluate_predict_need_a_finetuning_run(tmp_path, capsys, command):
     run = _fake_run(tmp_path / "pre", Config().replace(model={"kind": "encoder"}))
     out = tmp_path / "out.tsv"
     out.write_text("keep me\n")
-    _fails(capsys, [command, "--run-dir", str(run), "--data", str(data / "dev.tsv"),
+    fails(capsys, [command, "--run-dir", str(run), "--data", str(data / "dev.tsv"),
                     "--out", str(out)], "is not a fine-tuning run")
-    _fails(capsys, [command, "--run-dir", str(tmp_path / "none"), "--data",
+    fails(capsys, [command, "--run-dir", str(tmp_path / "none"), "--data",
                     str(data / "dev.tsv"), "--out", str(out)], "no config.json there")
     assert out.read_text() == "keep me\n"
 

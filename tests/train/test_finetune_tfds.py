@@ -13,7 +13,7 @@ from unitscale_jax.cli import main
 from unitscale_jax.train.finetune import LabelledData
 from unitscale_jax.train.flags import parse_finetune_args
 
-from .finetune_helpers import TINY
+from .finetune_helpers import TINY, fails
 
 _POS, _NEG, _FILLER = ["good", "great", "fine"], ["bad", "awful", "dull"], ["the", "film", "was"]
 
@@ -130,16 +130,6 @@ def test_tfds_finetune_end_to_end(tfds_dir, tmp_path, capsys):
     assert not (run / "test_report.json").exists()
 
 
-def _fails(capsys, argv, *needles):
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 2, (rc, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("args, needles", [
     (["--data", "tfds:unitscale_test_sentimnt"],
      ["unknown tfds dataset 'unitscale_test_sentimnt'", "unitscale_test_sentiment"]),
@@ -159,7 +149,7 @@ def _fails(capsys, argv, *needles):
      ["names every split; drop --dev"]),
 ])
 def test_tfds_bad_input(tfds_dir, tmp_path, capsys, args, needles):
-    _fails(capsys, ["finetune", *TINY, "--steps", "1", "--data-dir", tfds_dir, "--run-dir",
+    fails(capsys, ["finetune", *TINY, "--steps", "1", "--data-dir", tfds_dir, "--run-dir",
                     str(tmp_path / "r"), *args], *needles)
     run = tmp_path / "r"
     assert not run.exists() or not any(run.iterdir())  # nothing written
