@@ -13,14 +13,15 @@ messages start with it and the path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 __all__ = ["PathError", "MissingPathError", "check_kind", "existing_file", "output_dir",
-           "output_file", "write_text_atomic"]
+           "output_file", "atomic_path", "write_text_atomic"]
 
 Kind = Literal["file", "dir"]
 
@@ -160,18 +161,25 @@ def output_file(path: str | os.PathLike, what: str = "", example: str = "") -> P
     return p
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same directory, renamed over
-    ``path`` when complete: a reader (or the next run after a kill) sees the old file or the
-    new one, never a truncated one. The file gets the usual permissions (``0o666`` less the
-    umask)."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path in ``path``'s directory to write to, renamed over ``path`` when the
+    block ends without an error (removed otherwise): a reader, or the next run after a kill,
+    sees the old file or the new one, never a truncated one."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, p)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` (UTF-8, line ends as given) to ``path`` through ``atomic_path``. The file
+    gets the usual permissions (``0o666`` less the umask)."""
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)

@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -41,7 +40,7 @@ import optax
 from flax import nnx
 
 from unitscale_jax import data as datalib
-from unitscale_jax import nn
+from unitscale_jax import nn, paths
 from unitscale_jax.data.labelled import DataError
 from unitscale_jax.train import build
 from unitscale_jax.train import step as steplib
@@ -739,22 +738,14 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *,
 
 
 def _write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to a temporary file next to ``path`` and renames it into place."""
+    """``paths.write_text_atomic`` after checking ``path`` is a file in an existing directory."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{path} is a directory; pass a file path to write.")
     if not path.parent.is_dir():
         raise UsageError(f"{path.parent}: no such directory; create it first or pick another "
                          "output path.")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    paths.write_text_atomic(path, text)
 
 
 def _classification_output(examples, predicted: list[str]) -> str:

@@ -21,8 +21,6 @@ layout (kernels ``[fan_in, fan_out]``) and dtype. The header metadata (strings) 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -76,14 +74,8 @@ def write_params_file(out: Path, params: Any, abstract_model: nnx.Module, model:
                 "param_info": json.dumps(_info_dict(abstract_model), sort_keys=True),
                 "model": json.dumps(model, sort_keys=True), "config": config_json,
                 "step": str(int(step))}
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with paths.atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def export_run(run_dir: str | Path, out: Optional[str | Path] = None, *,
