@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 __all__ = ["PathError", "MissingPathError", "check_kind", "existing_file", "output_dir",
-           "output_file", "atomic_path", "write_text_atomic"]
+           "output_file", "atomic_path", "write_text_atomic", "first_missing",
+           "removed_if_left_empty"]
 
 Kind = Literal["file", "dir"]
 
@@ -183,3 +184,40 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+
+
+def first_missing(path: str | os.PathLike) -> Optional[Path]:
+    """The topmost of ``path`` and its ancestors that does not exist (what ``mkdir(parents=True)``
+    would create first), or None when ``path`` exists."""
+    p = Path(path).absolute()
+    if p.exists():
+        return None
+    while not p.parent.exists() and p.parent != p:
+        p = p.parent
+    return p
+
+
+def _remove_empty_tree(root: Path) -> None:
+    if not root.is_dir() or root.is_symlink():
+        return
+    for child in root.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            _remove_empty_tree(child)
+    with contextlib.suppress(OSError):  # not empty (a file is there): keep it
+        root.rmdir()
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(created: Optional[Path]) -> Iterator[None]:
+    """Runs the block; if it raises, removes ``created`` (a directory this command made, see
+    ``first_missing``) and the directories under it, if no file was written there.
+
+    So a command that fails on bad input leaves no empty output directory behind, and never
+    deletes a file. ``created=None`` (the directory was there before) does nothing.
+    """
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            _remove_empty_tree(created)
+        raise

@@ -77,7 +77,13 @@ class Trainer:
         self.primary = jax.process_index() == 0
         self.quiet = quiet
         self.log = Log(self.primary, quiet)
-        self.run_dir = prepare_run_dir(cfg, self.given)
+        self._created = paths.first_missing(t.run_dir)  # removed again if set-up fails
+        with paths.removed_if_left_empty(self._created):
+            self.run_dir = prepare_run_dir(cfg, self.given)
+            self._set_up(cfg, devices)
+
+    def _set_up(self, cfg: Config, devices: Optional[Sequence[Any]]) -> None:
+        t = cfg.training
         self.data = self._load_data()
         self.task = self._make_task()
         tcfg = build.transformer_config(cfg, self.data.vocab_size)
@@ -307,7 +313,8 @@ class Trainer:
         """
         from tqdm.auto import tqdm
         t, ckpt = self.cfg.training, self.ckpt
-        start = self.build_state()
+        with paths.removed_if_left_empty(self._created):
+            start = self.build_state()
         stop = StopSignals()
         bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=not (t.progress and self.primary and not self.quiet), desc="train")
