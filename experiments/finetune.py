@@ -46,6 +46,15 @@ QUICK = {"widths": "16,32", "depth": 1, "d_head": 8, "pretrain_steps": 30, "fine
          "max_train": 512, "max_dev": 128, "umup_lrs": "-2,0", "sp_lrs": "-8,-6"}
 
 
+FINETUNE_SETTINGS = ("tasks", "finetune_steps", "eval_every", "max_dev", "umup_lrs", "sp_lrs")
+"""Settings that change only the fine-tuning runs: a rerun that changes only these keeps the
+pretrained encoders (and starts the fine-tuning runs over)."""
+
+
+def _pretrain_settings(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in FINETUNE_SETTINGS}
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -323,11 +332,19 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     meta_path = out / f"{tag}_meta.json"
     old = json.loads(meta_path.read_text()) if meta_path.exists() else None
     resume = not args.fresh and old is not None and old.get("settings") == settings
+    # the pretrained encoders stay valid when only fine-tuning settings change
+    keep_pretrained = (not args.fresh and old is not None
+                       and _pretrain_settings(old.get("settings", {}))
+                       == _pretrain_settings(settings))
     work = out / f"{tag}_work"
-    if not resume and work.exists():
+    if not keep_pretrained and work.exists():
         shutil.rmtree(work)
+    elif not resume and work.exists():  # fine-tuning runs of other settings: start them over
+        for d in work.glob("ft_*"):
+            shutil.rmtree(d)
     work.mkdir(parents=True, exist_ok=True)
     meta = {**(old if resume else {}), "settings": settings,
+            "pretrained_kept": bool(keep_pretrained and not resume),
             "command": "python experiments/finetune.py " + " ".join(
                 shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
             "machine": _sweep.machine(), "started": (old or {}).get("started") if resume
@@ -338,7 +355,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     log(f"finetune ({mode}): tasks {tasks}, widths {widths}, depth {args.depth}, "
         f"{args.pretrain_steps} pretraining / {args.finetune_steps} fine-tuning steps x batch "
         f"{args.batch_size} x seq {args.seq_len}; corpus {prepared['corpus_lines']} sentences")
-    pre_table = Table(out / f"{tag}_pretrain.csv", PRE_COLUMNS, resume)
+    pre_table = Table(out / f"{tag}_pretrain.csv", PRE_COLUMNS, keep_pretrained)
     runs = Table(out / f"{tag}_runs.csv", RUN_COLUMNS, resume)
     for par in pars:
         for w in widths:

@@ -52,3 +52,14 @@ def test_finetune_quick_writes_and_resumes(tmp_path):
     meta = json.loads((out / "finetune_quick_meta.json").read_text())
     assert meta["runs_this_call"] == 0 and len(again["runs"]) == 4  # nothing retrained
     assert again["summary"] == res["summary"]
+
+    # only a fine-tuning setting changes: the pretrained encoder is kept, the runs start over
+    pre_dir = work / "pre_umup_16"
+    stamp = (pre_dir / "config.json").stat().st_mtime_ns
+    argv2 = [a if a != "-1" else "-2" for a in argv]  # --umup-lrs -2
+    third = experiment.main(argv2, log=lambda m: None)
+    meta = json.loads((out / "finetune_quick_meta.json").read_text())
+    assert meta["pretrained_kept"] and meta["runs_this_call"] == 4
+    assert (pre_dir / "config.json").stat().st_mtime_ns == stamp
+    assert len(_rows(out / "finetune_quick_pretrain.csv")) == 1
+    assert {float(r["lr_log2"]) for r in third["runs"]} == {-2.0}
