@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -83,6 +84,24 @@ def test_init_from_round_trip_is_bit_exact(trained, tmp_path):
     assert json.loads(meta["param_info"]) == _param_info(abstract_model)
 
 
+def test_init_from_a_run_directory_equals_its_export(trained, tmp_path):
+    """--init-from RUN_DIR starts at that run's newest checkpoint: the same parameters as
+    --init-from its exported file, bit for bit."""
+    given = Config.from_dict(json.loads((trained / "config.json").read_text()))
+    states = {}
+    for name, source in (("dir", trained), ("file", trained / "model.safetensors")):
+        cfg = given.replace(training={"run_dir": str(tmp_path / name), "init_from": str(source)})
+        trainer = Trainer(cfg, quiet=True)
+        try:
+            assert trainer.build_state() == 0
+            states[name] = interop.flat_params(jax.device_get(trainer.state["params"]))
+        finally:
+            trainer.close()
+    assert set(states["dir"]) == set(states["file"])
+    for name, value in states["file"].items():
+        assert _bitwise_equal(states["dir"][name], value), name
+
+
 def test_train_init_from_cli_starts_at_the_exported_model(trained, tfds_dir, tmp_path, capsys):
     """Same data, same parameters: the new run's validation loss at step 0 is the old run's
     at its last step, exactly."""
@@ -106,7 +125,7 @@ def test_init_from_mismatch_lists_the_differences(trained, tfds_dir, tmp_path, c
     rc = run_cli(*base, "--d-model", "16", "--init-from", path, "--run-dir", tmp_path / "c")
     one_line(capsys, rc, "--init-from", "does not match the model", "different shape or dtype",
              "embed.embedding (260, 32) float32 (the model needs (260, 16) float32)",
-             "the file's model differs in: d_model 32 -> 16")
+             "the source's model differs in: d_model 32 -> 16")
     arrays, _ = interop.read_params_file(path)
     arrays.pop("readout.kernel")
     arrays["extra.weight"] = np.zeros(3, np.float32)
@@ -120,7 +139,7 @@ def test_init_from_mismatch_lists_the_differences(trained, tfds_dir, tmp_path, c
 
 @pytest.mark.parametrize("case, needles", [
     ("missing", ["none.safetensors: no such file"]),
-    ("directory", ["is a directory; pass a .safetensors file"]),
+    ("directory", ["no config.json there"]),
     ("garbage", ["is not a readable safetensors file"]),
 ])
 def test_init_from_bad_file(tfds_dir, tmp_path, capsys, case, needles):

@@ -232,3 +232,36 @@ def test_finetune_config_round_trip_leaves_train_configs_alone(tmp_path):
     assert Config.from_dict(json.loads(cfg.to_json())) == cfg
     assert "finetune" not in Config().to_dict() and Config.from_dict(Config().to_dict()).finetune \
         is None
+
+
+def test_init_from_an_exported_file_gives_the_same_trunk(pretrained, tmp_path, capsys):
+    """finetune --init-from FILE (``unitscale-jax export`` of the encoder run) starts from the
+    same trunk as --init-from the run directory, and takes the model flags from the file."""
+    data = write_classification(tmp_path / "sst")
+    exported = tmp_path / "enc.safetensors"
+    assert main(["export", "--run-dir", str(pretrained), "--out", str(exported)]) == 0
+    inits = {}
+    for name, source in (("dir", pretrained), ("file", exported)):
+        cfg = parse_finetune_args(["--data", str(data), "--init-from", str(source), "--steps",
+                                   "2", "--run-dir", str(tmp_path / name), "--no-progress",
+                                   "--batch-size", "8"])
+        assert cfg.model.d_model == 16
+        tuner = FineTuner(cfg, quiet=True)
+        tuner.build_state()
+        inits[name] = jax.device_get(tuner.state["params"])
+        tuner.close()
+    for k in TRUNK:
+        if k in inits["dir"]:
+            assert _trees_equal(inits["dir"][k], inits["file"][k]), k
+
+
+def test_init_from_a_file_without_a_run_config(tmp_path, capsys):
+    from safetensors.numpy import save_file
+    data = write_classification(tmp_path / "sst")
+    bare = tmp_path / "bare.safetensors"
+    save_file({"embed.table": np.zeros((4, 2), np.float32)}, str(bare))
+    rc = main(["finetune", "--data", str(data), "--init-from", str(bare), "--run-dir",
+               str(tmp_path / "ft")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "records no run config" in err and not (tmp_path / "ft").exists()

@@ -164,8 +164,11 @@ class TrainingConfig:
     keep_checkpoints: int = _f(3, "latest checkpoints kept (older ones are deleted)")
     async_checkpointing: bool = _f(True, "write checkpoints in the background")
     seed: int = _f(0, "seed of the initialisation, data order and dropout")
-    init_from: Optional[str] = _f(None, "initialise the parameters from this .safetensors "
-                                  "file (written by unitscale-jax export) instead of at random; "
+    init_from: Optional[str] = _f(None, "start from the parameters of this run directory "
+                                  "(its newest valid checkpoint) or .safetensors file (written "
+                                  "by unitscale-jax export) instead of at random; finetune "
+                                  "takes the encoder trunk (embedding, layers, final norm) of "
+                                  "a 'train --model encoder' run, with fresh task heads; "
                                   "unused when the run resumes from a checkpoint")
     run_dir: Optional[str] = _f(None, "output directory (default runs/<preset>-<model>-"
                                 "<parametrization>); rerunning resumes from its checkpoint")
@@ -217,9 +220,6 @@ class FinetuneConfig:
                       "on SST-2)", choices=POOLINGS)
     truncate: bool = _f(True, "cut examples longer than --seq-len (and report how many); "
                         "--no-truncate: an error instead")
-    init_from: Optional[str] = _f(None, "a 'train --model encoder' run directory whose trunk "
-                                  "(embedding, layers, final norm) initialises the model; "
-                                  "default: train from scratch")
     freeze_trunk: bool = _f(False, "train the task head only (a linear probe)")
     patience: Optional[int] = _f(None, "stop after this many evaluations without a better "
                                  "dev score (default: never)")

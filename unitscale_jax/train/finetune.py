@@ -6,9 +6,10 @@ on labelled data (``unitscale_jax.data.labelled``):
 
 - the task is ``tasks.SequenceClassification`` (``--task classify``: TSV/CSV/JSONL) or
   ``tasks.TokenClassification`` (``--task tag``: CoNLL, the tag on each word's first subword);
-- ``--init-from RUN`` copies the trunk (``TRUNK``: embedding, layers, final norm) of a ``train
-  --model encoder`` run into the model at step 0 (``restore_trunk``; the architecture and the
-  tokenizer must match, ``check_pretrained``); ``--freeze-trunk`` trains the heads only, the
+- ``--init-from RUN_OR_FILE`` copies the trunk (``TRUNK``: embedding, layers, final norm) of a
+  ``train --model encoder`` run, or of its exported ``.safetensors`` file, into the model at
+  step 0 (``restore_trunk``; the architecture and the tokenizer must match,
+  ``check_pretrained``); ``--freeze-trunk`` trains the heads only, the
   trunk's updates set to zero by ``optax.partition`` (the heads keep the u-muP optimizer's
   rules: the optimizer is the run's own, applied to the head subtree);
 - every evaluation scores the whole dev split with the task metric (``scores.TASK_METRICS``:
@@ -42,7 +43,7 @@ from flax import nnx
 from unitscale_jax import data as datalib
 from unitscale_jax import nn, paths
 from unitscale_jax.data.labelled import DataError
-from unitscale_jax.train import build
+from unitscale_jax.train import build, interop
 from unitscale_jax.train import step as steplib
 from unitscale_jax.train.checkpoint import Checkpoints
 from unitscale_jax.train.config import Config, ModelConfig, resolve
@@ -345,8 +346,9 @@ def _tokenizer_identity(spec: str) -> str:
     return spec
 
 
-def check_pretrained(cfg: Config, run_dir: str | os.PathLike) -> Config:
-    """The resolved config of the ``--init-from`` run, checked against the fine-tuning run.
+def check_pretrained(cfg: Config, source: str | os.PathLike) -> Config:
+    """The resolved config of the ``--init-from`` run (a run directory, or the run an exported
+    file records), checked against the fine-tuning run.
 
     Raises:
       UsageError: not a ``train --model encoder`` run, or its architecture (every model
@@ -354,12 +356,12 @@ def check_pretrained(cfg: Config, run_dir: str | os.PathLike) -> Config:
         differing field.
     """
     flag = "--init-from"
-    pre = read_run_config(run_dir, flag)
+    pre = interop.source_config(source, flag)
     if pre.finetune is not None or pre.model.kind != "encoder":
         what = (f"a fine-tuning run ({pre.finetune.task})" if pre.finetune is not None else
                 f"a {pre.model.kind} run")
-        raise UsageError(f"{flag} {run_dir} is {what}; --init-from needs a pretrained encoder "
-                         "run (unitscale-jax train --model encoder).")
+        raise UsageError(f"{flag} {source} is {what}; --init-from needs a pretrained encoder "
+                         "run (unitscale-jax train --model encoder) or its exported file.")
     pre = resolve(pre)
     diffs = [f"{f.name} {getattr(pre.model, f.name)!r} (pretrained) vs "
              f"{getattr(cfg.model, f.name)!r}" for f in dataclasses.fields(ModelConfig)
@@ -368,40 +370,36 @@ def check_pretrained(cfg: Config, run_dir: str | os.PathLike) -> Config:
     if _tokenizer_identity(pre.data.tokenizer) != _tokenizer_identity(cfg.data.tokenizer):
         diffs.append(f"tokenizer {pre.data.tokenizer!r} (pretrained) vs {cfg.data.tokenizer!r}")
     if diffs:
-        raise UsageError(f"{flag} {run_dir}: the pretrained encoder differs from this model in "
+        raise UsageError(f"{flag} {source}: the pretrained encoder differs from this model in "
                          f"{'; '.join(diffs)}; leave those flags out (they default to the "
                          "pretrained run's) or pretrain a matching encoder.")
     return pre
 
 
-def restore_trunk(run_dir: str | os.PathLike, log: Callable[[str], None] = print
-                  ) -> tuple[dict, int]:
-    """The trunk parameters (pure dict of ``TRUNK`` entries, host arrays) of a pretrained
-    encoder run's newest valid checkpoint, and that checkpoint's step.
-
-    A run directory (orbax checkpoint) is one source of a trunk; other sources (an exported
-    file) would be functions of their own returning the same.
-    """
-    from unitscale_jax.train.sample import load_run
-    _, _, model, step = load_run(run_dir, kind="encoder", purpose="--init-from",
-                                 flag="--init-from", log=log)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {k: jax.device_get(v) for k, v in params.items() if k in TRUNK}, step
+def _in_trunk(name: str) -> bool:
+    return name.split(".", 1)[0] in TRUNK
 
 
-def with_trunk(params: dict, trunk: dict, source: str) -> dict:
-    """``params`` with its ``TRUNK`` entries replaced by ``trunk``'s (same shapes).
+def restore_trunk(source: str | os.PathLike, log: Callable[[str], None] = print
+                  ) -> tuple[dict[str, np.ndarray], int]:
+    """The trunk parameters (``{name: array}`` of the ``TRUNK`` entries, names as
+    ``interop.flat_params``) of a pretrained encoder: a run directory's newest valid
+    checkpoint or an exported file; and its step."""
+    arrays, step, _ = interop.source_arrays(source, "--init-from", log)
+    return {k: v for k, v in arrays.items() if _in_trunk(k)}, step
+
+
+def with_trunk(params: dict, trunk: dict[str, np.ndarray], source: str) -> dict:
+    """``params`` with its ``TRUNK`` entries replaced by ``trunk``'s (same names and shapes).
 
     Raises:
-      UsageError: the trunks differ in structure or shape.
+      UsageError: the trunks differ (every missing, unexpected or reshaped entry listed).
     """
-    mine = {k: v for k, v in params.items() if k in TRUNK}
-    shapes = jax.tree.map(lambda a: tuple(a.shape), mine)
-    theirs = jax.tree.map(lambda a: tuple(np.shape(a)), trunk)
-    if shapes != theirs:
-        raise UsageError(f"--init-from {source}: the pretrained trunk's parameters do not fit "
-                         "this model (shapes differ); pretrain with the same model flags.")
-    return {**params, **trunk}
+    flat = interop.flat_params(params)
+    interop.check_arrays(trunk, {k: v for k, v in flat.items() if _in_trunk(k)},
+                         f"--init-from {source}: the pretrained trunk",
+                         "; pretrain with the same model flags")
+    return interop.unflatten_like(params, {**flat, **trunk})
 
 
 def freeze_labels(params: dict) -> dict:
@@ -452,8 +450,8 @@ class FineTuner(Trainer):
     # hooks
     def _load_data(self):
         data = LabelledData(self.cfg, self.log)
-        if self.cfg.finetune.init_from is not None:
-            self.pretrained = check_pretrained(self.cfg, self.cfg.finetune.init_from)
+        if self.cfg.training.init_from:
+            self.pretrained = check_pretrained(self.cfg, self.cfg.training.init_from)
         return data
 
     def _make_task(self) -> Task:
@@ -468,21 +466,17 @@ class FineTuner(Trainer):
                            async_save=t.async_checkpointing, log=self.log,
                            best_metric=TASK_METRICS[self.cfg.finetune.task])
 
-    def _fresh_state(self) -> dict:
-        state = super()._fresh_state()
-        f = self.cfg.finetune
-        if f.init_from is None:
-            return state
-        trunk, step = restore_trunk(f.init_from, self.log)
-        params = with_trunk(jax.device_get(state["params"]), trunk, f.init_from)
-        seed = self.cfg.training.seed
-        state = jax.jit(lambda p: steplib.new_state(p, self.tx, seed),
-                        out_shardings=self.shardings)(params)
+    def _initial_params(self) -> Optional[dict]:
+        source = self.cfg.training.init_from
+        if not source:
+            return None
+        trunk, step = restore_trunk(source, self.log)
+        params = with_trunk(jax.device_get(self._fresh_state()["params"]), trunk, source)
         heads = sorted(k for k in params if k not in TRUNK)
-        self.log(f"init: trunk ({', '.join(k for k in TRUNK if k in trunk)}) from "
-                 f"{f.init_from} at step {step}; fresh {', '.join(heads)}"
-                 + ("; the trunk is frozen" if f.freeze_trunk else ""))
-        return state
+        self.log(f"init: trunk ({', '.join(k for k in TRUNK if k in params)}) from "
+                 f"{source} at step {step}; fresh {', '.join(heads)}"
+                 + ("; the trunk is frozen" if self.cfg.finetune.freeze_trunk else ""))
+        return params
 
     def build_state(self) -> int:
         start = super().build_state()

@@ -186,10 +186,9 @@ def parse_train_args(argv: Sequence[str], prog: str = "unitscale-jax train") -> 
 
 
 FINETUNE_SKIP = ("--model", "--packing", "--validation-fraction", "--text-key",
-                 "--mask-prob", "--noise-density", "--mean-span", "--eval-batches",
-                 "training.init_from")
+                 "--mask-prob", "--noise-density", "--mean-span", "--eval-batches")
 """``train`` flags that mean nothing for fine-tuning (the model is an encoder; the whole dev
-split is evaluated; ``--init-from`` is the fine-tuning section's: a pretrained run)."""
+split is evaluated)."""
 
 
 def finetune_parser(base: Config, prog: str = "unitscale-jax finetune") -> Parser:
@@ -207,13 +206,13 @@ def finetune_parser(base: Config, prog: str = "unitscale-jax finetune") -> Parse
 def parse_finetune_args(argv: Sequence[str], prog: str = "unitscale-jax finetune") -> Config:
     """``Config`` of a fine-tuning run (``finetune`` section set, ``--model encoder``).
 
-    With ``--init-from RUN``, the model flags and ``--tokenizer`` default to that run's, so
-    only the fine-tuning options need giving.
+    With ``--init-from RUN_OR_FILE``, the model flags and ``--tokenizer`` default to that
+    run's (or the run an exported file records), so only the fine-tuning options need giving.
 
     Raises:
-      UsageError: bad flags, or an ``--init-from`` directory that holds no run.
+      UsageError: bad flags, or an ``--init-from`` that holds no run.
     """
-    from unitscale_jax.train.run_dir import read_run_config
+    from unitscale_jax.train.interop import source_config
     base, _ = _base_config(argv, prog)
     pre = Parser(prog=prog, add_help=False)
     pre.add_argument("--init-from", default=None)
@@ -221,7 +220,7 @@ def parse_finetune_args(argv: Sequence[str], prog: str = "unitscale-jax finetune
     if base.finetune is None:
         base = base.replace(finetune=dataclasses.asdict(FinetuneConfig()))
     if known.init_from and known.init_from.lower() not in ("none", "null"):
-        pretrained = read_run_config(known.init_from, "--init-from")
+        pretrained = source_config(known.init_from, "--init-from")
         base = base.replace(model=pretrained.to_dict()["model"],
                             data={"tokenizer": pretrained.data.tokenizer})
     base = base.replace(model={"kind": "encoder"})

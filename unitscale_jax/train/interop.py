@@ -1,8 +1,11 @@
-"""Parameters as a safetensors file: ``unitscale-jax export`` and ``train --init-from``.
+"""Parameters as a safetensors file (``unitscale-jax export``), and ``--init-from``.
 
 ``export_run`` writes the parameters of a run's checkpoint (latest valid one by default) to
-one ``.safetensors`` file; ``params_from_file`` reads such a file back as the initial
-parameters of a new run (``Trainer.build_state``), checking every name, shape and dtype.
+one ``.safetensors`` file. ``--init-from SOURCE`` (``train`` and ``finetune``) takes such a file
+or a run directory (its newest valid checkpoint): ``source_arrays`` reads either as named
+arrays, ``source_config`` the run config behind it, and ``params_from_source`` turns a source
+into the initial parameters of a new run (``Trainer.build_state``), checking every name, shape
+and dtype; ``finetune`` takes the encoder trunk of the same arrays.
 
 File layout: one tensor per parameter, named by its path in the model's parameter tree joined
 with dots (``stack.layers.attn.qkv_proj.kernel``; with ``scan_layers`` the layers are one
@@ -113,6 +116,19 @@ def export_run(run_dir: str | Path, out: Optional[str | Path] = None, *,
     return out
 
 
+def _open_params_file(path: str | Path, flag: str, tensors: bool
+                      ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+    path = paths.existing_file(path, flag, "a .safetensors file or a run directory")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            arrays = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+            return arrays, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{flag} {path} is not a readable safetensors file ({reason}).") from None
+
+
 def read_params_file(path: str | Path, flag: str = "--init-from"
                      ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """``({name: array}, header metadata)`` of a safetensors file.
@@ -121,14 +137,65 @@ def read_params_file(path: str | Path, flag: str = "--init-from"
       PathError: no such file, or a directory.
       UsageError: not a safetensors file.
     """
-    from safetensors import SafetensorError, safe_open
-    path = paths.existing_file(path, flag, "a .safetensors file")
+    return _open_params_file(path, flag, tensors=True)
+
+
+def source_config(source: str | Path, flag: str = "--init-from") -> Config:
+    """The (unresolved) run config behind an ``--init-from`` source: a run directory's
+    ``config.json``, or the one an exported file records in its header.
+
+    Raises:
+      PathError: no such file or directory.
+      UsageError: not a run, not a safetensors file, or a file that records no run config
+        (not written by ``unitscale-jax export``).
+    """
+    from unitscale_jax.train.run_dir import read_run_config
+    if Path(source).is_dir():
+        return read_run_config(source, flag)
+    _, meta = _open_params_file(source, flag, tensors=False)
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"{flag} {path} is not a readable safetensors file ({reason}).") from None
+        return Config.from_dict(json.loads(meta["config"]))
+    except (KeyError, json.JSONDecodeError, UsageError, TypeError, AttributeError):
+        raise UsageError(f"{flag} {source} records no run config (it was not written by "
+                         "unitscale-jax export); export the run again, or pass its run "
+                         "directory.") from None
+
+
+def source_arrays(source: str | Path, flag: str = "--init-from",
+                  log: Callable[[str], None] = print
+                  ) -> tuple[dict[str, np.ndarray], int, dict[str, Any]]:
+    """What an ``--init-from`` source holds: ``({name: array}, step, model)``.
+
+    A run directory gives its newest valid checkpoint's parameters; a file, its tensors.
+    ``model`` is the ``model_metadata`` of the run behind it (``{}`` for a file that records
+    none), the names those of ``flat_params``.
+
+    Raises:
+      PathError: no such file or directory.
+      UsageError: a run with no valid checkpoint, or an unreadable file.
+    """
+    from unitscale_jax.train.config import resolve
+    from unitscale_jax.train.run_dir import read_run_config
+    from unitscale_jax.train.sample import restore_params
+    if Path(source).is_dir():
+        cfg = resolve(read_run_config(source, flag))
+        tokenizer, _, params, step = restore_params(source, cfg, log=log, flag=flag)
+        arrays = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(params).items()}
+        return arrays, step, model_metadata(cfg, tokenizer.vocab_size)
+    arrays, meta = read_params_file(source, flag)
+    try:
+        model = json.loads(meta["model"]) if "model" in meta else {}
+        step = int(meta.get("step", 0))
+    except (json.JSONDecodeError, ValueError):
+        model, step = {}, 0
+    return arrays, step, model if isinstance(model, dict) else {}
+
+
+def model_changes(theirs: dict[str, Any], cfg: Config, vocab_size: int) -> list[str]:
+    """``"field old -> new"`` for each model setting of a source that differs from ``cfg``'s."""
+    ours = model_metadata(cfg, vocab_size)
+    return [f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in sorted(ours)
+            if k in theirs and theirs[k] != ours[k]]
 
 
 def check_arrays(arrays: dict[str, Any], wanted: dict[str, Any], what: str,
@@ -158,13 +225,13 @@ def unflatten_like(abstract: Any, named: dict[str, Any]) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: named[param_name(p)], abstract)
 
 
-def params_from_file(path: str | Path, abstract_params: Any, cfg: Config, vocab_size: int, *,
-                     flag: str = "--init-from",
-                     log: Callable[[str], None] = print) -> Any:
-    """The parameters in a safetensors file, as a tree like ``abstract_params``.
+def params_from_source(source: str | Path, abstract_params: Any, cfg: Config, vocab_size: int,
+                       *, flag: str = "--init-from", log: Callable[[str], None] = print) -> Any:
+    """The parameters of an ``--init-from`` source, as a tree like ``abstract_params``.
 
     Args:
-      path: a file written by ``export_run`` (or any safetensors file with our names).
+      source: a file written by ``export_run`` (or any safetensors file with our names), or a
+        run directory (its newest valid checkpoint).
       abstract_params: the new run's parameter tree (pure dict of ``ShapeDtypeStruct``).
       cfg: the new run's config (for the report of model settings that differ).
       vocab_size: the new run's vocabulary size.
@@ -172,20 +239,16 @@ def params_from_file(path: str | Path, abstract_params: Any, cfg: Config, vocab_
       log: receives one-line reports.
 
     Raises:
-      UsageError: an unreadable file, or names, shapes or dtypes that differ from the
-        model's (all listed; with the model settings that differ, when the file records them).
+      UsageError: an unreadable source, or names, shapes or dtypes that differ from the
+        model's (all listed; with the model settings that differ, when the source records
+        them).
     """
-    arrays, meta = read_params_file(path, flag)
-    ours = model_metadata(cfg, vocab_size)
-    try:
-        theirs = json.loads(meta["model"]) if "model" in meta else {}
-    except json.JSONDecodeError:
-        theirs = {}
-    changed = [f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in sorted(ours)
-               if k in theirs and theirs[k] != ours[k]]
-    hint = (f" (the file's model differs in: {', '.join(changed)})" if changed else "")
-    check_arrays(arrays, flat_params(abstract_params), f"{flag} {path}", hint)
+    arrays, step, theirs = source_arrays(source, flag, log)
+    changed = model_changes(theirs, cfg, vocab_size)
+    hint = (f" (the source's model differs in: {', '.join(changed)})" if changed else "")
+    check_arrays(arrays, flat_params(abstract_params), f"{flag} {source}", hint)
     if changed:
-        log(f"init-from: {path} was exported from a model with other settings "
+        log(f"init-from: {source} comes from a model with other settings "
             f"({', '.join(changed)}); its parameters fit this one.")
+    log(f"initialised the parameters from {source} (step {step})")
     return unflatten_like(abstract_params, arrays)

@@ -153,6 +153,15 @@ class Trainer:
         """The state at step 0 (no checkpoint to resume), in the state's shardings."""
         return jax.jit(self._init, out_shardings=self.shardings)()
 
+    def _initial_params(self) -> Optional[Any]:
+        """The parameters a new run starts from (pure dict of arrays), or None for a fresh
+        init: those of ``--init-from`` (an exported file or a run directory) if given."""
+        t = self.cfg.training
+        if not t.init_from:
+            return None
+        return interop.params_from_source(t.init_from, self.abstract_state["params"], self.cfg,
+                                          self.data.vocab_size, log=self.log)
+
     def _state_of(self, params: Any) -> dict:
         """The step-0 train state of given parameters, placed in the run's shardings."""
         interop.check_arrays(interop.flat_params(params),
@@ -203,10 +212,8 @@ class Trainer:
                      + (f" (--init-from {t.init_from} is not used)" if t.init_from else ""))
         else:
             start = 0
-            if params is None and t.init_from:
-                params = interop.params_from_file(t.init_from, self.abstract_state["params"],
-                                                  self.cfg, self.data.vocab_size, log=self.log)
-                self.log(f"initialised the parameters from {t.init_from}")
+            if params is None:
+                params = self._initial_params()
             self.state = self._fresh_state() if params is None else self._state_of(params)
             if self.primary:
                 self.metrics_path.write_text("")
