@@ -83,6 +83,9 @@ def build_parser():
     p.add_argument("--umup-lrs", default="-4:1", help="u-muP's log2 fine-tuning LRs (a:b or "
                    "comma-separated)")
     p.add_argument("--sp-lrs", default="-12:-5", help="SP's log2 fine-tuning LRs")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many new "
+                   "fine-tuning runs in this call (0: only write the summary and plot of the "
+                   "rows so far); rerun to continue")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--tag", default=None)
@@ -250,11 +253,18 @@ def summarise(rows: Sequence[dict]) -> tuple[list[dict], dict]:
             mine = [s for s in summary if (s["task"], s["parametrization"]) == (task, par)]
             pre = {s["width"]: s for s in mine if s["init"] == "pretrained"}
             scr = {s["width"]: s for s in mine if s["init"] == "scratch"}
-            opts = [s["best_lr_log2"] for s in pre.values() if s["best_lr_log2"] is not None]
+            def spread(by_width):
+                opts = [s["best_lr_log2"] for s in by_width.values()
+                        if s["best_lr_log2"] is not None]
+                return (max(opts) - min(opts)) if len(opts) > 1 else None
+
             claims[f"{task}_{par}"] = {
                 "pretrained_best_lr_log2_by_width": {w: s["best_lr_log2"]
                                                      for w, s in sorted(pre.items())},
-                "pretrained_optimum_spread_log2": (max(opts) - min(opts)) if opts else None,
+                "scratch_best_lr_log2_by_width": {w: s["best_lr_log2"]
+                                                  for w, s in sorted(scr.items())},
+                "pretrained_optimum_spread_log2": spread(pre),
+                "scratch_optimum_spread_log2": spread(scr),
                 "pretraining_gain_by_width": {
                     w: (pre[w]["best_score"] - scr[w]["best_score"])
                     if w in scr and None not in (pre[w]["best_score"], scr[w]["best_score"])
@@ -327,7 +337,8 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     tag = args.tag or ("finetune" if mode == "full" else "finetune_quick")
     out = _sweep.out_dir(args, mode)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "tag", "fresh", "quick")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("out", "tag", "fresh", "quick", "max_runs")}
     settings["mode"] = mode
     meta_path = out / f"{tag}_meta.json"
     old = json.loads(meta_path.read_text()) if meta_path.exists() else None
@@ -364,6 +375,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
                 pre_table.add(row)
                 log(f"  pretrained {par} width {w}: MLM val loss {row['val_loss']:.4f} "
                     f"({row['wall_s']:.0f} s)")
+    missing = 0
     for task in tasks:
         for par in pars:
             for w in widths:
@@ -372,6 +384,9 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
                         key = dict(task=task, parametrization=par, width=w, init=init,
                                    lr_log2=float(k))
                         if runs.has(**key):
+                            continue
+                        if args.max_runs is not None and meta["runs_this_call"] >= args.max_runs:
+                            missing += 1
                             continue
                         row = finetune_one(args, prepared, work, task, par, w, init, float(k))
                         runs.add(row)
@@ -383,7 +398,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     png = plot(runs.rows, out / f"{tag}.png",
                title=f"fine-tuning ({mode}): depth {args.depth}, {args.finetune_steps} steps x "
                f"{args.batch_size}; pretrained ({args.pretrain_steps} MLM steps) vs scratch")
-    meta.update(claims=claims, wall_s=round(time.perf_counter() - t0, 1),
+    meta.update(claims=claims, wall_s=round(time.perf_counter() - t0, 1), runs_missing=missing,
                 finished=time.strftime("%Y-%m-%d %H:%M:%S"),
                 pretrain_s=sum(float(r["wall_s"]) for r in pre_table.rows),
                 finetune_s=sum(float(r["wall_s"]) for r in runs.rows), data=prepared)

@@ -54,12 +54,14 @@ def test_finetune_quick_writes_and_resumes(tmp_path):
     assert again["summary"] == res["summary"]
 
     # only a fine-tuning setting changes: the pretrained encoder is kept, the runs start over
+    # (here only one of the four: --max-runs 1; the summary covers the rows there are)
     pre_dir = work / "pre_umup_16"
     stamp = (pre_dir / "config.json").stat().st_mtime_ns
     argv2 = [a if a != "-1" else "-2" for a in argv]  # --umup-lrs -2
-    third = experiment.main(argv2, log=lambda m: None)
+    third = experiment.main(argv2 + ["--max-runs", "1"], log=lambda m: None)
     meta = json.loads((out / "finetune_quick_meta.json").read_text())
-    assert meta["pretrained_kept"] and meta["runs_this_call"] == 4
+    assert meta["pretrained_kept"] and (meta["runs_this_call"], meta["runs_missing"]) == (1, 3)
+    assert len(third["runs"]) == 1 and len(third["summary"]) == 1
     assert (pre_dir / "config.json").stat().st_mtime_ns == stamp
     assert len(_rows(out / "finetune_quick_pretrain.csv")) == 1
     assert {float(r["lr_log2"]) for r in third["runs"]} == {-2.0}
