@@ -7,7 +7,14 @@ temporary memory (``memory_analysis().temp_size_in_bytes``), next to the size of
 ``[batch, heads, S, S]`` score tensor. The longest length runs the chunked path only (dense
 would need several score tensors of that size).
 
+Linear attention (``ops.plain.linear_attention``, causal prefix sums, O(S)) against dense XLA
+attention at ``--linear-vs-dense`` lengths (4096: a dense 16k run needs several 8 GiB score
+tensors, more than this machine has) and against the chunked backend at
+``--linear-vs-chunked`` lengths (16384), same batch, heads and timing; the rows are
+``linear_results``.
+
     python benchmarks/attention.py [--lengths 1024 4096] [--chunked-only 16384] [--runs 3]
+        [--linear-vs-dense 4096] [--linear-vs-chunked 16384]
     python benchmarks/attention.py --quick --no-write
 """
 
@@ -27,10 +34,14 @@ from unitscale_jax.ops import plain  # noqa: E402
 
 def fwd_bwd(impl: str):
     """Jitted output and q, k, v gradients of causal attention with backend ``impl``."""
+    def attend(q, k, v):
+        if impl == "linear":
+            return plain.linear_attention(q, k, v, is_causal=True)
+        return plain.dot_product_attention(q, k, v, logit_scale=q.shape[-1] ** -0.5,
+                                           is_causal=True, implementation=impl)
+
     def step(q, k, v, g):
-        y, vjp = jax.vjp(lambda q, k, v: plain.dot_product_attention(
-            q, k, v, logit_scale=q.shape[-1] ** -0.5, is_causal=True, implementation=impl),
-            q, k, v)
+        y, vjp = jax.vjp(attend, q, k, v)
         return y, vjp(g)
     return jax.jit(step)
 
@@ -50,13 +61,18 @@ def measure(seq: int, impls: tuple, args) -> dict:
     times = interleaved_times(fns, runs, warmup=1)
     out["median_s"] = {i: sorted(t)[len(t) // 2] for i, t in times.items()}
     out["temp_bytes"] = temp
-    if "xla" in impls:
+    if "linear" in impls:
+        base = impls[1]
+        out[f"time_ratio_linear_over_{base}"] = paired_ratios(times, base)["linear"]
+        out[f"temp_ratio_linear_over_{base}"] = temp["linear"] / temp[base]
+    elif "xla" in impls:
         out["time_ratio_chunked_over_xla"] = paired_ratios(times, "xla")["chunked"]
         out["temp_ratio_chunked_over_xla"] = temp["chunked"] / temp["xla"]
     line = "  ".join(f"{i} {out['median_s'][i] * 1e3:9.1f} ms, temp {temp[i] / 2**20:8.1f} MiB"
                      for i in impls)
-    ratio = out.get("time_ratio_chunked_over_xla")
-    print(f"S={seq:6d}  {line}" + (f"  time chunked/xla {ratio:.2f}" if ratio else ""),
+    name = f"{impls[0]}/{impls[-1]}"
+    ratio = out.get(f"time_ratio_{impls[0]}_over_{impls[-1]}")
+    print(f"S={seq:6d}  {line}" + (f"  time {name} {ratio:.2f}" if ratio else ""),
           flush=True)
     return out
 
@@ -65,22 +81,29 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096])
     p.add_argument("--chunked-only", type=int, nargs="*", default=[16384])
+    p.add_argument("--linear-vs-dense", type=int, nargs="*", default=[4096])
+    p.add_argument("--linear-vs-chunked", type=int, nargs="*", default=[16384])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="smoke sizes (256, 512; 1024 chunked)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke sizes (256, 512; 1024 chunked; linear 256 vs dense, 512 vs chunked)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.chunked_only, args.runs = [256, 512], [1024], 1
+        args.linear_vs_dense, args.linear_vs_chunked = [256], [512]
     print(f"causal attention fwd+bwd, batch {args.batch}, {args.heads} heads x {args.head_dim}, "
           f"float32, {jax.default_backend()}, median of {args.runs}", flush=True)
     rows = [measure(s, ("chunked", "xla"), args) for s in args.lengths]
     rows += [measure(s, ("chunked",), args) for s in args.chunked_only]
+    linear = [measure(s, ("linear", "xla"), args) for s in args.linear_vs_dense]
+    linear += [measure(s, ("linear", "chunked"), args) for s in args.linear_vs_chunked]
     result = {"benchmark": "attention", "batch": args.batch, "heads": args.heads,
               "head_dim": args.head_dim, "dtype": "float32", "causal": True,
-              "runs": args.runs, "block_q": 512, "block_kv": 512, "results": rows}
+              "runs": args.runs, "block_q": 512, "block_kv": 512, "results": rows,
+              "linear_chunk": plain.LINEAR_ATTENTION_CHUNK, "linear_results": linear}
     if not args.no_write:
         print(f"  written to {write_result('attention', result)}")
     return result

@@ -9,7 +9,7 @@ Each benchmark runs as its own process (so one's JAX/XLA settings cannot leak in
   on a CPU-only machine its ``--tiny`` path check, results ``*_tiny.json``);
 - ``attention``: the chunked (memory-efficient) attention backend against dense XLA attention,
   forward + backward: time ratio and compiled temporary memory at S = 1k and 4k (16k chunked
-  only);
+  only); linear attention against dense at 4k and against chunked at 16k;
 - ``finetune``: ``unitscale-jax finetune``'s train step (sequence classification) against the
   same step written as a plain NNX encoder with optax, in examples/s;
 - ``torch_comparison``: the authors' PyTorch ``unit_scaling.TransformerDecoder`` against ours

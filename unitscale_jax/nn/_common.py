@@ -58,6 +58,16 @@ def self_attention_mask(mask, batch: int, seq: int, model: str,
                      f"[batch, heads, q, kv]; got shape {mask.shape}.")
 
 
+def attention_mask(mask, batch: int, seq: int, model: str, kind: str,
+                   name: str = "mask") -> Optional[jax.Array]:
+    """The self-attention mask for ``attention_kind`` ``kind``: ``self_attention_mask``, or
+    for linear attention (which takes key padding masks only) a ``[batch, seq]`` padding mask
+    as ``key_padding_mask``'s ``[batch, 1, 1, seq]`` (other masks are passed on as they are)."""
+    if kind == "linear" and mask is not None and jnp.ndim(mask) == 2:
+        return key_padding_mask(mask, batch, seq, model, name)
+    return self_attention_mask(mask, batch, seq, model, name)
+
+
 def key_padding_mask(mask, batch: int, seq: int, model: str, name: str) -> Optional[jax.Array]:
     """``[batch, 1, 1, seq]`` from a ``[batch, seq]`` padding mask (cross attention)."""
     if mask is None:

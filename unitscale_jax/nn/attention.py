@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unitscale_jax.nn import hooks
+from unitscale_jax.nn.config import linear_attention_problem
 from unitscale_jax.nn.layers import Linear, ParametrizationLike
 from unitscale_jax.nn.parametrization import get_parametrization
 from unitscale_jax.nn.sharding import constrain
@@ -59,6 +60,13 @@ class MultiHeadAttention(nnx.Module):
     same values as a full forward pass over ``cache_len`` tokens. For cross attention, a
     ``cache`` holds the context's precomputed keys and values (``context_kv``).
 
+    ``attention_kind="linear"``: kernelised linear attention (``Parametrization.
+    linear_attention``: ``ops.linear_attention`` in u-muP) in place of softmax attention;
+    masks are key padding masks only. Its cache (causal self attention) is the recurrent
+    state ``{"kv": [batch, heads, head_dim, head_dim], "z": [batch, heads, head_dim]}``
+    (``sum phi(k) v^T`` and ``sum phi(k)`` of the positions so far, float32), which each step
+    adds its keys to: run each position once, in order. u-muP then needs ``scale_seq_len``.
+
     Args:
       d_model: input width.
       n_heads: number of heads.
@@ -74,6 +82,7 @@ class MultiHeadAttention(nnx.Module):
       dropout: attention-probability dropout rate.
       attention_impl: the attention backend (``ops.plain.ATTENTION_IMPLEMENTATIONS``):
         ``"auto"`` (default), ``"xla"``, ``"cudnn"`` or ``"chunked"``.
+      attention_kind: ``"softmax"`` (default) or ``"linear"`` (``ops.plain.ATTENTION_KINDS``).
       depth: residual-stack depth (parameter metadata).
       parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
       init_std: SP std of the input projections.
@@ -88,7 +97,8 @@ class MultiHeadAttention(nnx.Module):
                  d_head: Optional[int] = None, cross: bool = False, causal: bool = False,
                  d_context: Optional[int] = None, bias: bool = False, use_rope: bool = False,
                  rope_theta: float = 10000.0, mult: float = 1.0, dropout: float = 0.0,
-                 attention_impl: str = "auto", depth: Optional[int] = None,
+                 attention_impl: str = "auto", attention_kind: str = "softmax",
+                 depth: Optional[int] = None,
                  parametrization: ParametrizationLike = "umup",
                  init_std: Optional[float] = None, out_init_std: Optional[float] = None,
                  precision: Any = None, layer: Optional[int] = None, dtype: Any = None,
@@ -110,6 +120,10 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(f"MultiHeadAttention: attention_impl must be one of "
                              f"{plain.ATTENTION_IMPLEMENTATIONS}, got {attention_impl!r}.")
         self.attention_impl = str(attention_impl)
+        problem = linear_attention_problem(attention_kind, attention_impl, mult)
+        if problem:
+            raise ValueError(f"MultiHeadAttention: {problem}")
+        self.attention_kind = str(attention_kind)
         self.parametrization = get_parametrization(parametrization)
         self.precision = precision
         self.layer = layer
@@ -139,6 +153,22 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError("context_kv is for cross attention.")
         k, v = self._split(self.kv_proj(context, rng=rng), 2)
         return {"k": k, "v": v}
+
+    def _linear_attention(self, q, k, v, mask, cache, new_cache, scale_seq_len):
+        """Linear attention; with a self-attention cache, one step of the recurrent state."""
+        p = self.parametrization
+        if cache is None or self.cross:  # a cross-attention cache holds the context's k, v
+            return p.linear_attention(q, k, v, mask=mask, is_causal=self.causal,
+                                      scale_seq_len=scale_seq_len), new_cache
+        if not self.causal:
+            raise ValueError("MultiHeadAttention: linear attention's cache is the causal "
+                             "recurrent state; bidirectional self attention has no cache.")
+        if set(cache) != {"kv", "z"}:
+            raise ValueError(f"MultiHeadAttention: linear attention's cache is the state "
+                             f"{{'kv', 'z'}}, got keys {sorted(cache)}.")
+        state = jax.tree.map(lambda a: a.astype(jnp.float32), cache)
+        return p.linear_attention(q, k, v, mask=mask, is_causal=True, state=state,
+                                  scale_seq_len=scale_seq_len)
 
     def __call__(self, x: jax.Array, *, context: Optional[jax.Array] = None,
                  mask: Optional[jax.Array] = None, rng: Optional[jax.Array] = None,
@@ -184,7 +214,7 @@ class MultiHeadAttention(nnx.Module):
                 q = rope(q, positions, self.rope_theta)
                 k = rope(k, positions, self.rope_theta)
             new_cache = cache
-            if cache is not None:
+            if cache is not None and self.attention_kind != "linear":  # linear: a state
                 k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
                                                             start, axis=1)
                 v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
@@ -203,14 +233,18 @@ class MultiHeadAttention(nnx.Module):
                     scale_seq_len = k.shape[1]
         q, k, v = (tap(f"{self.role}.{n}", t) for n, t in zip("qkv", (q, k, v)))
         q, k, v = hooks.attention_inputs(self.precision, q, k, v, layer=self.layer, rng=keys[2])
-        rate = 0.0 if self.deterministic else self.dropout
+        rate = 0.0 if self.deterministic or self.attention_kind == "linear" else self.dropout
         if rate > 0.0 and rng is None:
             raise ValueError("attention dropout is on (dropout > 0, not deterministic): pass rng=, "
                              "or call model.eval() for deterministic evaluation.")
-        out = self.parametrization.attention(
-            q, k, v, mask=mask, is_causal=is_causal, mult=self.mult,
-            dropout_rate=rate, rng=keys[3], scale_seq_len=scale_seq_len,
-            scale_is_causal=scale_causal, implementation=self.attention_impl)
+        if self.attention_kind == "linear":
+            out, new_cache = self._linear_attention(q, k, v, mask, cache, new_cache,
+                                                    scale_seq_len)
+        else:
+            out = self.parametrization.attention(
+                q, k, v, mask=mask, is_causal=is_causal, mult=self.mult,
+                dropout_rate=rate, rng=keys[3], scale_seq_len=scale_seq_len,
+                scale_is_causal=scale_causal, implementation=self.attention_impl)
         out = hooks.attention_output(self.precision, out, layer=self.layer, rng=keys[4])
         out = tap(f"{self.role}.out", constrain(out, _QKV_NAMES))
         y = tap(f"{self.role}.proj", self.out_proj(out.reshape(*out.shape[:2], -1), rng=keys[5]))

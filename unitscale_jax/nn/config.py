@@ -15,7 +15,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 from unitscale_jax.nn.parametrization import PARAMETRIZATIONS, Parametrization, get_parametrization
-from unitscale_jax.ops.plain import ATTENTION_IMPLEMENTATIONS
+from unitscale_jax.ops.plain import ATTENTION_IMPLEMENTATIONS, ATTENTION_KINDS
 
 MLP_KINDS = ("swiglu", "gelu")
 NORM_KINDS = ("rms", "layer")
@@ -54,6 +54,11 @@ class TransformerConfig:
         keys longer than ``ops.plain.CHUNKED_MIN_KV_LEN``, else XLA), xla (dense), cudnn
         (GPU, bfloat16/float16) or chunked (memory-efficient blockwise attention, no
         dropout).
+      attention_kind: softmax (default: ``ops.scaled_dot_product_attention``) or linear
+        (kernelised linear attention, ``ops.linear_attention``: ``phi(x) = elu(x) + 1``,
+        O(S) time and memory, a recurrent state as the decoding cache; it has no attention
+        dropout, ``dropout`` then applies to the residual branches only, and no backend
+        choice or logits multiplier: ``attention_impl`` must stay auto, ``attn_mult`` 1).
       rope: rotary position encoding on q and k (default False: no position encoding, as in
         u-muP's decoder; encoders usually want True since bidirectional attention without
         positions cannot tell token order).
@@ -101,6 +106,7 @@ class TransformerConfig:
     bias: bool = False
     dropout: float = 0.0
     attention_impl: str = "auto"
+    attention_kind: str = "softmax"
     rope: bool = False
     rope_theta: float = 10000.0
     attn_mult: float = 1.0
@@ -159,6 +165,10 @@ class TransformerConfig:
         if self.attention_impl == "chunked" and float(self.dropout) > 0.0:
             fail("attention_impl='chunked' has no attention dropout; set dropout=0 or use "
                  "'auto' or 'xla'.")
+        problem = linear_attention_problem(self.attention_kind, self.attention_impl,
+                                           self.attn_mult)
+        if problem:
+            fail(problem)
         for name in ("attn_mult", "act_mult", "residual_mult", "residual_attn_ratio",
                      "loss_mult", "rope_theta", "norm_eps"):
             v = float(getattr(self, name))
@@ -199,6 +209,25 @@ class TransformerConfig:
         if unknown:
             raise TypeError(f"TransformerConfig has no field(s) {sorted(unknown)}.")
         return dataclasses.replace(self, **changes)
+
+
+def linear_attention_problem(kind: str, attention_impl: str, attn_mult: float) -> Optional[str]:
+    """What is wrong with an ``attention_kind`` and the settings it must agree with, or None.
+
+    An unknown kind (listing ``ops.plain.ATTENTION_KINDS``); linear attention with a named
+    backend (``attention_impl`` chooses among softmax kernels) or a logits multiplier
+    (linear attention has no logits).
+    """
+    if kind not in ATTENTION_KINDS:
+        return f"attention_kind must be one of {ATTENTION_KINDS}, got {kind!r}."
+    if kind == "linear" and attention_impl != "auto":
+        return (f"attention_impl={attention_impl!r} picks a softmax-attention backend; linear "
+                f"attention has one kernel: leave attention_impl='auto' with "
+                f"attention_kind='linear'.")
+    if kind == "linear" and float(attn_mult) != 1.0:
+        return (f"attn_mult={attn_mult} multiplies softmax attention's logits; linear "
+                f"attention has none: leave attn_mult=1 with attention_kind='linear'.")
+    return None
 
 
 def resolve_config(config: Optional[TransformerConfig], overrides: dict) -> TransformerConfig:

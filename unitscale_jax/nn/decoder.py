@@ -14,6 +14,7 @@ from unitscale_jax.nn.config import TransformerConfig, resolve_config
 from unitscale_jax.nn.layers import make_embedding, make_norm, make_readout
 from unitscale_jax.nn.sharding import constrain
 from unitscale_jax.nn.transformer import TransformerStack
+from unitscale_jax.ops import plain
 from unitscale_jax.taps import tap
 
 STREAM = ("batch", "sequence", "embed")
@@ -31,13 +32,16 @@ def stack_outputs(model: nnx.Module, ids: jax.Array, mask: Optional[jax.Array],
                   rng: Optional[jax.Array], name: str) -> jax.Array:
     """``final_norm(stack(embed(ids)))`` of a decoder or encoder (``name`` for errors)."""
     ids = _common.check_ids(ids, "ids", model.config.max_seq_len, name)
-    m = _common.self_attention_mask(mask, *ids.shape, name)
+    m = _common.attention_mask(mask, *ids.shape, name, model.config.attention_kind)
     x = tap("embed", constrain(model.embed(ids), STREAM))
     x = model.stack(x, mask=m, rng=rng)
     return tap("final_norm", model.final_norm(x))
 
 
 def empty_cache(c: TransformerConfig, n_layers: int, batch: int, length: int) -> dict:
+    if c.attention_kind == "linear":  # the recurrent state: sum phi(k) v^T and sum phi(k)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (n_layers, *a.shape)),
+                            plain.linear_attention_state(batch, c.n_heads, c.head_dim))
     shape = (n_layers, batch, length, c.n_heads, c.head_dim)
     return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
 

@@ -55,7 +55,8 @@ class TransformerEncoderDecoder(nnx.Module):
         """Encoder output ``[batch, src_len, d_model]`` (after the encoder's final norm)."""
         c = self.config
         src = _common.check_ids(src, "src", c.max_seq_len, _NAME)
-        m = _common.self_attention_mask(src_mask, *src.shape, _NAME, "src_mask")
+        m = _common.attention_mask(src_mask, *src.shape, _NAME, c.attention_kind,
+                                   "src_mask")
         x = tap("src_embed", constrain(self.embed(src), STREAM))
         return tap("encoder_norm", self.encoder_norm(self.encoder(x, mask=m, rng=rng)))
 
@@ -65,7 +66,8 @@ class TransformerEncoderDecoder(nnx.Module):
         c = self.config
         tgt = _common.check_ids(tgt, "tgt", c.max_seq_len, _NAME)
         _check_batch(context.shape[0], tgt.shape[0])
-        m = _common.self_attention_mask(tgt_mask, *tgt.shape, _NAME, "tgt_mask")
+        m = _common.attention_mask(tgt_mask, *tgt.shape, _NAME, c.attention_kind,
+                                   "tgt_mask")
         cm = _common.key_padding_mask(src_mask, context.shape[0], context.shape[1], _NAME,
                                       "src_mask")
         x = tap("tgt_embed", constrain(self.embed(tgt), STREAM))

@@ -104,6 +104,15 @@ class Parametrization:
             is_causal=is_causal, dropout_rate=dropout_rate, rng=rng,
             implementation=implementation)
 
+    def linear_attention(self, q, k, v, *, mask=None, is_causal: bool = False, state=None,
+                         scale_seq_len: Optional[int] = None,
+                         scale_is_causal: Optional[bool] = None):
+        """Kernelised linear attention (``ops.plain.linear_attention``; ``state``: the causal
+        decoding state, then ``(output, new_state)`` is returned; ``scale_seq_len`` and
+        ``scale_is_causal`` only matter to u-muP's scales)."""
+        del scale_seq_len, scale_is_causal
+        return plain.linear_attention(q, k, v, is_causal=is_causal, mask=mask, state=state)
+
     # -- residuals and the loss --------------------------------------------------------------
     def residual(self, branch: Callable[[jax.Array], jax.Array], x, tau) -> jax.Array:
         """``x`` plus the residual branch ``branch`` (``tau``: u-muP's weight of the branch)."""
@@ -161,6 +170,11 @@ class UMuP(Parametrization):
             q, k, v, mask=mask, is_causal=is_causal, mult=mult, dropout_rate=dropout_rate,
             rng=rng, scale_seq_len=scale_seq_len, scale_is_causal=scale_is_causal,
             implementation=implementation)
+
+    def linear_attention(self, q, k, v, *, mask=None, is_causal=False, state=None,
+                         scale_seq_len=None, scale_is_causal=None):
+        return ops.linear_attention(q, k, v, is_causal=is_causal, mask=mask, state=state,
+                                    scale_seq_len=scale_seq_len, scale_is_causal=scale_is_causal)
 
     def residual(self, branch, x, tau):
         return ops.residual_apply(branch, x, tau)

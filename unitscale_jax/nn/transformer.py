@@ -97,7 +97,8 @@ class TransformerLayer(nnx.Module):
         self.deterministic = False
         in_std, out_std = sp_init_stds(c, depth)
         attn_kw = dict(rngs=rngs, d_head=c.head_dim, bias=c.bias, mult=c.attn_mult,
-                       dropout=c.dropout, attention_impl=c.attention_impl, depth=depth,
+                       dropout=c.dropout, attention_impl=c.attention_impl,
+                       attention_kind=c.attention_kind, depth=depth,
                        parametrization=c.parametrization,
                        init_std=in_std, out_init_std=out_std, precision=c.precision,
                        layer=layer, dtype=c.dtype, param_dtype=c.param_dtype)

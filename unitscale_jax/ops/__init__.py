@@ -21,6 +21,7 @@ from unitscale_jax.ops.constraints import (
 )
 from unitscale_jax.ops.embedding import embedding
 from unitscale_jax.ops.linear import add, linear, linear_readout, matmul
+from unitscale_jax.ops.linear_attention import linear_attention, linear_attention_scales
 from unitscale_jax.ops.losses import cross_entropy, mse_loss
 from unitscale_jax.ops.norms import layer_norm, rms_norm
 from unitscale_jax.ops.residual import (
@@ -32,7 +33,8 @@ from unitscale_jax.ops.residual import (
 
 __all__ = [
     "CONSTRAINTS", "add", "apply_constraint", "attention_scale", "cross_entropy", "dropout",
-    "embedding", "gelu", "layer_norm", "linear", "linear_readout", "logarithmic_interpolation",
+    "embedding", "gelu", "layer_norm", "linear", "linear_attention",
+    "linear_attention_scales", "linear_readout", "logarithmic_interpolation",
     "matmul", "mse_loss", "residual_add", "residual_apply", "residual_split", "rms_norm",
     "scale_bwd", "scale_fwd", "scaled_dot_product_attention", "silu", "silu_glu", "softmax",
     "transformer_residual_scaling_rule", "validate_constraint",

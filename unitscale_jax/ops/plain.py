@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from unitscale_jax.ops import _chunked, _wide
+from unitscale_jax.ops import _chunked, _linear, _wide
 from unitscale_jax.ops._checks import (
     check_ce_inputs,
     check_ids_in_range,
@@ -394,3 +394,113 @@ def layer_norm(x: jax.Array, scale: Optional[jax.Array] = None,
 def rms_norm(x: jax.Array, scale: Optional[jax.Array] = None, *, eps: float = 1e-5) -> jax.Array:
     """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis (the RMS in float32)."""
     return _rms_norm(x, scale, eps, 1.0)
+
+
+ATTENTION_KINDS = ("softmax", "linear")
+"""The attention kinds of the models: ``dot_product_attention`` (softmax) or
+``linear_attention`` (kernelised, ``phi(x) = elu(x) + 1``)."""
+
+LINEAR_ATTENTION_CHUNK = 64
+"""Positions per chunk of causal ``linear_attention`` (about ``head_dim``: the scan then keeps
+``S D^2 / chunk ~ S D`` floats of state for the backward pass)."""
+
+
+def linear_key_mask(mask, batch: int, kv_len: int, op: str) -> Optional[jax.Array]:
+    """A key padding mask as ``[batch, kv_len]`` booleans (or None).
+
+    Linear attention sums over keys once for all queries, so it takes a mask of keys only:
+    ``[batch, kv_len]``, or any rank <= 4 mask whose query axis (and head axis) is 1, i.e.
+    broadcastable from ``[batch, 1, 1, kv_len]``.
+    """
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"{op}: mask must be boolean (True = attend), got dtype {mask.dtype}.")
+    if mask.ndim == 2:
+        full = mask[:, None, None, :]
+    elif mask.ndim <= 4:
+        full = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    else:
+        full = mask
+    if full.ndim != 4 or full.shape[1] != 1 or full.shape[2] != 1:
+        raise ValueError(f"{op}: linear attention takes a key padding mask only ([batch, kv_len] "
+                         f"or [batch, 1, 1, kv_len]; it has no per-query weights), got shape "
+                         f"{mask.shape}.")
+    try:
+        return jnp.broadcast_to(full[:, 0, 0, :], (batch, kv_len))
+    except ValueError as e:
+        raise ValueError(f"{op}: mask shape {mask.shape} does not broadcast to the key padding "
+                         f"mask [{batch}, {kv_len}].") from e
+
+
+def linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    is_causal: bool = False,
+    mask: Optional[jax.Array] = None,
+    state: Optional[dict] = None,
+    chunk_size: int = LINEAR_ATTENTION_CHUNK,
+):
+    """Kernelised linear attention (Katharopoulos et al., 2020) with its ordinary gradient.
+
+    ``o_t = sum_s (phi(q_t) . phi(k_s)) v_s / sum_s phi(q_t) . phi(k_s)`` with
+    ``phi(x) = elu(x) + 1``, over the keys ``s`` query ``t`` sees (all unmasked keys; causal:
+    ``s <= t``). Computed as ``phi(q_t)^T KV / phi(q_t)^T z`` from the running sums
+    ``KV = sum phi(k_s) v_s^T`` and ``z = sum phi(k_s)`` (``unitscale_jax.ops._linear``):
+    O(S) time and memory, no ``[q_len, kv_len]`` tensor; causal attention by prefix sums over
+    chunks of ``chunk_size`` positions (any length: the last chunk is padded).
+
+    Args:
+      q: ``[batch, q_len, heads, head_dim]``.
+      k: ``[batch, kv_len, kv_heads, head_dim]``; ``heads`` a multiple of ``kv_heads``.
+      v: like ``k``.
+      is_causal: query ``t`` sees keys ``s <= t`` (needs ``q_len == kv_len``).
+      mask: optional key padding mask, ``[batch, kv_len]`` or ``[batch, 1, 1, kv_len]``
+        (True = the key counts; see ``linear_key_mask``).
+      state: causal decoding: the sums over the earlier positions, ``{"kv": [batch,
+        kv_heads, head_dim, head_dim], "z": [batch, kv_heads, head_dim]}`` (zeros before the
+        first token, ``linear_attention_state``); then ``(output, new_state)`` is returned.
+      chunk_size: positions per chunk of the causal prefix sums.
+
+    Returns:
+      ``[batch, q_len, heads, head_dim]`` in q's dtype, or ``(output, new_state)`` when
+      ``state`` is given.
+
+    Raises:
+      ValueError: bad shapes, a mask that is not a key padding mask, causal attention with
+        ``q_len != kv_len``, a ``state`` without ``is_causal`` or of the wrong shape, a
+        ``chunk_size`` that is not a positive int.
+    """
+    op = "linear_attention"
+    check_attention_inputs(q, k, v, None, op)
+    b, t, _, d = q.shape
+    s_len, n_kv = k.shape[1], k.shape[2]
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}.")
+    key_mask = linear_key_mask(mask, b, s_len, op)
+    if state is not None:
+        if not is_causal:
+            raise ValueError(f"{op}: a state (cached decoding) continues causal attention; "
+                             f"pass is_causal=True.")
+        want = jax.tree.map(jnp.shape, linear_attention_state(b, n_kv, d))
+        if not isinstance(state, dict) or jax.tree.map(jnp.shape, state) != want:
+            got = (jax.tree.map(jnp.shape, state) if isinstance(state, dict)
+                   else type(state).__name__)
+            raise ValueError(f"{op}: state must be {want} (batch, kv_heads, head_dim), got "
+                             f"{got}.")
+    if not is_causal:
+        return _linear.bidirectional(q, k, v, key_mask)
+    if t != s_len:
+        raise ValueError(f"{op}: causal linear attention needs q_len == kv_len (the same "
+                         f"positions), got {t} and {s_len}; pass earlier positions as state.")
+    out, new_state = _linear.causal(q, k, v, key_mask, state, chunk_size)
+    return out if state is None else (out, new_state)
+
+
+def linear_attention_state(batch: int, kv_heads: int, head_dim: int) -> dict:
+    """The causal state of ``linear_attention`` before any token: float32 zeros
+    ``{"kv": [batch, kv_heads, head_dim, head_dim], "z": [batch, kv_heads, head_dim]}``."""
+    return _linear.empty_state(batch, kv_heads, head_dim)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import docstring_parser
 
-from unitscale_jax.ops.plain import ATTENTION_IMPLEMENTATIONS
+from unitscale_jax.ops.plain import ATTENTION_IMPLEMENTATIONS, ATTENTION_KINDS
 from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train.tasks import TASKS
 
@@ -62,6 +62,7 @@ MODEL_FIELDS: dict[str, tuple[type, Any, dict]] = {
     "mlp": (str, "swiglu", dict(choices=("swiglu", "gelu"))),
     "norm": (str, "rms", dict(choices=("rms", "layer"))),
     "attention_impl": (str, "auto", dict(choices=ATTENTION_IMPLEMENTATIONS)),
+    "attention_kind": (str, "softmax", dict(choices=ATTENTION_KINDS)),
 }
 """Where the trainer's model fields differ from ``TransformerConfig``'s: ``name -> (type,
 default, metadata)``; ``kind`` is the trainer's own."""
