@@ -38,7 +38,8 @@ def stack_outputs(model: nnx.Module, ids: jax.Array, mask: Optional[jax.Array],
 
 
 def empty_cache(c: TransformerConfig, n_layers: int, batch: int, length: int) -> dict:
-    shape = (n_layers, batch, length, c.n_heads, c.head_dim)
+    """Zero self-attention keys and values ``[n_layers, batch, length, kv_heads, head_dim]``."""
+    shape = (n_layers, batch, length, c.kv_heads, c.head_dim)
     return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
 
 
