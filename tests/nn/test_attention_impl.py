@@ -50,7 +50,7 @@ def test_chunked_kv_cache_generation_matches_full_forward():
 
 def test_attention_impl_is_checked():
     with pytest.raises(ValueError, match=r"attention_impl must be one of \('auto', 'xla', "
-                                         r"'cudnn', 'chunked'\), got 'flash'"):
+                                         r"'cudnn', 'chunked', 'pallas_tpu'\), got 'flash'"):
         unn.TransformerConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2,
                               attention_impl="flash")
     with pytest.raises(ValueError, match="'chunked' has no attention dropout"):

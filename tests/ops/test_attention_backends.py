@@ -153,7 +153,7 @@ def test_chunked_backward_holds_no_score_matrix():
 def test_bad_requests_fail_clearly():
     q, k, v = _qkv(8, 8)
     with pytest.raises(ValueError, match=r"implementation must be one of \('auto', 'xla', "
-                                         r"'cudnn', 'chunked'\)"):
+                                         r"'cudnn', 'chunked', 'pallas_tpu'\)"):
         plain.dot_product_attention(q, k, v, logit_scale=1.0, implementation="flash")
     with pytest.raises(ValueError, match="'chunked' has no attention dropout"):
         plain.dot_product_attention(q, k, v, logit_scale=1.0, implementation="chunked",

@@ -44,16 +44,42 @@ def rope(x_BxSxHxD: jax.Array, positions_BxS: jax.Array, theta: float = 10000.0)
     return out.astype(x_BxSxHxD.dtype)
 
 
+def check_kv_heads(n_heads: int, n_kv_heads: Optional[int]) -> int:
+    """The number of key/value heads: ``n_kv_heads`` (default ``n_heads``).
+
+    Raises:
+      ValueError: ``n_kv_heads`` is not a positive divisor of ``n_heads``.
+    """
+    if n_kv_heads is None:
+        return int(n_heads)
+    if (isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads < 1
+            or n_heads % n_kv_heads):
+        raise ValueError(f"n_kv_heads must be a positive divisor of n_heads ({n_heads}) or "
+                         f"None, got {n_kv_heads!r}.")
+    return n_kv_heads
+
+
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention built on ``ops.scaled_dot_product_attention``.
 
     Self attention uses one fused q/k/v projection whose output axis is laid out head-major
     (``[heads, 3, head_dim]``), so sharding it over ``heads`` keeps each head's q, k and v on
     one device. Cross attention projects q from ``x`` and a fused k/v from ``context``.
+
+    Grouped-query attention (``n_kv_heads`` < ``n_heads``; Ainslie et al., 2023; 1 is
+    multi-query attention): ``n_kv_heads`` key/value heads, each read by a group of
+    ``n_heads // n_kv_heads`` query heads. The fused projection is then
+    ``(n_heads + 2 n_kv_heads) * head_dim`` wide, laid out group-major
+    (``[n_kv_heads, group + 2, head_dim]``: a group's query heads, then its k and its v), so
+    a shard over ``heads`` still holds whole groups, and ``n_kv_heads = n_heads`` is exactly
+    the ``[heads, 3, head_dim]`` layout above. Cross attention's k/v projection is
+    ``2 n_kv_heads * head_dim`` wide (``[n_kv_heads, 2, head_dim]``). The fan-in of every
+    projection stays ``d_model`` (u-muP's scales do not change); the KV cache holds
+    ``n_kv_heads`` heads.
     u-muP: projections are unit-scaled ``Linear`` layers; attention uses logits
     ``mult * q k^T / d_head`` and u-muP's output scale; SP: ``1/sqrt(d_head)``, plain maths.
 
-    KV cache: pass ``cache={"k", "v"}`` (``[batch, cache_len, heads, head_dim]``) and
+    KV cache: pass ``cache={"k", "v"}`` (``[batch, cache_len, n_kv_heads, head_dim]``) and
     ``cache_index`` (first position of ``x``): the new keys and values are written at
     ``cache_index`` and queries attend causally to the cache. The scaling rule uses
     ``scale_seq_len`` (default ``cache_len``) and the causal flag, so a cached step gives the
@@ -71,6 +97,7 @@ class MultiHeadAttention(nnx.Module):
       d_model: input width.
       n_heads: number of heads.
       rngs: ``nnx.Rngs``.
+      n_kv_heads: number of key/value heads (a divisor of ``n_heads``; default ``n_heads``).
       d_head: head width (default ``d_model // n_heads``).
       cross: cross attention (q from ``x``, k and v from ``context``).
       causal: causal mask (self attention).
@@ -81,7 +108,9 @@ class MultiHeadAttention(nnx.Module):
       mult: u-muP's ``alpha_attn-softmax`` (muP: the logits multiplier).
       dropout: attention-probability dropout rate.
       attention_impl: the attention backend (``ops.plain.ATTENTION_IMPLEMENTATIONS``):
-        ``"auto"`` (default), ``"xla"``, ``"cudnn"`` or ``"chunked"``.
+        ``"auto"`` (default), ``"xla"``, ``"cudnn"``, ``"chunked"`` or ``"pallas_tpu"``.
+      block_q: query block size of the blockwise backends (``ops.plain.ATTENTION_BLOCK_Q``).
+      block_kv: key block size of the blockwise backends (``ops.plain.ATTENTION_BLOCK_KV``).
       attention_kind: ``"softmax"`` (default) or ``"linear"`` (``ops.plain.ATTENTION_KINDS``).
       depth: residual-stack depth (parameter metadata).
       parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
@@ -102,7 +131,9 @@ class MultiHeadAttention(nnx.Module):
                  parametrization: ParametrizationLike = "umup",
                  init_std: Optional[float] = None, out_init_std: Optional[float] = None,
                  precision: Any = None, layer: Optional[int] = None, dtype: Any = None,
-                 param_dtype: Any = jnp.float32):
+                 param_dtype: Any = jnp.float32, n_kv_heads: Optional[int] = None,
+                 block_q: int = plain.ATTENTION_BLOCK_Q,
+                 block_kv: int = plain.ATTENTION_BLOCK_KV):
         if d_head is None:
             if d_model % n_heads:
                 raise ValueError(f"MultiHeadAttention: d_model {d_model} not divisible by n_heads "
@@ -113,6 +144,9 @@ class MultiHeadAttention(nnx.Module):
         if cross and causal:
             raise ValueError("MultiHeadAttention: cross attention cannot be causal.")
         self.n_heads, self.d_head = int(n_heads), int(d_head)
+        self.n_kv_heads = check_kv_heads(self.n_heads, n_kv_heads)
+        plain.check_block_sizes(block_q, block_kv, attention_impl, op="MultiHeadAttention")
+        self.block_q, self.block_kv = int(block_q), int(block_kv)
         self.cross, self.causal = bool(cross), bool(causal)
         self.use_rope, self.rope_theta = bool(use_rope), float(rope_theta)
         self.mult, self.dropout = float(mult), float(dropout)
@@ -135,10 +169,12 @@ class MultiHeadAttention(nnx.Module):
         if cross:
             self.q_proj = Linear(d_model, inner, init_std=init_std, sharding=("embed", "heads"),
                                  role="cross_attn.q_proj", **common)
-            self.kv_proj = Linear(d_context or d_model, 2 * inner, init_std=init_std,
+            self.kv_proj = Linear(d_context or d_model, 2 * self.n_kv_heads * self.d_head,
+                                  init_std=init_std,
                                   sharding=("embed", "heads"), role="cross_attn.kv_proj", **common)
         else:
-            self.qkv_proj = Linear(d_model, 3 * inner, init_std=init_std,
+            self.qkv_proj = Linear(d_model, inner + 2 * self.n_kv_heads * self.d_head,
+                                   init_std=init_std,
                                    sharding=("embed", "heads"), role="attn.qkv_proj", **common)
         self.out_proj = Linear(inner, d_model, init_std=out_init_std, sharding=("heads", "embed"),
                                role=f"{self.role}.out_proj", **common)
@@ -147,11 +183,26 @@ class MultiHeadAttention(nnx.Module):
         y = y.reshape(*y.shape[:-1], self.n_heads, n, self.d_head)
         return tuple(constrain(y[..., i, :], _QKV_NAMES) for i in range(n))
 
+    def _split_qkv(self, y: jax.Array):
+        """q ``[.., n_heads, d_head]``, k and v ``[.., n_kv_heads, d_head]`` of the fused
+        projection (group-major: ``[n_kv_heads, group + 2, d_head]``)."""
+        g = self.n_heads // self.n_kv_heads
+        if g == 1:
+            return self._split(y, 3)
+        y = y.reshape(*y.shape[:-1], self.n_kv_heads, g + 2, self.d_head)
+        q = y[..., :g, :].reshape(*y.shape[:-3], self.n_heads, self.d_head)
+        return tuple(constrain(t, _QKV_NAMES) for t in (q, y[..., g, :], y[..., g + 1, :]))
+
+    def _split_kv(self, y: jax.Array):
+        """k and v ``[.., n_kv_heads, d_head]`` of a fused k/v projection."""
+        y = y.reshape(*y.shape[:-1], self.n_kv_heads, 2, self.d_head)
+        return tuple(constrain(y[..., i, :], _QKV_NAMES) for i in range(2))
+
     def context_kv(self, context: jax.Array, *, rng: Optional[jax.Array] = None) -> dict:
         """Keys and values of a cross-attention ``context`` (a reusable cache)."""
         if not self.cross:
             raise ValueError("context_kv is for cross attention.")
-        k, v = self._split(self.kv_proj(context, rng=rng), 2)
+        k, v = self._split_kv(self.kv_proj(context, rng=rng))
         return {"k": k, "v": v}
 
     def _linear_attention(self, q, k, v, mask, cache, new_cache, scale_seq_len):
@@ -204,10 +255,10 @@ class MultiHeadAttention(nnx.Module):
             if cache is not None:
                 k, v = cache["k"], cache["v"]
             else:
-                k, v = self._split(self.kv_proj(context, rng=keys[1]), 2)
+                k, v = self._split_kv(self.kv_proj(context, rng=keys[1]))
             new_cache = cache
         else:
-            q, k, v = self._split(self.qkv_proj(x, rng=keys[0]), 3)
+            q, k, v = self._split_qkv(self.qkv_proj(x, rng=keys[0]))
             if self.use_rope:
                 if positions is None:
                     positions = (start + jnp.arange(q_len))[None, :]
@@ -244,7 +295,8 @@ class MultiHeadAttention(nnx.Module):
             out = self.parametrization.attention(
                 q, k, v, mask=mask, is_causal=is_causal, mult=self.mult,
                 dropout_rate=rate, rng=keys[3], scale_seq_len=scale_seq_len,
-                scale_is_causal=scale_causal, implementation=self.attention_impl)
+                scale_is_causal=scale_causal, implementation=self.attention_impl,
+                block_q=self.block_q, block_kv=self.block_kv)
         out = hooks.attention_output(self.precision, out, layer=self.layer, rng=keys[4])
         out = tap(f"{self.role}.out", constrain(out, _QKV_NAMES))
         y = tap(f"{self.role}.proj", self.out_proj(out.reshape(*out.shape[:2], -1), rng=keys[5]))

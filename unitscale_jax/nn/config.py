@@ -14,8 +14,16 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
+from unitscale_jax.nn.attention import check_kv_heads
 from unitscale_jax.nn.parametrization import PARAMETRIZATIONS, Parametrization, get_parametrization
-from unitscale_jax.ops.plain import ATTENTION_IMPLEMENTATIONS, ATTENTION_KINDS
+from unitscale_jax.ops.plain import (
+    ATTENTION_BLOCK_KV,
+    ATTENTION_BLOCK_Q,
+    ATTENTION_IMPLEMENTATIONS,
+    ATTENTION_KINDS,
+    PALLAS_TPU_HEAD_DIM_TILE,
+    check_block_sizes,
+)
 
 MLP_KINDS = ("swiglu", "gelu")
 NORM_KINDS = ("rms", "layer")
@@ -41,6 +49,10 @@ class TransformerConfig:
       d_model: width of the residual stream.
       n_layers: number of Transformer layers (of the encoder, for an encoder-decoder).
       n_heads: number of attention heads.
+      n_kv_heads: number of key/value heads (grouped-query attention, Ainslie et al., 2023;
+        1 is multi-query attention, Shazeer, 2019): query head ``h`` reads kv head
+        ``h // (n_heads // n_kv_heads)``; must divide ``n_heads``. None means ``n_heads``
+        (ordinary multi-head attention). The KV cache holds ``n_kv_heads`` heads.
       d_head: width of one head; default ``d_model // n_heads``.
       ffn_mult: hidden width of the MLP as a multiple of ``d_model`` (used if ``d_ff`` is None).
       d_ff: explicit hidden width of the MLP.
@@ -50,10 +62,15 @@ class TransformerConfig:
       parametric_norm: give the norms a learnable gain (u-muP's default is non-parametric).
       bias: give linear layers biases (default False, as u-muP).
       dropout: attention-probability and residual-branch dropout rate.
-      attention_impl: attention backend: auto (cuDNN on a GPU where it can run, chunked for
-        keys longer than ``ops.plain.CHUNKED_MIN_KV_LEN``, else XLA), xla (dense), cudnn
-        (GPU, bfloat16/float16) or chunked (memory-efficient blockwise attention, no
-        dropout).
+      attention_impl: attention backend: auto (cuDNN on a GPU, the Pallas kernel on a TPU,
+        where they can run; chunked for keys longer than ``ops.plain.CHUNKED_MIN_KV_LEN``;
+        else XLA), xla (dense), cudnn (GPU, bfloat16/float16), chunked (memory-efficient
+        blockwise attention, no dropout) or pallas_tpu (the TPU flash-attention kernel; no
+        dropout, d_head below 128 or a multiple of 128).
+      attention_block_q: query block size of the chunked attention backend (and of
+        pallas_tpu, where it must be a multiple of 8); clipped to the sequence length.
+      attention_block_kv: key block size of the chunked attention backend (and of
+        pallas_tpu, where it must be a multiple of 128); clipped to the sequence length.
       attention_kind: softmax (default: ``ops.scaled_dot_product_attention``) or linear
         (kernelised linear attention, ``ops.linear_attention``: ``phi(x) = elu(x) + 1``,
         O(S) time and memory, a recurrent state as the decoding cache; it has no attention
@@ -96,6 +113,7 @@ class TransformerConfig:
     d_model: int
     n_layers: int
     n_heads: int
+    n_kv_heads: Optional[int] = None
     d_head: Optional[int] = None
     ffn_mult: float = 4.0
     d_ff: Optional[int] = None
@@ -106,6 +124,8 @@ class TransformerConfig:
     bias: bool = False
     dropout: float = 0.0
     attention_impl: str = "auto"
+    attention_block_q: int = ATTENTION_BLOCK_Q
+    attention_block_kv: int = ATTENTION_BLOCK_KV
     attention_kind: str = "softmax"
     rope: bool = False
     rope_theta: float = 10000.0
@@ -141,6 +161,10 @@ class TransformerConfig:
                      f"change one of them or set d_head explicitly.")
         elif not isinstance(self.d_head, int) or self.d_head < 1:
             fail(f"d_head must be a positive int or None, got {self.d_head!r}.")
+        try:
+            check_kv_heads(self.n_heads, self.n_kv_heads)
+        except ValueError as e:
+            fail(str(e))
         if self.rope and self.head_dim % 2:
             fail(f"rope=True needs an even d_head, got {self.head_dim}.")
         if self.d_ff is None:
@@ -169,6 +193,17 @@ class TransformerConfig:
                                            self.attn_mult)
         if problem:
             fail(problem)
+        check_block_sizes(self.attention_block_q, self.attention_block_kv, self.attention_impl,
+                          names=("attention_block_q", "attention_block_kv"),
+                          op="TransformerConfig")
+        if self.attention_impl == "pallas_tpu":
+            if float(self.dropout) > 0.0:
+                fail("attention_impl='pallas_tpu' has no attention dropout; set dropout=0 or use "
+                     "'auto' or 'xla'.")
+            tile = PALLAS_TPU_HEAD_DIM_TILE
+            if self.head_dim >= tile and self.head_dim % tile:
+                fail(f"attention_impl='pallas_tpu' needs d_head below {tile} "
+                     f"or a multiple of it, got {self.head_dim}.")
         for name in ("attn_mult", "act_mult", "residual_mult", "residual_attn_ratio",
                      "loss_mult", "rope_theta", "norm_eps"):
             v = float(getattr(self, name))
@@ -191,6 +226,11 @@ class TransformerConfig:
     def head_dim(self) -> int:
         """Width of one attention head (``d_head``, or ``d_model // n_heads``)."""
         return self.d_head if self.d_head is not None else self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (``n_kv_heads``, or ``n_heads``)."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     @property
     def ffn_dim(self) -> int:

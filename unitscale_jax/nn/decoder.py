@@ -39,10 +39,12 @@ def stack_outputs(model: nnx.Module, ids: jax.Array, mask: Optional[jax.Array],
 
 
 def empty_cache(c: TransformerConfig, n_layers: int, batch: int, length: int) -> dict:
+    """Zero self-attention keys and values ``[n_layers, batch, length, kv_heads, head_dim]``
+    (linear attention: its recurrent state per layer)."""
     if c.attention_kind == "linear":  # the recurrent state: sum phi(k) v^T and sum phi(k)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (n_layers, *a.shape)),
-                            plain.linear_attention_state(batch, c.n_heads, c.head_dim))
-    shape = (n_layers, batch, length, c.n_heads, c.head_dim)
+                            plain.linear_attention_state(batch, c.kv_heads, c.head_dim))
+    shape = (n_layers, batch, length, c.kv_heads, c.head_dim)
     return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
 
 

@@ -101,7 +101,9 @@ class TransformerLayer(nnx.Module):
                        attention_kind=c.attention_kind, depth=depth,
                        parametrization=c.parametrization,
                        init_std=in_std, out_init_std=out_std, precision=c.precision,
-                       layer=layer, dtype=c.dtype, param_dtype=c.param_dtype)
+                       layer=layer, dtype=c.dtype, param_dtype=c.param_dtype,
+                       n_kv_heads=c.n_kv_heads, block_q=c.attention_block_q,
+                       block_kv=c.attention_block_kv)
         self.attn_norm = make_norm(c, depth=depth)
         self.attn = MultiHeadAttention(c.d_model, c.n_heads, causal=causal, use_rope=c.rope,
                                        rope_theta=c.rope_theta, **attn_kw)

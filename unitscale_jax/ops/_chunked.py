@@ -74,7 +74,6 @@ def _forward(q, k, v, mask, scale, causal, bq, bk, kv_len):
     def one_query_block(i):
         qs = i * bq
         q_blk = jax.lax.dynamic_slice_in_dim(q, qs, bq, axis=3)
-        stat = q_blk.shape[:4]
 
         def step(j, carry):
             acc, m, l = carry
@@ -91,7 +90,11 @@ def _forward(q, k, v, mask, scale, causal, bq, bk, kv_len):
                 "bkgqs,bksd->bkgqd", p.astype(v.dtype), v_blk, preferred_element_type=F32)
             return acc, m_new, alpha * l + jnp.sum(p, axis=-1)
 
-        init = (jnp.zeros(q_blk.shape, F32), jnp.full(stat, -jnp.inf, F32), jnp.zeros(stat, F32))
+        # *_like: the carries take q's sharding (a loop under an explicit-sharding mesh
+        # needs carries typed like the body's outputs)
+        row = q_blk[..., 0]
+        init = (jnp.zeros_like(q_blk, F32), jnp.full_like(row, -jnp.inf, F32),
+                jnp.zeros_like(row, F32))
         acc, m, l = jax.lax.fori_loop(0, _n_key_blocks(qs, bq, bk, nk, causal), step, init)
         seen = l > 0
         out = acc / jnp.where(seen, l, 1.0)[..., None]
@@ -146,13 +149,13 @@ def _attention_bwd(scale, causal, bq, bk, kv_len, res, do):
             return dq, dk_j, dv_j
 
         first = (ks // bq) if causal else 0          # causal: query blocks below the diagonal
-        zeros = jnp.zeros(k_blk.shape, F32)
+        zeros = jnp.zeros_like(k_blk, F32)
         dq, dk_j, dv_j = jax.lax.fori_loop(first, nq, query_block, (dq, zeros, zeros))
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, ks, axis=2)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, ks, axis=2)
         return dq, dk, dv
 
-    init = (jnp.zeros(q.shape, F32), jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
+    init = (jnp.zeros_like(q, F32), jnp.zeros_like(k, F32), jnp.zeros_like(v, F32))
     dq, dk, dv = jax.lax.fori_loop(0, nk, key_block, init)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 

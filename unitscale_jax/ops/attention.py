@@ -44,8 +44,8 @@ def scaled_dot_product_attention(
     scale_seq_len: Optional[int] = None,
     scale_is_causal: Optional[bool] = None,
     implementation: Optional[str] = None,
-    block_q: int = 512,
-    block_kv: int = 512,
+    block_q: int = plain.ATTENTION_BLOCK_Q,
+    block_kv: int = plain.ATTENTION_BLOCK_KV,
 ) -> jax.Array:
     """Unit-scaled multi-head attention ``s * softmax(mult * q k^T / d_head) v``.
 
@@ -73,11 +73,11 @@ def scaled_dot_product_attention(
         ``kv_len``). KV-cache decoding passes the full length so that cached and full
         forward passes give the same values.
       scale_is_causal: the causal flag used by the scaling rule (default ``is_causal``).
-      implementation: the backend, ``"auto"`` (None), ``"xla"``, ``"cudnn"`` or
-        ``"chunked"`` (see ``ops.plain.dot_product_attention`` and
+      implementation: the backend, ``"auto"`` (None), ``"xla"``, ``"cudnn"``, ``"chunked"``
+        or ``"pallas_tpu"`` (see ``ops.plain.dot_product_attention`` and
         ``ops.plain.choose_implementation``).
-      block_q: query block size of the chunked backend.
-      block_kv: key block size of the chunked backend.
+      block_q: query block size of the blockwise backends (chunked, pallas_tpu).
+      block_kv: key block size of the blockwise backends (chunked, pallas_tpu).
 
     Returns:
       ``[batch, q_len, heads, head_dim]``.

@@ -11,12 +11,12 @@ for float16 parameters, the same attention fallbacks).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from unitscale_jax.ops import _chunked, _linear, _wide
+from unitscale_jax.ops import _chunked, _linear, _pallas_tpu, _wide
 from unitscale_jax.ops._checks import (
     check_ce_inputs,
     check_ids_in_range,
@@ -168,8 +168,54 @@ def check_attention_inputs(q, k, v, mask, op: str) -> Optional[jax.Array]:
         raise ValueError(f"{op}: mask shape {mask.shape} does not broadcast to {target}.") from e
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "pallas_tpu")
 """The values of ``implementation`` of ``dot_product_attention`` (None means ``"auto"``)."""
+
+PALLAS_TPU_BLOCK_Q_MULTIPLE = _pallas_tpu.BLOCK_Q_MULTIPLE
+"""``"pallas_tpu"``'s ``block_q`` must be a multiple of this (TPU sublanes)."""
+PALLAS_TPU_BLOCK_KV_MULTIPLE = _pallas_tpu.BLOCK_KV_MULTIPLE
+"""``"pallas_tpu"``'s ``block_kv`` must be a multiple of this (the kernel's minimum block)."""
+PALLAS_TPU_HEAD_DIM_TILE = _pallas_tpu.HEAD_DIM_TILE
+"""``"pallas_tpu"`` needs ``head_dim`` below this or a multiple of it."""
+pallas_tpu_interpret = _pallas_tpu.interpret
+
+ATTENTION_BLOCK_Q = 512
+"""Default query block size of the blockwise backends (``"chunked"``, ``"pallas_tpu"``)."""
+ATTENTION_BLOCK_KV = 512
+"""Default key block size of the blockwise backends (``"chunked"``, ``"pallas_tpu"``)."""
+
+
+def check_block_sizes(block_q: Any, block_kv: Any, implementation: Optional[str] = None, *,
+                      names: tuple[str, str] = ("block_q", "block_kv"),
+                      op: str = "dot_product_attention") -> None:
+    """Checks the block sizes of the blockwise attention backends.
+
+    Every backend needs positive ints (the dense ones ignore them); ``"pallas_tpu"`` also
+    needs ``block_q`` a multiple of ``PALLAS_TPU_BLOCK_Q_MULTIPLE`` (TPU sublanes) and
+    ``block_kv`` a multiple of ``PALLAS_TPU_BLOCK_KV_MULTIPLE`` (TPU lanes; the kernel's
+    minimum block), the limits of ``jax.experimental.pallas.ops.tpu.flash_attention``.
+
+    Args:
+      block_q: query block size.
+      block_kv: key block size.
+      implementation: the requested backend (None or ``"auto"``: only positivity).
+      names: how the two are called in the error (e.g. the config's field names).
+      op: who checks, for the error.
+
+    Raises:
+      ValueError: naming the size and its limit.
+    """
+    for name, size in zip(names, (block_q, block_kv)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{op}: {name} must be a positive int, got {size!r}.")
+    if implementation == "pallas_tpu":
+        for name, size, multiple in zip(names, (block_q, block_kv),
+                                        (PALLAS_TPU_BLOCK_Q_MULTIPLE,
+                                         PALLAS_TPU_BLOCK_KV_MULTIPLE)):
+            if size % multiple:
+                raise ValueError(f"{op}: implementation='pallas_tpu' needs {name} a multiple "
+                                 f"of {multiple} (the TPU flash-attention kernel's tile), "
+                                 f"got {size}.")
 
 CHUNKED_MIN_KV_LEN = 2048
 """``"auto"`` runs ``"chunked"`` when the key length exceeds this (and cuDNN is not used): a
@@ -197,11 +243,14 @@ def _cudnn_problem(q, k, mask, rate: float) -> Optional[str]:
 
 
 def choose_implementation(q: jax.Array, k: jax.Array, implementation: Optional[str] = None, *,
-                          mask: Optional[jax.Array] = None, dropout_rate: float = 0.0) -> str:
-    """The attention backend that ``dot_product_attention`` runs: ``"xla"``, ``"cudnn"`` or
-    ``"chunked"``.
+                          mask: Optional[jax.Array] = None, dropout_rate: float = 0.0,
+                          block_q: int = ATTENTION_BLOCK_Q,
+                          block_kv: int = ATTENTION_BLOCK_KV) -> str:
+    """The attention backend that ``dot_product_attention`` runs: ``"xla"``, ``"cudnn"``,
+    ``"chunked"`` or ``"pallas_tpu"``.
 
-    ``"auto"`` (or None): cuDNN on a GPU where dtype, head_dim and lengths allow it; otherwise
+    ``"auto"`` (or None): cuDNN on a GPU where dtype, head_dim and lengths allow it; the Pallas
+    flash-attention kernel on a TPU where head_dim and block sizes allow it; otherwise
     ``"chunked"`` when ``kv_len > CHUNKED_MIN_KV_LEN`` and there is no dropout; otherwise
     ``"xla"``. A named backend is returned as it is, once its limits are checked.
 
@@ -211,10 +260,12 @@ def choose_implementation(q: jax.Array, k: jax.Array, implementation: Optional[s
       implementation: one of ``ATTENTION_IMPLEMENTATIONS``, or None.
       mask: the attention mask (cuDNN needs even lengths with one).
       dropout_rate: attention dropout (only ``"xla"`` has it).
+      block_q: query block size (``"pallas_tpu"``: a multiple of 8).
+      block_kv: key block size (``"pallas_tpu"``: a multiple of 128).
 
     Raises:
-      ValueError: an unknown name (listing the valid ones); ``"cudnn"`` where cuDNN cannot run
-        (naming the limit); ``"chunked"`` with dropout.
+      ValueError: an unknown name (listing the valid ones); ``"cudnn"`` or ``"pallas_tpu"``
+        where it cannot run (naming the limit); ``"chunked"`` with dropout.
     """
     impl = "auto" if implementation is None else implementation
     if impl not in ATTENTION_IMPLEMENTATIONS:
@@ -226,6 +277,11 @@ def choose_implementation(q: jax.Array, k: jax.Array, implementation: Optional[s
         if problem:
             raise ValueError(f"dot_product_attention: implementation='cudnn' cannot run here: "
                              f"{problem}.")
+    if impl == "pallas_tpu":
+        problem = _pallas_tpu.problem(q, k, rate, block_q, block_kv)
+        if problem:
+            raise ValueError(f"dot_product_attention: implementation='pallas_tpu' cannot run "
+                             f"here: {problem}.")
     if impl == "chunked" and rate > 0.0:
         raise ValueError("dot_product_attention: implementation='chunked' has no attention "
                          "dropout; use 'xla' (or 'auto') with dropout_rate > 0.")
@@ -233,6 +289,9 @@ def choose_implementation(q: jax.Array, k: jax.Array, implementation: Optional[s
         return impl
     if _cudnn_problem(q, k, mask, rate) is None:
         return "cudnn"
+    if jax.default_backend() == "tpu" and _pallas_tpu.problem(q, k, rate, block_q,
+                                                              block_kv) is None:
+        return "pallas_tpu"
     if k.shape[-3] > CHUNKED_MIN_KV_LEN and rate == 0.0:
         return "chunked"
     return "xla"
@@ -249,8 +308,8 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     rng: Optional[jax.Array] = None,
     implementation: Optional[str] = None,
-    block_q: int = 512,
-    block_kv: int = 512,
+    block_q: int = ATTENTION_BLOCK_Q,
+    block_kv: int = ATTENTION_BLOCK_KV,
 ) -> jax.Array:
     """``softmax(logit_scale * q k^T) v`` per head, with its ordinary gradient.
 
@@ -263,8 +322,13 @@ def dot_product_attention(
     - ``"chunked"``: memory-efficient blockwise attention in pure JAX (online softmax, a
       backward that recomputes the block scores; ``unitscale_jax.ops._chunked``): memory
       linear in the sequence length; no dropout.
-    - ``"auto"`` or None: cuDNN where it can run, chunked for keys longer than
-      ``CHUNKED_MIN_KV_LEN``, else XLA.
+    - ``"pallas_tpu"``: the TPU flash-attention kernel of
+      ``jax.experimental.pallas.ops.tpu`` (``unitscale_jax.ops._pallas_tpu``: GQA by
+      repeating kv heads, odd lengths by padding, masks as segment ids or a bias); TPU only,
+      or the Pallas TPU interpreter inside ``pallas_tpu_interpret()``; no dropout;
+      head_dim below 128 or a multiple of 128.
+    - ``"auto"`` or None: cuDNN where it can run, pallas_tpu on a TPU where it can run,
+      chunked for keys longer than ``CHUNKED_MIN_KV_LEN``, else XLA.
 
     A query row that sees no key at all (a mask that hides every key from it) gives zeros
     under ``"chunked"`` and the mean of all values under ``"xla"``; neither gives NaN.
@@ -279,9 +343,12 @@ def dot_product_attention(
       is_causal: apply a causal mask (query ``t`` sees keys ``s <= t``).
       dropout_rate: attention-probability dropout.
       rng: PRNG key for dropout.
-      implementation: ``"auto"`` (None), ``"xla"``, ``"cudnn"`` or ``"chunked"``.
-      block_q: query block size of ``"chunked"`` (clipped to ``q_len``).
-      block_kv: key block size of ``"chunked"`` (clipped to ``kv_len``).
+      implementation: ``"auto"`` (None), ``"xla"``, ``"cudnn"``, ``"chunked"`` or
+        ``"pallas_tpu"``.
+      block_q: query block size of ``"chunked"`` (clipped to ``q_len``) and ``"pallas_tpu"``
+        (a multiple of 8).
+      block_kv: key block size of ``"chunked"`` (clipped to ``kv_len``) and ``"pallas_tpu"``
+        (a multiple of 128).
 
     Returns:
       ``[batch, q_len, heads, head_dim]``.
@@ -300,10 +367,17 @@ def dot_product_attention(
     rate = require_range_rate(dropout_rate, op)
     if rate > 0.0 and rng is None:
         raise ValueError(f"{op}: rng is required when dropout_rate > 0.")
-    for name, size in (("block_q", block_q), ("block_kv", block_kv)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"{op}: {name} must be a positive int, got {size!r}.")
-    impl = choose_implementation(q, k, implementation, mask=mask, dropout_rate=rate)
+    check_block_sizes(block_q, block_kv, implementation, op=op)
+    impl = choose_implementation(q, k, implementation, mask=mask, dropout_rate=rate,
+                                 block_q=block_q, block_kv=block_kv)
+    if impl == "pallas_tpu":
+        dtype = q.dtype
+        if dtype == jnp.float16 and jax.default_backend() == "cpu":  # interpreted on CPU
+            q, k, v = (t.astype(F32) for t in (q, k, v))
+        out = _pallas_tpu.flash_attention(
+            q, k, v, logit_scale=float(logit_scale), mask=None if mask is None else
+            jnp.asarray(mask), is_causal=is_causal, block_q=block_q, block_kv=block_kv)
+        return out.astype(dtype)
     if impl == "chunked":
         dtype = q.dtype
         if dtype == jnp.float16 and jax.default_backend() == "cpu":  # no f16 x f16 -> f32 dot

@@ -203,7 +203,8 @@ class TorchDecoderConfig:
         return ", ".join(f"{f.name} {getattr(self, f.name)}" for f in dataclasses.fields(self))
 
 
-FIXED_MODEL = {"kind": "decoder", "parametrization": "umup", "d_head": None, "ffn_mult": 4.0,
+FIXED_MODEL = {"kind": "decoder", "parametrization": "umup", "d_head": None, "n_kv_heads": None,
+               "ffn_mult": 4.0,
                "d_ff": None, "mlp": "swiglu", "norm": "rms", "parametric_norm": False,
                "bias": False, "rope": False, "attn_mult": 1.0, "act_mult": 1.0,
                "loss_mult": 1.0, "norm_eps": 1e-5}

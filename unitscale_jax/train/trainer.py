@@ -89,7 +89,8 @@ class Trainer:
         tcfg = build.transformer_config(cfg, self.data.vocab_size)
         self.par = par = steplib.make_parallel(
             t.sharding, tensor_parallel=t.tensor_parallel,
-            tensor_dims=(tcfg.n_heads, tcfg.ffn_dim, tcfg.vocab_size), devices=devices)
+            tensor_dims=(tcfg.n_heads, tcfg.kv_heads, tcfg.ffn_dim, tcfg.vocab_size),
+            devices=devices)
         n_proc = jax.process_count()
         if t.batch_size % par.batch_shards or t.batch_size % n_proc:
             raise UsageError(f"--batch-size {t.batch_size} is not divisible by the "
