@@ -18,6 +18,7 @@ from unitscale_jax.nn.parametrization import PARAMETRIZATIONS, Parametrization, 
 from unitscale_jax.ops.plain import ATTENTION_IMPLEMENTATIONS
 
 MLP_KINDS = ("swiglu", "gelu")
+ATTENTION_PATTERN_KINDS = ("local", "global")
 NORM_KINDS = ("rms", "layer")
 
 
@@ -54,6 +55,15 @@ class TransformerConfig:
         keys longer than ``ops.plain.CHUNKED_MIN_KV_LEN``, else XLA), xla (dense), cudnn
         (GPU, bfloat16/float16) or chunked (memory-efficient blockwise attention, no
         dropout).
+      attention_window: width ``W`` of the sliding-window (local) attention layers; None
+        (default) for none. Causal layers see the ``W`` keys ``t - W + 1 .. t``,
+        bidirectional ones ``W`` on each side (``ops.patterns.window_keep``); u-muP's
+        attention scale follows the window (``ops.attention_scale``), and a decoder whose
+        layers are all local keeps a ring-buffer KV cache of ``W`` entries.
+      attention_pattern: which layers are local (sliding window) and which global: a
+        comma-separated cycle of ``local`` and ``global``, layer ``l`` taking entry ``l mod
+        len`` (e.g. ``local,global``); default (None) every layer local when
+        ``attention_window`` is set, else every layer global. Works scanned or not.
       rope: rotary position encoding on q and k (default False: no position encoding, as in
         u-muP's decoder; encoders usually want True since bidirectional attention without
         positions cannot tell token order).
@@ -101,6 +111,8 @@ class TransformerConfig:
     bias: bool = False
     dropout: float = 0.0
     attention_impl: str = "auto"
+    attention_window: Optional[int] = None
+    attention_pattern: Optional[str] = None
     rope: bool = False
     rope_theta: float = 10000.0
     attn_mult: float = 1.0
@@ -159,6 +171,7 @@ class TransformerConfig:
         if self.attention_impl == "chunked" and float(self.dropout) > 0.0:
             fail("attention_impl='chunked' has no attention dropout; set dropout=0 or use "
                  "'auto' or 'xla'.")
+        self._check_attention_pattern(fail)
         for name in ("attn_mult", "act_mult", "residual_mult", "residual_attn_ratio",
                      "loss_mult", "rope_theta", "norm_eps"):
             v = float(getattr(self, name))
@@ -176,6 +189,31 @@ class TransformerConfig:
             check_policy(self.precision)
         except ValueError as e:
             fail(str(e))
+
+    def _check_attention_pattern(self, fail) -> None:
+        w = self.attention_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            fail(f"attention_window must be a positive int (the keys each query sees on its "
+                 f"side) or None, got {w!r}.")
+        if self.attention_pattern is None:
+            return
+        kinds = [k.strip() for k in str(self.attention_pattern).split(",")]
+        if any(k not in ATTENTION_PATTERN_KINDS for k in kinds):
+            fail(f"attention_pattern must be a comma-separated cycle of "
+                 f"{ATTENTION_PATTERN_KINDS} (e.g. 'local,global'), got "
+                 f"{self.attention_pattern!r}.")
+        if "local" in kinds and w is None:
+            fail(f"attention_pattern {self.attention_pattern!r} has local layers but "
+                 f"attention_window is None; set attention_window (e.g. 256).")
+
+    def layer_windows(self, n_layers: int) -> tuple:
+        """The sliding window of each of ``n_layers`` self-attention layers (None: global),
+        from ``attention_pattern`` and ``attention_window``."""
+        if self.attention_pattern is None:
+            return (self.attention_window,) * n_layers
+        kinds = [k.strip() for k in self.attention_pattern.split(",")]
+        return tuple(self.attention_window if kinds[l % len(kinds)] == "local" else None
+                     for l in range(n_layers))
 
     @property
     def head_dim(self) -> int:

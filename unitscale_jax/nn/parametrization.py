@@ -93,16 +93,18 @@ class Parametrization:
     def attention(self, q, k, v, *, mask=None, is_causal: bool = False, mult: float = 1.0,
                   dropout_rate: float = 0.0, rng=None, scale_seq_len: Optional[int] = None,
                   scale_is_causal: Optional[bool] = None,
-                  implementation: Optional[str] = None) -> jax.Array:
-        """Attention in ``[batch, seq, heads, head_dim]`` layout (``scale_seq_len`` and
-        ``scale_is_causal`` only matter to u-muP's output scale; ``implementation`` is the
-        backend of ``ops.plain.dot_product_attention``: ``"auto"``/None, ``"xla"``,
-        ``"cudnn"`` or ``"chunked"``)."""
-        del scale_seq_len, scale_is_causal
+                  implementation: Optional[str] = None, window: Optional[int] = None,
+                  scale_window: Optional[int] = None) -> jax.Array:
+        """Attention in ``[batch, seq, heads, head_dim]`` layout (``scale_seq_len``,
+        ``scale_is_causal`` and ``scale_window`` only matter to u-muP's output scale;
+        ``implementation`` is the backend of ``ops.plain.dot_product_attention``:
+        ``"auto"``/None, ``"xla"``, ``"cudnn"`` or ``"chunked"``; ``window`` its sliding
+        window)."""
+        del scale_seq_len, scale_is_causal, scale_window
         return plain.dot_product_attention(
             q, k, v, logit_scale=self.attention_logit_scale(q.shape[-1], mult), mask=mask,
             is_causal=is_causal, dropout_rate=dropout_rate, rng=rng,
-            implementation=implementation)
+            implementation=implementation, window=window)
 
     # -- residuals and the loss --------------------------------------------------------------
     def residual(self, branch: Callable[[jax.Array], jax.Array], x, tau) -> jax.Array:
@@ -156,11 +158,12 @@ class UMuP(Parametrization):
         return mult / d_head
 
     def attention(self, q, k, v, *, mask=None, is_causal=False, mult=1.0, dropout_rate=0.0,
-                  rng=None, scale_seq_len=None, scale_is_causal=None, implementation=None):
+                  rng=None, scale_seq_len=None, scale_is_causal=None, implementation=None,
+                  window=None, scale_window=None):
         return ops.scaled_dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal, mult=mult, dropout_rate=dropout_rate,
             rng=rng, scale_seq_len=scale_seq_len, scale_is_causal=scale_is_causal,
-            implementation=implementation)
+            implementation=implementation, window=window, scale_window=scale_window)
 
     def residual(self, branch, x, tau):
         return ops.residual_apply(branch, x, tau)
