@@ -132,7 +132,10 @@ def scaled_dot_product_attention(
 
     Scaling rule (u-muP, Blake et al., 2025): logits use ``mult / d_head`` (muP's
     ``1/d_head``, not ``1/sqrt(d_head)``); one scale ``s`` (see ``attention_scale``)
-    multiplies the output and the gradients of q, k and v.
+    multiplies the output and the gradients of q, k and v. ``s`` follows the pattern: flat
+    attention over the ``n_t`` keys query ``t`` sees has output std ``sqrt(mean_t 1/n_t)``,
+    in closed form for a sliding ``window`` (``flat_output_variance``) and counted for a
+    ``static_mask`` (``attention_scale_from_counts``).
 
     Computed as ``s * ops.plain.dot_product_attention(q, k, v, logit_scale=mult / d_head)``
     with whichever backend ``implementation`` picks (XLA's dense attention, cuDNN's fused
