@@ -9,14 +9,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unitscale_jax.nn import hooks
-from unitscale_jax.nn.config import linear_attention_problem
+from unitscale_jax.nn.config import check_kv_heads, linear_attention_problem
 from unitscale_jax.nn.layers import Linear, ParametrizationLike
 from unitscale_jax.nn.parametrization import get_parametrization
 from unitscale_jax.nn.sharding import constrain
-from unitscale_jax.ops import plain
+from unitscale_jax.ops import patterns, plain
 from unitscale_jax.taps import tap
 
 _QKV_NAMES = ("batch", "sequence", "heads", "kv")
+_OWN_WINDOW = object()   # __call__'s default: the module's own window
 
 
 def rope(x_BxSxHxD: jax.Array, positions_BxS: jax.Array, theta: float = 10000.0) -> jax.Array:
@@ -42,21 +43,6 @@ def rope(x_BxSxHxD: jax.Array, positions_BxS: jax.Array, theta: float = 10000.0)
     x1, x2 = x[..., :half], x[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BxSxHxD.dtype)
-
-
-def check_kv_heads(n_heads: int, n_kv_heads: Optional[int]) -> int:
-    """The number of key/value heads: ``n_kv_heads`` (default ``n_heads``).
-
-    Raises:
-      ValueError: ``n_kv_heads`` is not a positive divisor of ``n_heads``.
-    """
-    if n_kv_heads is None:
-        return int(n_heads)
-    if (isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads < 1
-            or n_heads % n_kv_heads):
-        raise ValueError(f"n_kv_heads must be a positive divisor of n_heads ({n_heads}) or "
-                         f"None, got {n_kv_heads!r}.")
-    return n_kv_heads
 
 
 class MultiHeadAttention(nnx.Module):
@@ -93,6 +79,11 @@ class MultiHeadAttention(nnx.Module):
     (``sum phi(k) v^T`` and ``sum phi(k)`` of the positions so far, float32), which each step
     adds its keys to: run each position once, in order. u-muP then needs ``scale_seq_len``.
 
+    Sliding window (``window=W``, ``ops.patterns.window_keep``): the cache of a windowed
+    layer is a ring buffer: position ``p`` lives in slot ``p mod cache_len``, so
+    ``cache_len`` needs only ``min(W, total length)`` slots (a longer one works too); the
+    scaling rule then needs ``scale_seq_len`` (the full length; u-muP only).
+
     Args:
       d_model: input width.
       n_heads: number of heads.
@@ -112,6 +103,7 @@ class MultiHeadAttention(nnx.Module):
       block_q: query block size of the blockwise backends (``ops.plain.ATTENTION_BLOCK_Q``).
       block_kv: key block size of the blockwise backends (``ops.plain.ATTENTION_BLOCK_KV``).
       attention_kind: ``"softmax"`` (default) or ``"linear"`` (``ops.plain.ATTENTION_KINDS``).
+      window: sliding-window width (self attention), or None for full attention.
       depth: residual-stack depth (parameter metadata).
       parametrization: ``"umup"``, ``"sp"`` or ``"mup"``.
       init_std: SP std of the input projections.
@@ -127,6 +119,7 @@ class MultiHeadAttention(nnx.Module):
                  d_context: Optional[int] = None, bias: bool = False, use_rope: bool = False,
                  rope_theta: float = 10000.0, mult: float = 1.0, dropout: float = 0.0,
                  attention_impl: str = "auto", attention_kind: str = "softmax",
+                 window: Optional[int] = None,
                  depth: Optional[int] = None,
                  parametrization: ParametrizationLike = "umup",
                  init_std: Optional[float] = None, out_init_std: Optional[float] = None,
@@ -158,6 +151,11 @@ class MultiHeadAttention(nnx.Module):
         if problem:
             raise ValueError(f"MultiHeadAttention: {problem}")
         self.attention_kind = str(attention_kind)
+        self.window = patterns.check_window(window, "MultiHeadAttention")
+        if cross and self.window is not None:
+            raise ValueError("MultiHeadAttention: cross attention has no sliding window.")
+        if self.window is not None and self.attention_kind == "linear":
+            raise ValueError("MultiHeadAttention: linear attention has no sliding window.")
         self.parametrization = get_parametrization(parametrization)
         self.precision = precision
         self.layer = layer
@@ -224,7 +222,8 @@ class MultiHeadAttention(nnx.Module):
     def __call__(self, x: jax.Array, *, context: Optional[jax.Array] = None,
                  mask: Optional[jax.Array] = None, rng: Optional[jax.Array] = None,
                  cache: Optional[dict] = None, cache_index: Any = None,
-                 positions: Optional[jax.Array] = None, scale_seq_len: Optional[int] = None):
+                 positions: Optional[jax.Array] = None, scale_seq_len: Optional[int] = None,
+                 window: Any = _OWN_WINDOW):
         """Attends from ``x`` ``[batch, q_len, d]``.
 
         Args:
@@ -237,12 +236,17 @@ class MultiHeadAttention(nnx.Module):
           cache_index: position of ``x``'s first token in the cache (self attention).
           positions: RoPE positions ``[batch, q_len]`` (default ``cache_index + arange``).
           scale_seq_len: sequence length used by u-muP's attention scaling rule.
+          window: this call's sliding window (an int, or None for full attention) instead of
+            the module's (a scanned stack whose layers differ passes each layer's).
 
         Returns:
           ``[batch, q_len, d]``, or ``(output, new_cache)`` when ``cache`` is given.
         """
         q_len = x.shape[1]
         start = 0 if cache_index is None else cache_index
+        window = self.window if window is _OWN_WINDOW else patterns.check_window(
+            window, "MultiHeadAttention")
+        scale_window = None
         keys = jax.random.split(rng, 6) if rng is not None else (None,) * 6
         is_causal, scale_causal = self.causal, None
         if self.cross:
@@ -265,7 +269,14 @@ class MultiHeadAttention(nnx.Module):
                 q = rope(q, positions, self.rope_theta)
                 k = rope(k, positions, self.rope_theta)
             new_cache = cache
-            if cache is not None and self.attention_kind != "linear":  # linear: a state
+            if cache is not None and window is not None:
+                k, v, mask, new_cache = self._ring_cache(cache, k, v, start, window, mask)
+                is_causal, scale_causal, scale_window, window = False, True, window, None
+                if scale_seq_len is None and self.parametrization.unit_scaled:
+                    raise ValueError("MultiHeadAttention: a sliding-window KV cache needs "
+                                     "scale_seq_len (the full sequence length) for u-muP's "
+                                     "attention scale.")
+            elif cache is not None and self.attention_kind != "linear":  # linear: a state
                 k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
                                                             start, axis=1)
                 v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
@@ -296,8 +307,39 @@ class MultiHeadAttention(nnx.Module):
                 q, k, v, mask=mask, is_causal=is_causal, mult=self.mult,
                 dropout_rate=rate, rng=keys[3], scale_seq_len=scale_seq_len,
                 scale_is_causal=scale_causal, implementation=self.attention_impl,
-                block_q=self.block_q, block_kv=self.block_kv)
+                block_q=self.block_q, block_kv=self.block_kv,
+                # only windowed calls pass these (a user's Parametrization may predate them)
+                **({} if window is None and scale_window is None
+                   else dict(window=window, scale_window=scale_window)))
         out = hooks.attention_output(self.precision, out, layer=self.layer, rng=keys[4])
         out = tap(f"{self.role}.out", constrain(out, _QKV_NAMES))
         y = tap(f"{self.role}.proj", self.out_proj(out.reshape(*out.shape[:2], -1), rng=keys[5]))
         return y if cache is None else (y, new_cache)
+
+    def _ring_cache(self, cache: dict, k, v, start, window: int, mask):
+        """A sliding-window layer's cache step: keys and values to attend (the ring's
+        ``C`` slots, then the ``q_len`` new ones), the mask of the window on their positions,
+        and the ring with the new entries written (the last ``min(q_len, C)`` of them).
+
+        Slot ``j`` holds the latest position below ``start`` that is ``j`` mod ``C``:
+        ``start - 1 - ((start - 1 - j) mod C)`` (none yet if negative).
+        """
+        if not self.causal:
+            raise ValueError("MultiHeadAttention: a sliding-window KV cache needs causal "
+                             "attention.")
+        if mask is not None:
+            raise ValueError("MultiHeadAttention: a sliding-window KV cache takes no mask.")
+        c_len, q_len = cache["k"].shape[1], k.shape[1]
+        kc, vc = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
+        slot_pos = start - 1 - jnp.mod(start - 1 - jnp.arange(c_len), c_len)
+        q_pos = start + jnp.arange(q_len)
+        k_pos = jnp.concatenate([slot_pos, q_pos])
+        seen = jnp.concatenate([slot_pos >= 0, jnp.ones(q_len, bool)])
+        keep = seen[None, :] & patterns.window_keep(q_pos[:, None], k_pos[None, :], window, True)
+        m = min(q_len, c_len)
+        slots = jnp.mod(start + q_len - m + jnp.arange(m), c_len)
+        new_cache = {"k": cache["k"].at[:, slots].set(kc[:, q_len - m:]),
+                     "v": cache["v"].at[:, slots].set(vc[:, q_len - m:])}
+        k_all = jnp.concatenate([cache["k"], kc], axis=1).astype(k.dtype)
+        v_all = jnp.concatenate([cache["v"], vc], axis=1).astype(v.dtype)
+        return k_all, v_all, keep[None, None], new_cache

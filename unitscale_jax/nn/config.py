@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 
-from unitscale_jax.nn.attention import check_kv_heads
 from unitscale_jax.nn.parametrization import PARAMETRIZATIONS, Parametrization, get_parametrization
 from unitscale_jax.ops.plain import (
     ATTENTION_BLOCK_KV,
@@ -26,6 +25,7 @@ from unitscale_jax.ops.plain import (
 )
 
 MLP_KINDS = ("swiglu", "gelu")
+ATTENTION_PATTERN_KINDS = ("local", "global")
 NORM_KINDS = ("rms", "layer")
 
 
@@ -76,6 +76,15 @@ class TransformerConfig:
         O(S) time and memory, a recurrent state as the decoding cache; it has no attention
         dropout, ``dropout`` then applies to the residual branches only, and no backend
         choice or logits multiplier: ``attention_impl`` must stay auto, ``attn_mult`` 1).
+      attention_window: width ``W`` of the sliding-window (local) attention layers; None
+        (default) for none. Causal layers see the ``W`` keys ``t - W + 1 .. t``,
+        bidirectional ones ``W`` on each side (``ops.patterns.window_keep``); u-muP's
+        attention scale follows the window (``ops.attention_scale``), and a decoder whose
+        layers are all local keeps a ring-buffer KV cache of ``W`` entries.
+      attention_pattern: which layers are local (sliding window) and which global: a
+        comma-separated cycle of ``local`` and ``global``, layer ``l`` taking entry ``l mod
+        len`` (e.g. ``local,global``); default (None) every layer local when
+        ``attention_window`` is set, else every layer global. Works scanned or not.
       rope: rotary position encoding on q and k (default False: no position encoding, as in
         u-muP's decoder; encoders usually want True since bidirectional attention without
         positions cannot tell token order).
@@ -127,6 +136,8 @@ class TransformerConfig:
     attention_block_q: int = ATTENTION_BLOCK_Q
     attention_block_kv: int = ATTENTION_BLOCK_KV
     attention_kind: str = "softmax"
+    attention_window: Optional[int] = None
+    attention_pattern: Optional[str] = None
     rope: bool = False
     rope_theta: float = 10000.0
     attn_mult: float = 1.0
@@ -204,6 +215,10 @@ class TransformerConfig:
             if self.head_dim >= tile and self.head_dim % tile:
                 fail(f"attention_impl='pallas_tpu' needs d_head below {tile} "
                      f"or a multiple of it, got {self.head_dim}.")
+        self._check_attention_pattern(fail)
+        if self.attention_kind == "linear" and self.attention_window is not None:
+            fail("attention_window is for softmax attention; linear attention has no window "
+                 "(leave attention_window unset, or use attention_kind='softmax').")
         for name in ("attn_mult", "act_mult", "residual_mult", "residual_attn_ratio",
                      "loss_mult", "rope_theta", "norm_eps"):
             v = float(getattr(self, name))
@@ -221,6 +236,31 @@ class TransformerConfig:
             check_policy(self.precision)
         except ValueError as e:
             fail(str(e))
+
+    def _check_attention_pattern(self, fail) -> None:
+        w = self.attention_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            fail(f"attention_window must be a positive int (the keys each query sees on its "
+                 f"side) or None, got {w!r}.")
+        if self.attention_pattern is None:
+            return
+        kinds = [k.strip() for k in str(self.attention_pattern).split(",")]
+        if any(k not in ATTENTION_PATTERN_KINDS for k in kinds):
+            fail(f"attention_pattern must be a comma-separated cycle of "
+                 f"{ATTENTION_PATTERN_KINDS} (e.g. 'local,global'), got "
+                 f"{self.attention_pattern!r}.")
+        if "local" in kinds and w is None:
+            fail(f"attention_pattern {self.attention_pattern!r} has local layers but "
+                 f"attention_window is None; set attention_window (e.g. 256).")
+
+    def layer_windows(self, n_layers: int) -> tuple:
+        """The sliding window of each of ``n_layers`` self-attention layers (None: global),
+        from ``attention_pattern`` and ``attention_window``."""
+        if self.attention_pattern is None:
+            return (self.attention_window,) * n_layers
+        kinds = [k.strip() for k in self.attention_pattern.split(",")]
+        return tuple(self.attention_window if kinds[l % len(kinds)] == "local" else None
+                     for l in range(n_layers))
 
     @property
     def head_dim(self) -> int:
@@ -249,6 +289,21 @@ class TransformerConfig:
         if unknown:
             raise TypeError(f"TransformerConfig has no field(s) {sorted(unknown)}.")
         return dataclasses.replace(self, **changes)
+
+
+def check_kv_heads(n_heads: int, n_kv_heads: Optional[int]) -> int:
+    """The number of key/value heads: ``n_kv_heads`` (default ``n_heads``).
+
+    Raises:
+      ValueError: ``n_kv_heads`` is not a positive divisor of ``n_heads``.
+    """
+    if n_kv_heads is None:
+        return int(n_heads)
+    if (isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads < 1
+            or n_heads % n_kv_heads):
+        raise ValueError(f"n_kv_heads must be a positive divisor of n_heads ({n_heads}) or "
+                         f"None, got {n_kv_heads!r}.")
+    return n_kv_heads
 
 
 def linear_attention_problem(kind: str, attention_impl: str, attn_mult: float) -> Optional[str]:

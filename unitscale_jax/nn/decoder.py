@@ -38,13 +38,24 @@ def stack_outputs(model: nnx.Module, ids: jax.Array, mask: Optional[jax.Array],
     return tap("final_norm", model.final_norm(x))
 
 
+def self_cache_length(c: TransformerConfig, n_layers: int, length: int) -> int:
+    """Slots of each layer's self-attention KV cache for sequences of ``length`` tokens: a
+    ring of ``min(W, length)`` when every layer has a sliding window (the largest ``W``),
+    else ``length`` (one stacked cache serves all layers: the global ones need every slot,
+    the local ones use it as a ring that never wraps)."""
+    windows = c.layer_windows(n_layers)
+    if any(w is None for w in windows):
+        return length
+    return min(max(windows), length)
+
+
 def empty_cache(c: TransformerConfig, n_layers: int, batch: int, length: int) -> dict:
     """Zero self-attention keys and values ``[n_layers, batch, length, kv_heads, head_dim]``
     (linear attention: its recurrent state per layer)."""
     if c.attention_kind == "linear":  # the recurrent state: sum phi(k) v^T and sum phi(k)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (n_layers, *a.shape)),
                             plain.linear_attention_state(batch, c.kv_heads, c.head_dim))
-    shape = (n_layers, batch, length, c.kv_heads, c.head_dim)
+    shape = (n_layers, batch, self_cache_length(c, n_layers, length), c.kv_heads, c.head_dim)
     return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
 
 

@@ -95,17 +95,19 @@ class Parametrization:
                   scale_is_causal: Optional[bool] = None,
                   implementation: Optional[str] = None,
                   block_q: int = plain.ATTENTION_BLOCK_Q,
-                  block_kv: int = plain.ATTENTION_BLOCK_KV) -> jax.Array:
-        """Attention in ``[batch, seq, heads, head_dim]`` layout (``scale_seq_len`` and
-        ``scale_is_causal`` only matter to u-muP's output scale; ``implementation`` is the
-        backend of ``ops.plain.dot_product_attention``: ``"auto"``/None, ``"xla"``,
-        ``"cudnn"``, ``"chunked"`` or ``"pallas_tpu"``, ``block_q`` and ``block_kv`` the block
-        sizes of the blockwise ones)."""
-        del scale_seq_len, scale_is_causal
+                  block_kv: int = plain.ATTENTION_BLOCK_KV, window: Optional[int] = None,
+                  scale_window: Optional[int] = None) -> jax.Array:
+        """Attention in ``[batch, seq, heads, head_dim]`` layout (``scale_seq_len``,
+        ``scale_is_causal`` and ``scale_window`` only matter to u-muP's output scale;
+        ``implementation`` is the backend of ``ops.plain.dot_product_attention``:
+        ``"auto"``/None, ``"xla"``, ``"cudnn"``, ``"chunked"`` or ``"pallas_tpu"``,
+        ``block_q`` and ``block_kv`` the block sizes of the blockwise ones; ``window`` its
+        sliding window)."""
+        del scale_seq_len, scale_is_causal, scale_window
         return plain.dot_product_attention(
             q, k, v, logit_scale=self.attention_logit_scale(q.shape[-1], mult), mask=mask,
             is_causal=is_causal, dropout_rate=dropout_rate, rng=rng,
-            implementation=implementation, block_q=block_q, block_kv=block_kv)
+            implementation=implementation, block_q=block_q, block_kv=block_kv, window=window)
 
     def linear_attention(self, q, k, v, *, mask=None, is_causal: bool = False, state=None,
                          scale_seq_len: Optional[int] = None,
@@ -169,11 +171,13 @@ class UMuP(Parametrization):
 
     def attention(self, q, k, v, *, mask=None, is_causal=False, mult=1.0, dropout_rate=0.0,
                   rng=None, scale_seq_len=None, scale_is_causal=None, implementation=None,
-                  block_q=plain.ATTENTION_BLOCK_Q, block_kv=plain.ATTENTION_BLOCK_KV):
+                  block_q=plain.ATTENTION_BLOCK_Q, block_kv=plain.ATTENTION_BLOCK_KV,
+                  window=None, scale_window=None):
         return ops.scaled_dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal, mult=mult, dropout_rate=dropout_rate,
             rng=rng, scale_seq_len=scale_seq_len, scale_is_causal=scale_is_causal,
-            implementation=implementation, block_q=block_q, block_kv=block_kv)
+            implementation=implementation, block_q=block_q, block_kv=block_kv, window=window,
+            scale_window=scale_window)
 
     def linear_attention(self, q, k, v, *, mask=None, is_causal=False, state=None,
                          scale_seq_len=None, scale_is_causal=None):

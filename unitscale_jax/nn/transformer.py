@@ -14,10 +14,17 @@ branch counts as an attention branch. The residual itself is the parametrization
 ``layers`` axis; each keeps its one-layer fan-in and the stack's depth as metadata) and runs
 them with ``jax.lax.scan``, so compile time does not grow with depth. The per-layer taus are
 then carried as a constant array through the scan (``ops.residual_apply`` takes them so).
+
+Attention patterns (``TransformerConfig.attention_pattern`` / ``attention_window``): each
+layer's sliding window is static. An unrolled stack gives each layer its own; a scanned stack
+whose layers all share one uses it; a scanned stack that mixes them carries each layer's index
+into the distinct windows through the scan and runs ``jax.lax.switch`` over them, each branch
+with its window static (so the chunked backend still skips the blocks outside it).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -87,10 +94,14 @@ class TransformerLayer(nnx.Module):
       cross_attention: add a cross-attention branch (encoder-decoder's decoder).
       depth: number of layers of the stack (parameter metadata).
       layer: this layer's index (for per-layer precision exceptions; None when scanned).
+      window: the self attention's sliding window (None: global).
+      window_options: a scanned stack's distinct windows when its layers differ; the call's
+        ``window_index`` then picks this layer's (``jax.lax.switch``).
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs, causal: bool,
-                 cross_attention: bool = False, depth: int = 1, layer: Optional[int] = None):
+                 cross_attention: bool = False, depth: int = 1, layer: Optional[int] = None,
+                 window: Optional[int] = None, window_options: Optional[tuple] = None):
         c = config
         self.parametrization = c.parametrization
         self.dropout = float(c.dropout)
@@ -106,7 +117,8 @@ class TransformerLayer(nnx.Module):
                        block_kv=c.attention_block_kv)
         self.attn_norm = make_norm(c, depth=depth)
         self.attn = MultiHeadAttention(c.d_model, c.n_heads, causal=causal, use_rope=c.rope,
-                                       rope_theta=c.rope_theta, **attn_kw)
+                                       rope_theta=c.rope_theta, window=window, **attn_kw)
+        self.window_options = None if window_options is None else tuple(window_options)
         if cross_attention:
             self.cross_norm = make_norm(c, depth=depth)
             self.cross_attn = MultiHeadAttention(c.d_model, c.n_heads, cross=True, **attn_kw)
@@ -138,7 +150,8 @@ class TransformerLayer(nnx.Module):
     def __call__(self, x: jax.Array, taus: Any, *, mask: Optional[jax.Array] = None,
                  context: Optional[jax.Array] = None, context_mask: Optional[jax.Array] = None,
                  rng: Optional[jax.Array] = None, cache: Optional[dict] = None,
-                 cache_index: Any = None, scale_seq_len: Optional[int] = None):
+                 cache_index: Any = None, scale_seq_len: Optional[int] = None,
+                 window_index: Any = None):
         """Applies the layer to the stream ``x`` ``[batch, seq, d_model]``.
 
         Args:
@@ -151,6 +164,7 @@ class TransformerLayer(nnx.Module):
           cache: ``{"self": {"k", "v"}, "cross": {"k", "v"}}`` for incremental decoding.
           cache_index: position of ``x``'s first token.
           scale_seq_len: sequence length of the attention scaling rule (KV cache).
+          window_index: this layer's entry of ``window_options`` (scanned mixed stacks).
 
         Returns:
           The new stream, or ``(stream, new_cache)`` when ``cache`` is given.
@@ -159,11 +173,21 @@ class TransformerLayer(nnx.Module):
         keys = list(jax.random.split(rng, 2 * n)) if rng is not None else [None] * (2 * n)
         new_cache = {} if cache is not None else None
 
-        def self_attn(h):
+        def run_attn(h, window):
             if cache is None:
-                return self.attn(h, mask=mask, rng=keys[0])
-            y, new_cache["self"] = self.attn(h, mask=mask, rng=keys[0], cache=cache["self"],
-                                             cache_index=cache_index, scale_seq_len=scale_seq_len)
+                return self.attn(h, mask=mask, rng=keys[0], window=window)
+            return self.attn(h, mask=mask, rng=keys[0], cache=cache["self"],
+                             cache_index=cache_index, scale_seq_len=scale_seq_len, window=window)
+
+        def self_attn(h):
+            if self.window_options is None:
+                out = run_attn(h, self.attn.window)
+            else:
+                out = jax.lax.switch(window_index, [functools.partial(run_attn, window=w)
+                                                    for w in self.window_options], h)
+            if cache is None:
+                return out
+            y, new_cache["self"] = out
             return y
 
         x = self._branch(x, taus[0], self.attn_norm, self_attn, keys[1], "attn")
@@ -203,10 +227,17 @@ class TransformerStack(nnx.Module):
         per = len(kinds) // self.n_layers
         flat = branch_taus(kinds, config.residual_mult, config.residual_attn_ratio)
         self.taus = tuple(tuple(flat[l * per:(l + 1) * per]) for l in range(self.n_layers))
+        self.windows = config.layer_windows(self.n_layers)
+        options = tuple(dict.fromkeys(self.windows))
+        mixed = self.scan and len(options) > 1
+        self.window_index = (tuple(options.index(w) for w in self.windows) if mixed
+                             else None)
 
         def make(r, layer):
-            return TransformerLayer(config, rngs=r, causal=causal, layer=layer,
-                                    cross_attention=cross_attention, depth=self.n_layers)
+            return TransformerLayer(
+                config, rngs=r, causal=causal, layer=layer, cross_attention=cross_attention,
+                depth=self.n_layers, window=None if mixed else self.windows[layer or 0],
+                window_options=options if mixed else None)
 
         if self.scan:
             stacked = nnx.split_rngs(splits=self.n_layers)(
@@ -257,15 +288,17 @@ class TransformerStack(nnx.Module):
 
         graphdef, state = nnx.split(self.layers)
         taus = jnp.asarray(np.array(self.taus, np.float32))
+        index = (None if self.window_index is None
+                 else jnp.asarray(np.array(self.window_index, np.int32)))
 
         def body(carry, xs):
-            st, tau, key, c = xs
+            st, tau, key, c, idx = xs
             layer = nnx.merge(graphdef, st)
-            out = layer(carry, tau, rng=key, cache=c, **kw)
+            out = layer(carry, tau, rng=key, cache=c, window_index=idx, **kw)
             return (out, None) if c is None else out
 
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=False)
         with suspend_taps():
-            x, new_cache = jax.lax.scan(body, x, (state, taus, keys, cache))
+            x, new_cache = jax.lax.scan(body, x, (state, taus, keys, cache, index))
         return x if cache is None else (x, new_cache)

@@ -9,10 +9,15 @@ PyTorch library ``unit-scaling`` 0.3.5 (``unit_scaling.functional``).
 cores with no scales), which the standard and muP parametrizations use.
 """
 
+from unitscale_jax.ops import patterns as patterns
 from unitscale_jax.ops import plain as plain
 from unitscale_jax.ops._scale import scale_bwd, scale_fwd
 from unitscale_jax.ops.activations import dropout, gelu, silu, silu_glu, softmax
-from unitscale_jax.ops.attention import attention_scale, scaled_dot_product_attention
+from unitscale_jax.ops.attention import (
+    attention_scale,
+    attention_scale_from_counts,
+    scaled_dot_product_attention,
+)
 from unitscale_jax.ops.constraints import (
     CONSTRAINTS,
     apply_constraint,
@@ -24,6 +29,7 @@ from unitscale_jax.ops.linear import add, linear, linear_readout, matmul
 from unitscale_jax.ops.linear_attention import linear_attention, linear_attention_scales
 from unitscale_jax.ops.losses import cross_entropy, mse_loss
 from unitscale_jax.ops.norms import layer_norm, rms_norm
+from unitscale_jax.ops.patterns import block_sparse_mask
 from unitscale_jax.ops.residual import (
     residual_add,
     residual_apply,
@@ -32,7 +38,8 @@ from unitscale_jax.ops.residual import (
 )
 
 __all__ = [
-    "CONSTRAINTS", "add", "apply_constraint", "attention_scale", "cross_entropy", "dropout",
+    "CONSTRAINTS", "add", "apply_constraint", "attention_scale", "attention_scale_from_counts",
+    "block_sparse_mask", "cross_entropy", "dropout",
     "embedding", "gelu", "layer_norm", "linear", "linear_attention",
     "linear_attention_scales", "linear_readout", "logarithmic_interpolation",
     "matmul", "mse_loss", "residual_add", "residual_apply", "residual_split", "rms_norm",

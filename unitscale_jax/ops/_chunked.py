@@ -12,7 +12,10 @@ recomputes each block of scores, ``p = exp(s - lse)``, ``ds = p * (dp - rowsum(d
 Scores, softmax statistics and gradient accumulators are float32 whatever the input dtype;
 matmul operands keep the input dtype (probabilities are cast to it before ``p @ v``, as in
 FlashAttention). Causal attention skips the key blocks (forward) and query blocks (backward)
-that lie wholly above the diagonal. A row that sees no key at all gives a zero output and zero
+that lie wholly above the diagonal; a sliding window skips those wholly outside the window
+and a static mask its empty blocks (``ops.patterns.block_occupancy``: each query block loops
+over its list of visited key blocks, each key block over its query blocks), so a window of
+``W`` costs ``O(T W)``, not ``O(T S)``. A row that sees no key at all gives a zero output and zero
 gradients (not NaN).
 """
 
@@ -24,8 +27,43 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from unitscale_jax.ops import patterns
 
 F32 = jnp.float32
+
+
+class _Schedule:
+    """The visited blocks (``patterns.block_occupancy``) as index tables, hashable so that
+    it can be a static argument of the ``custom_vjp``."""
+
+    def __init__(self, occ: np.ndarray):
+        self.occ = occ
+        self._key = (occ.shape, occ.tobytes())
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Schedule) and self._key == other._key
+
+    @staticmethod
+    def _tables(occ):
+        counts = occ.sum(axis=1)
+        index = np.zeros((occ.shape[0], max(int(counts.max(initial=0)), 1)), np.int32)
+        for i, row in enumerate(occ):
+            nz = np.flatnonzero(row)
+            index[i, :nz.size] = nz
+        return jnp.asarray(index), jnp.asarray(counts.astype(np.int32))
+
+    def key_blocks(self):
+        """``[nq, max]`` key-block indices per query block and their counts ``[nq]``."""
+        return self._tables(self.occ)
+
+    def query_blocks(self):
+        """``[nk, max]`` query-block indices per key block and their counts ``[nk]``."""
+        return self._tables(self.occ.T)
 
 
 def _pad(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
@@ -44,13 +82,13 @@ def _block(x, start, size: int, axis: int):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _keep(mask, qs, ks, bq: int, bk: int, kv_len: int, causal: bool):
+def _keep(mask, qs, ks, bq: int, bk: int, kv_len: int, causal: bool, window=None):
     """Which scores of the block at (query ``qs``, key ``ks``) count: ``[.., bq, bk]``."""
     t = qs + jnp.arange(bq)[:, None]
     s = ks + jnp.arange(bk)[None, :]
     keep = s < kv_len                                   # the key padding
-    if causal:
-        keep = jnp.logical_and(keep, s <= t)
+    if causal or window is not None:
+        keep = jnp.logical_and(keep, patterns.window_keep(t, s, window, causal))
     keep = keep[None, None, None]                       # [1, 1, 1, bq, bk]
     if mask is not None:
         keep = jnp.logical_and(keep, _block(_block(mask, qs, bq, 3), ks, bk, 4))
@@ -62,25 +100,21 @@ def _scores(q_blk, k_blk, scale: float):
     return jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk, preferred_element_type=F32) * scale
 
 
-def _n_key_blocks(qs, bq: int, bk: int, nk: int, causal: bool):
-    """The key blocks a query block starting at ``qs`` needs (causal: none above the diagonal)."""
-    return jnp.minimum(nk, (qs + bq - 1) // bk + 1) if causal else nk
-
-
-def _forward(q, k, v, mask, scale, causal, bq, bk, kv_len):
+def _forward(q, k, v, mask, scale, causal, bq, bk, kv_len, window, sched):
     """Output ``[B, K, G, Tp, D]`` (q's dtype) and row logsumexp ``[B, K, G, Tp]`` (float32)."""
-    nq, nk = q.shape[3] // bq, k.shape[2] // bk
+    nq = q.shape[3] // bq
+    k_index, k_count = sched.key_blocks()
 
     def one_query_block(i):
         qs = i * bq
         q_blk = jax.lax.dynamic_slice_in_dim(q, qs, bq, axis=3)
 
-        def step(j, carry):
+        def step(jj, carry):
             acc, m, l = carry
-            ks = j * bk
+            ks = k_index[i, jj] * bk
             k_blk = jax.lax.dynamic_slice_in_dim(k, ks, bk, axis=2)
             v_blk = jax.lax.dynamic_slice_in_dim(v, ks, bk, axis=2)
-            keep = _keep(mask, qs, ks, bq, bk, kv_len, causal)
+            keep = _keep(mask, qs, ks, bq, bk, kv_len, causal, window)
             s = jnp.where(keep, _scores(q_blk, k_blk, scale), -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)   # no key seen yet: 0
@@ -95,7 +129,7 @@ def _forward(q, k, v, mask, scale, causal, bq, bk, kv_len):
         row = q_blk[..., 0]
         init = (jnp.zeros_like(q_blk, F32), jnp.full_like(row, -jnp.inf, F32),
                 jnp.zeros_like(row, F32))
-        acc, m, l = jax.lax.fori_loop(0, _n_key_blocks(qs, bq, bk, nk, causal), step, init)
+        acc, m, l = jax.lax.fori_loop(0, k_count[i], step, init)
         seen = l > 0
         out = acc / jnp.where(seen, l, 1.0)[..., None]
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
@@ -107,19 +141,20 @@ def _forward(q, k, v, mask, scale, causal, bq, bk, kv_len):
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention(q, k, v, mask, scale, causal, bq, bk, kv_len):
-    return _forward(q, k, v, mask, scale, causal, bq, bk, kv_len)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
+def _attention(q, k, v, mask, scale, causal, bq, bk, kv_len, window, sched):
+    return _forward(q, k, v, mask, scale, causal, bq, bk, kv_len, window, sched)[0]
 
 
-def _attention_fwd(q, k, v, mask, scale, causal, bq, bk, kv_len):
-    out, lse = _forward(q, k, v, mask, scale, causal, bq, bk, kv_len)
+def _attention_fwd(q, k, v, mask, scale, causal, bq, bk, kv_len, window, sched):
+    out, lse = _forward(q, k, v, mask, scale, causal, bq, bk, kv_len, window, sched)
     return out, (q, k, v, mask, out, lse)
 
 
-def _attention_bwd(scale, causal, bq, bk, kv_len, res, do):
+def _attention_bwd(scale, causal, bq, bk, kv_len, window, sched, res, do):
     q, k, v, mask, out, lse = res
-    nq, nk = q.shape[3] // bq, k.shape[2] // bk
+    nk = k.shape[2] // bk
+    q_index, q_count = sched.query_blocks()
     delta = jnp.sum(do.astype(F32) * out.astype(F32), axis=-1)       # rowsum(do * o)
 
     def key_block(j, carry):
@@ -128,14 +163,14 @@ def _attention_bwd(scale, causal, bq, bk, kv_len, res, do):
         k_blk = jax.lax.dynamic_slice_in_dim(k, ks, bk, axis=2)
         v_blk = jax.lax.dynamic_slice_in_dim(v, ks, bk, axis=2)
 
-        def query_block(i, inner):
+        def query_block(ii, inner):
             dq, dk_j, dv_j = inner
-            qs = i * bq
+            qs = q_index[j, ii] * bq
             q_blk = jax.lax.dynamic_slice_in_dim(q, qs, bq, axis=3)
             do_blk = jax.lax.dynamic_slice_in_dim(do, qs, bq, axis=3)
             lse_blk = jax.lax.dynamic_slice_in_dim(lse, qs, bq, axis=3)
             delta_blk = jax.lax.dynamic_slice_in_dim(delta, qs, bq, axis=3)
-            keep = _keep(mask, qs, ks, bq, bk, kv_len, causal)
+            keep = _keep(mask, qs, ks, bq, bk, kv_len, causal, window)
             s = _scores(q_blk, k_blk, scale)
             p = jnp.where(keep, jnp.exp(jnp.where(keep, s, 0.0) - lse_blk[..., None]), 0.0)
             dv_j = dv_j + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do.dtype), do_blk,
@@ -148,9 +183,8 @@ def _attention_bwd(scale, causal, bq, bk, kv_len, res, do):
             dk_j = dk_j + jnp.einsum("bkgqs,bkgqd->bksd", ds, q_blk, preferred_element_type=F32)
             return dq, dk_j, dv_j
 
-        first = (ks // bq) if causal else 0          # causal: query blocks below the diagonal
         zeros = jnp.zeros_like(k_blk, F32)
-        dq, dk_j, dv_j = jax.lax.fori_loop(first, nq, query_block, (dq, zeros, zeros))
+        dq, dk_j, dv_j = jax.lax.fori_loop(0, q_count[j], query_block, (dq, zeros, zeros))
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, ks, axis=2)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, ks, axis=2)
         return dq, dk, dv
@@ -165,7 +199,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, logit_scale: float,
                       mask: Optional[jax.Array] = None, is_causal: bool = False,
-                      block_q: int = 512, block_kv: int = 512) -> jax.Array:
+                      block_q: int = 512, block_kv: int = 512, window: Optional[int] = None,
+                      static_mask: Optional[np.ndarray] = None) -> jax.Array:
     """``softmax(logit_scale q k^T) v`` by blocks (inputs already checked by the caller).
 
     Args:
@@ -179,6 +214,9 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, logit_scale: 
       is_causal: key ``s`` is seen by query ``t`` only if ``s <= t``.
       block_q: query block size (clipped to ``T``).
       block_kv: key block size (clipped to ``S``).
+      window: sliding window (``ops.patterns.window_keep``); key blocks outside it are
+        skipped.
+      static_mask: a static numpy ``[T, S]`` mask; its empty blocks are skipped.
 
     Returns:
       ``[B, T, H, D]`` in q's dtype.
@@ -191,6 +229,12 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, logit_scale: 
     qt = _pad(q.reshape(b, t, n_kv, g, d).transpose(0, 2, 3, 1, 4), 3, tp)   # [B, K, G, Tp, D]
     kt = _pad(k.transpose(0, 2, 1, 3), 2, sp)                                # [B, K, Sp, D]
     vt = _pad(v.transpose(0, 2, 1, 3), 2, sp)
+    sched = _Schedule(patterns.block_occupancy(t, s_len, bq, bk, is_causal=bool(is_causal),
+                                               window=window, static_mask=static_mask))
+    if static_mask is not None:
+        static = jnp.asarray(static_mask)[None, None]
+        mask = static if mask is None else jnp.logical_and(
+            mask.reshape((1,) * (4 - mask.ndim) + mask.shape), static)
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)            # [b, h, t, s]
         mb, mh, mt, ms = mask.shape
@@ -199,5 +243,6 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, logit_scale: 
             mask = _pad(mask, 3, tp, False)
         if ms != 1:
             mask = _pad(mask, 4, sp, False)
-    out = _attention(qt, kt, vt, mask, float(logit_scale), bool(is_causal), bq, bk, s_len)
+    out = _attention(qt, kt, vt, mask, float(logit_scale), bool(is_causal), bq, bk, s_len,
+                     window, sched)
     return out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)

@@ -15,8 +15,9 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from unitscale_jax.ops import _chunked, _linear, _pallas_tpu, _wide
+from unitscale_jax.ops import _chunked, _linear, _pallas_tpu, _wide, patterns
 from unitscale_jax.ops._checks import (
     check_ce_inputs,
     check_ids_in_range,
@@ -225,7 +226,8 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 128
 
 
-def _cudnn_problem(q, k, mask, rate: float) -> Optional[str]:
+def _cudnn_problem(q, k, mask, rate: float, window: Optional[int] = None,
+                   is_causal: bool = False) -> Optional[str]:
     """Why cuDNN's fused attention cannot run these inputs, or None if it can."""
     if jax.default_backend() != "gpu":
         return f"it needs a GPU, the backend is {jax.default_backend()!r}"
@@ -239,13 +241,16 @@ def _cudnn_problem(q, k, mask, rate: float) -> Optional[str]:
         return f"with a mask q_len and kv_len must be even, got {t} and {s}"
     if rate > 0.0:
         return "it has no attention dropout"
+    if window is not None and not is_causal:
+        return "its sliding window is causal only (a bidirectional window needs 'xla' or 'chunked')"
     return None
 
 
 def choose_implementation(q: jax.Array, k: jax.Array, implementation: Optional[str] = None, *,
                           mask: Optional[jax.Array] = None, dropout_rate: float = 0.0,
                           block_q: int = ATTENTION_BLOCK_Q,
-                          block_kv: int = ATTENTION_BLOCK_KV) -> str:
+                          block_kv: int = ATTENTION_BLOCK_KV,
+                          window: Optional[int] = None, is_causal: bool = False) -> str:
     """The attention backend that ``dot_product_attention`` runs: ``"xla"``, ``"cudnn"``,
     ``"chunked"`` or ``"pallas_tpu"``.
 
@@ -262,6 +267,8 @@ def choose_implementation(q: jax.Array, k: jax.Array, implementation: Optional[s
       dropout_rate: attention dropout (only ``"xla"`` has it).
       block_q: query block size (``"pallas_tpu"``: a multiple of 8).
       block_kv: key block size (``"pallas_tpu"``: a multiple of 128).
+      window: a sliding window (cuDNN has only the causal one).
+      is_causal: whether the attention is causal.
 
     Raises:
       ValueError: an unknown name (listing the valid ones); ``"cudnn"`` or ``"pallas_tpu"``
@@ -273,7 +280,7 @@ def choose_implementation(q: jax.Array, k: jax.Array, implementation: Optional[s
                          f"{ATTENTION_IMPLEMENTATIONS} or None, got {implementation!r}.")
     rate = float(dropout_rate)
     if impl == "cudnn":
-        problem = _cudnn_problem(q, k, mask, rate)
+        problem = _cudnn_problem(q, k, mask, rate, window, is_causal)
         if problem:
             raise ValueError(f"dot_product_attention: implementation='cudnn' cannot run here: "
                              f"{problem}.")
@@ -287,10 +294,10 @@ def choose_implementation(q: jax.Array, k: jax.Array, implementation: Optional[s
                          "dropout; use 'xla' (or 'auto') with dropout_rate > 0.")
     if impl != "auto":
         return impl
-    if _cudnn_problem(q, k, mask, rate) is None:
+    if _cudnn_problem(q, k, mask, rate, window, is_causal) is None:
         return "cudnn"
-    if jax.default_backend() == "tpu" and _pallas_tpu.problem(q, k, rate, block_q,
-                                                              block_kv) is None:
+    if (jax.default_backend() == "tpu" and window is None  # (a window: chunked skips blocks)
+            and _pallas_tpu.problem(q, k, rate, block_q, block_kv) is None):
         return "pallas_tpu"
     if k.shape[-3] > CHUNKED_MIN_KV_LEN and rate == 0.0:
         return "chunked"
@@ -310,6 +317,8 @@ def dot_product_attention(
     implementation: Optional[str] = None,
     block_q: int = ATTENTION_BLOCK_Q,
     block_kv: int = ATTENTION_BLOCK_KV,
+    window: Optional[int] = None,
+    static_mask: Optional[np.ndarray] = None,
 ) -> jax.Array:
     """``softmax(logit_scale * q k^T) v`` per head, with its ordinary gradient.
 
@@ -349,31 +358,48 @@ def dot_product_attention(
         (a multiple of 8).
       block_kv: key block size of ``"chunked"`` (clipped to ``kv_len``) and ``"pallas_tpu"``
         (a multiple of 128).
+      window: sliding-window (local) attention of width ``W``
+        (``ops.patterns.window_keep``): query ``t`` sees keys ``t - W + 1 .. t`` (causal)
+        or ``t - W .. t + W`` (bidirectional); combined with ``mask``. XLA applies it as a
+        mask, cuDNN as its (causal-only) sliding window, and ``"chunked"`` skips the key
+        blocks outside it, forward and backward, so its cost is ``O(q_len * W)``.
+      static_mask: a static (numpy) boolean ``[q_len, kv_len]`` mask, e.g.
+        ``ops.patterns.block_sparse_mask``, combined with ``mask``; ``"chunked"`` skips the
+        blocks it leaves empty.
 
     Returns:
       ``[batch, q_len, heads, head_dim]``.
 
     Raises:
       ValueError: bad shapes, an unknown ``implementation``, a backend that cannot run these
-        inputs (see ``choose_implementation``).
+        inputs (see ``choose_implementation``), a window below 1, a traced or misshapen
+        ``static_mask``.
     """
     op = "dot_product_attention"
     if q.ndim == 3 and k.ndim == 3 and v.ndim == 3:  # unbatched [seq, heads, head_dim] (vmap)
         return dot_product_attention(
             q[None], k[None], v[None], logit_scale=logit_scale, mask=mask, is_causal=is_causal,
             dropout_rate=dropout_rate, rng=rng, implementation=implementation,
-            block_q=block_q, block_kv=block_kv)[0]
+            block_q=block_q, block_kv=block_kv, window=window, static_mask=static_mask)[0]
+    window = patterns.check_window(window, op)
     full_mask = check_attention_inputs(q, k, v, mask, op)
+    static_mask = patterns.check_static_mask(static_mask, q.shape[1], k.shape[1], op)
     rate = require_range_rate(dropout_rate, op)
     if rate > 0.0 and rng is None:
         raise ValueError(f"{op}: rng is required when dropout_rate > 0.")
     check_block_sizes(block_q, block_kv, implementation, op=op)
-    impl = choose_implementation(q, k, implementation, mask=mask, dropout_rate=rate,
-                                 block_q=block_q, block_kv=block_kv)
+    impl = choose_implementation(q, k, implementation, mask=_any_mask(mask, static_mask),
+                                 dropout_rate=rate, block_q=block_q, block_kv=block_kv,
+                                 window=window, is_causal=is_causal)
     if impl == "pallas_tpu":
         dtype = q.dtype
         if dtype == jnp.float16 and jax.default_backend() == "cpu":  # interpreted on CPU
             q, k, v = (t.astype(F32) for t in (q, k, v))
+        if window is not None or static_mask is not None:  # the kernel takes them as a mask
+            extra = jnp.asarray(patterns.pattern_mask(
+                q.shape[1], k.shape[1], is_causal=is_causal, window=window,
+                static_mask=static_mask))[None, None]
+            mask = extra if mask is None else jnp.logical_and(jnp.asarray(mask), extra)
         out = _pallas_tpu.flash_attention(
             q, k, v, logit_scale=float(logit_scale), mask=None if mask is None else
             jnp.asarray(mask), is_causal=is_causal, block_q=block_q, block_kv=block_kv)
@@ -384,13 +410,28 @@ def dot_product_attention(
             q, k, v = (t.astype(F32) for t in (q, k, v))
         out = _chunked.chunked_attention(
             q, k, v, logit_scale=float(logit_scale), mask=None if mask is None else
-            jnp.asarray(mask), is_causal=is_causal, block_q=block_q, block_kv=block_kv)
+            jnp.asarray(mask), is_causal=is_causal, block_q=block_q, block_kv=block_kv,
+            window=window, static_mask=static_mask)
         return out.astype(dtype)
+    if static_mask is not None or (window is not None and impl != "cudnn"):
+        extra = patterns.pattern_mask(q.shape[1], k.shape[1], is_causal=is_causal,
+                                      window=window, static_mask=static_mask)
+        extra = jnp.asarray(extra)[None, None]
+        full_mask = jnp.broadcast_to(extra, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+                                     ) if full_mask is None else jnp.logical_and(full_mask, extra)
+        window = None
     if impl == "xla" and (rate > 0.0 or (q.dtype == jnp.float16
                                          and jax.default_backend() == "cpu")):
         return _attention_explicit(q, k, v, full_mask, is_causal, float(logit_scale), rate, rng)
+    local = None if window is None else (window - 1, 0)   # cudnn: causal windows only
     return jax.nn.dot_product_attention(q, k, v, mask=full_mask, scale=float(logit_scale),
-                                        is_causal=is_causal, implementation=impl)
+                                        is_causal=is_causal, implementation=impl,
+                                        local_window_size=local)
+
+
+def _any_mask(mask, static_mask):
+    """A stand-in for "there is a mask" (``choose_implementation`` only asks whether)."""
+    return mask if mask is not None else static_mask
 
 
 def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
