@@ -1,7 +1,8 @@
 """Per-layer attention patterns (``attention_window``, ``attention_pattern``): the config's
 per-layer windows, a windowed model equals an explicitly masked one, scanned equals unrolled
-for mixed patterns, KV-cache generation (ring buffers longer than the window) equals the full
-forward pass, windowed models train a step, and bad settings fail clearly (also as flags)."""
+for mixed patterns, KV-cache generation equals the full forward pass (mixed patterns' grouped
+caches: test_ring_cache_mixed.py), windowed models train a step, and bad settings fail clearly
+(also as flags)."""
 
 import chex
 import jax.numpy as jnp
@@ -103,16 +104,19 @@ def test_scanned_mixed_pattern_equals_unrolled(parametrization):
     ("umup", None, True), ("umup", "local,global", True), ("umup", "local,global", False),
     ("sp", None, False), ("sp", "local,global", True)])
 def test_kv_cache_generation_equals_full_forward(parametrization, pattern, scan):
-    """Prompt 5 + 9 new tokens with a window of 4: an all-local decoder's ring buffers hold 4
-    entries and wrap three times; mixed ones keep full caches (local layers read theirs as a
-    ring that never wraps)."""
+    """Prompt 5 + 9 new tokens with a window of 4: the local layers' ring buffers hold 4
+    entries and wrap three times (mixed patterns: the global layers' caches hold all 14)."""
     model = unn.TransformerDecoder(CFG, attention_pattern=pattern, scan_layers=scan,
                                    parametrization=parametrization, rngs=nnx.Rngs(0))
     prompt = random_ids(7, (2, 5), 64)
     tokens, logits = model.generate(prompt, 9, return_logits=True)
     full = nnx.jit(lambda m, t: m(t))(model, tokens)
     chex.assert_trees_all_close(logits, full[:, 4:13], rtol=1e-4, atol=1e-5)
-    assert model.init_cache(2, 14)["self"]["k"].shape[2] == (4 if pattern is None else 14)
+    cache = model.init_cache(2, 14)["self"]
+    if pattern is None:
+        assert cache["k"].shape[2] == 4
+    else:
+        assert cache["local"]["k"].shape[2] == 4 and cache["global"]["k"].shape[2] == 14
 
 
 def test_prefill_longer_than_the_ring_then_steps():

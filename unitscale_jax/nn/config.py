@@ -79,8 +79,8 @@ class TransformerConfig:
       attention_window: width ``W`` of the sliding-window (local) attention layers; None
         (default) for none. Causal layers see the ``W`` keys ``t - W + 1 .. t``,
         bidirectional ones ``W`` on each side (``ops.patterns.window_keep``); u-muP's
-        attention scale follows the window (``ops.attention_scale``), and a decoder whose
-        layers are all local keeps a ring-buffer KV cache of ``W`` entries.
+        attention scale follows the window (``ops.attention_scale``), and a decoder's local
+        layers keep ring-buffer KV caches of ``W`` entries (``nn.decoder.empty_cache``).
       attention_pattern: which layers are local (sliding window) and which global: a
         comma-separated cycle of ``local`` and ``global``, layer ``l`` taking entry ``l mod
         len`` (e.g. ``local,global``); default (None) every layer local when

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ from unitscale_jax.nn import _common
 from unitscale_jax.nn.config import TransformerConfig, resolve_config
 from unitscale_jax.nn.layers import make_embedding, make_norm, make_readout
 from unitscale_jax.nn.sharding import constrain
-from unitscale_jax.nn.transformer import TransformerStack
+from unitscale_jax.nn.transformer import TransformerStack, cache_layout
 from unitscale_jax.ops import plain
 from unitscale_jax.taps import tap
 
@@ -38,25 +38,37 @@ def stack_outputs(model: nnx.Module, ids: jax.Array, mask: Optional[jax.Array],
     return tap("final_norm", model.final_norm(x))
 
 
-def self_cache_length(c: TransformerConfig, n_layers: int, length: int) -> int:
-    """Slots of each layer's self-attention KV cache for sequences of ``length`` tokens: a
-    ring of ``min(W, length)`` when every layer has a sliding window (the largest ``W``),
-    else ``length`` (one stacked cache serves all layers: the global ones need every slot,
-    the local ones use it as a ring that never wraps)."""
-    windows = c.layer_windows(n_layers)
+def self_cache_length(windows: Sequence[Optional[int]], length: int) -> int:
+    """Slots of a self-attention KV cache shared by layers with sliding ``windows`` (None:
+    global) for sequences of ``length`` tokens: a ring of ``min(W, length)`` (the largest
+    ``W``) when every one has a window, else ``length``."""
     if any(w is None for w in windows):
         return length
     return min(max(windows), length)
 
 
 def empty_cache(c: TransformerConfig, n_layers: int, batch: int, length: int) -> dict:
-    """Zero self-attention keys and values ``[n_layers, batch, length, kv_heads, head_dim]``
-    (linear attention: its recurrent state per layer)."""
+    """Zero self-attention keys and values ``[n_layers, batch, slots, kv_heads, head_dim]``
+    (``slots``: ``self_cache_length``); a pattern that mixes local and global layers keeps one
+    such stack per ``cache_layout`` group, ``{"global": {"k", "v"}, "local": {"k", "v"}}``
+    (``[n_global, batch, length, ...]`` and ``[n_local, batch, min(W, length), ...]``);
+    linear attention: its recurrent state per layer."""
     if c.attention_kind == "linear":  # the recurrent state: sum phi(k) v^T and sum phi(k)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (n_layers, *a.shape)),
                             plain.linear_attention_state(batch, c.kv_heads, c.head_dim))
-    shape = (n_layers, batch, self_cache_length(c, n_layers, length), c.kv_heads, c.head_dim)
-    return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
+    windows = c.layer_windows(n_layers)
+
+    def zeros(ws):
+        shape = (len(ws), batch, self_cache_length(ws, length), c.kv_heads, c.head_dim)
+        return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
+
+    layout = cache_layout(windows)
+    if layout is None:
+        return zeros(windows)
+    groups: dict = {}
+    for w, (group, _) in zip(windows, layout):
+        groups.setdefault(group, []).append(w)
+    return {group: zeros(ws) for group, ws in groups.items()}
 
 
 class TransformerDecoder(nnx.Module):
@@ -136,7 +148,8 @@ class TransformerDecoder(nnx.Module):
                                         where=scored)
 
     def init_cache(self, batch: int, length: int) -> dict:
-        """An empty KV cache for ``batch`` sequences of up to ``length`` tokens."""
+        """An empty KV cache for ``batch`` sequences of up to ``length`` tokens (``empty_cache``:
+        local layers keep rings of ``min(W, length)`` slots, global ones ``length``)."""
         return {"self": empty_cache(self.config, self.stack.n_layers, batch, length)}
 
     def decode_step(self, ids: jax.Array, cache: dict, index: Any, *,

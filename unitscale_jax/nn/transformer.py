@@ -20,6 +20,14 @@ layer's sliding window is static. An unrolled stack gives each layer its own; a 
 whose layers all share one uses it; a scanned stack that mixes them carries each layer's index
 into the distinct windows through the scan and runs ``jax.lax.switch`` over them, each branch
 with its window static (so the chunked backend still skips the blocks outside it).
+
+KV caches (``cache_layout``): when every layer is global, or every layer local, the
+self-attention cache is one stacked ``{"k", "v"}`` with a leading ``n_layers`` axis. A pattern
+that mixes them keeps one such stack per group, ``{"global": {"k", "v"}, "local": {"k", "v"}}``
+(``[n_global, ...]`` of the full length, ``[n_local, ...]`` of a ring of ``min(W, length)``
+slots), and layer ``l`` owns entry ``cache_layout(windows)[l]`` of it: unrolled stacks index it
+directly; scanned ones carry the groups through the scan (their sizes differ) and each layer
+reads and writes its entry of every group (the others unchanged) around its ``lax.switch``.
 """
 
 from __future__ import annotations
@@ -77,6 +85,25 @@ def branch_taus(kinds: Sequence[str], residual_mult: float = 1.0,
     return tuple(taus)
 
 
+def cache_group(window: Optional[int]) -> str:
+    """The self-attention KV-cache group of a layer with sliding ``window``: ``"global"``
+    (None: a cache of the full length) or ``"local"`` (a ring of ``min(W, length)`` slots)."""
+    return "global" if window is None else "local"
+
+
+def cache_layout(windows: Sequence[Optional[int]]) -> Optional[tuple[tuple[str, int], ...]]:
+    """Where each layer's self-attention KV cache lives, given the layers' windows.
+
+    Returns:
+      None when all layers fall in one ``cache_group`` (the cache is then one stack with a
+      leading ``n_layers`` axis), else each layer's ``(group, index in that group's stack)``.
+    """
+    groups = [cache_group(w) for w in windows]
+    if len(set(groups)) < 2:
+        return None
+    return tuple((g, groups[:l].count(g)) for l, g in enumerate(groups))
+
+
 def sp_init_stds(config: TransformerConfig, depth: int) -> tuple[Optional[float], Optional[float]]:
     """SP std of (input projections, residual output projections): GPT-2's scheme."""
     if config.sp_init_std is None:
@@ -119,6 +146,9 @@ class TransformerLayer(nnx.Module):
         self.attn = MultiHeadAttention(c.d_model, c.n_heads, causal=causal, use_rope=c.rope,
                                        rope_theta=c.rope_theta, window=window, **attn_kw)
         self.window_options = None if window_options is None else tuple(window_options)
+        # a scanned mixed stack hands this layer its entry of every cache group
+        self.grouped_cache = (window_options is not None
+                              and cache_layout(self.window_options) is not None)
         if cross_attention:
             self.cross_norm = make_norm(c, depth=depth)
             self.cross_attn = MultiHeadAttention(c.d_model, c.n_heads, cross=True, **attn_kw)
@@ -161,7 +191,9 @@ class TransformerLayer(nnx.Module):
           context: encoder output for cross attention.
           context_mask: cross-attention mask.
           rng: PRNG key for dropout.
-          cache: ``{"self": {"k", "v"}, "cross": {"k", "v"}}`` for incremental decoding.
+          cache: ``{"self": {"k", "v"}, "cross": {"k", "v"}}`` for incremental decoding (in a
+            scanned stack whose windows span cache groups, ``"self"`` holds this layer's entry
+            of each group, ``{group: {"k", "v"}}``; its own group's is used and updated).
           cache_index: position of ``x``'s first token.
           scale_seq_len: sequence length of the attention scaling rule (KV cache).
           window_index: this layer's entry of ``window_options`` (scanned mixed stacks).
@@ -176,8 +208,12 @@ class TransformerLayer(nnx.Module):
         def run_attn(h, window):
             if cache is None:
                 return self.attn(h, mask=mask, rng=keys[0], window=window)
-            return self.attn(h, mask=mask, rng=keys[0], cache=cache["self"],
-                             cache_index=cache_index, scale_seq_len=scale_seq_len, window=window)
+            own = cache["self"][cache_group(window)] if self.grouped_cache else cache["self"]
+            y, c = self.attn(h, mask=mask, rng=keys[0], cache=own, cache_index=cache_index,
+                             scale_seq_len=scale_seq_len, window=window)
+            if self.grouped_cache:  # every switch branch returns every group's entry
+                c = {**cache["self"], cache_group(window): c}
+            return y, c
 
         def self_attn(h):
             if self.window_options is None:
@@ -232,6 +268,7 @@ class TransformerStack(nnx.Module):
         mixed = self.scan and len(options) > 1
         self.window_index = (tuple(options.index(w) for w in self.windows) if mixed
                              else None)
+        self.cache_layout = cache_layout(self.windows)
 
         def make(r, layer):
             return TransformerLayer(
@@ -264,7 +301,8 @@ class TransformerStack(nnx.Module):
                  context: Optional[jax.Array] = None, context_mask: Optional[jax.Array] = None,
                  rng: Optional[jax.Array] = None, cache: Optional[dict] = None,
                  cache_index: Any = None, scale_seq_len: Optional[int] = None):
-        """Runs the stack. ``cache`` leaves carry a leading ``n_layers`` axis.
+        """Runs the stack. ``cache`` leaves carry a leading ``n_layers`` axis (a mixed pattern's
+        ``cache["self"]`` one per group: see the module docstring and ``cache_layout``).
 
         Returns:
           The stream, or ``(stream, new_cache)`` when ``cache`` is given.
@@ -272,10 +310,13 @@ class TransformerStack(nnx.Module):
         kw = dict(mask=mask, context=context, context_mask=context_mask,
                   cache_index=cache_index, scale_seq_len=scale_seq_len)
         keys = None if rng is None else jax.random.split(rng, self.n_layers)
+        layout = None if cache is None else self.cache_layout
+        if layout is not None:
+            self._check_grouped_cache(cache)
         if not self.scan:
             new = []
             for l, layer in enumerate(self.layers):
-                c = None if cache is None else jax.tree.map(lambda a: a[l], cache)
+                c = None if cache is None else self._layer_cache(cache, l)
                 out = layer(x, self.taus[l], rng=None if keys is None else keys[l], cache=c, **kw)
                 if cache is None:
                     x = out
@@ -284,12 +325,14 @@ class TransformerStack(nnx.Module):
                     new.append(nc)
             if cache is None:
                 return x
-            return x, jax.tree.map(lambda *xs: jnp.stack(xs), *new)
+            return x, self._stack_caches(new)
 
         graphdef, state = nnx.split(self.layers)
         taus = jnp.asarray(np.array(self.taus, np.float32))
         index = (None if self.window_index is None
                  else jnp.asarray(np.array(self.window_index, np.int32)))
+        if layout is not None:
+            return self._scan_grouped(graphdef, state, x, taus, keys, cache, index, kw)
 
         def body(carry, xs):
             st, tau, key, c, idx = xs
@@ -302,3 +345,59 @@ class TransformerStack(nnx.Module):
         with suspend_taps():
             x, new_cache = jax.lax.scan(body, x, (state, taus, keys, cache, index))
         return x if cache is None else (x, new_cache)
+
+    def _check_grouped_cache(self, cache: dict) -> None:
+        groups = sorted({g for g, _ in self.cache_layout})
+        got = cache.get("self")
+        if not isinstance(got, dict) or sorted(got) != groups:
+            found = sorted(got) if isinstance(got, dict) else type(got).__name__
+            raise ValueError(f"TransformerStack: layers {self.windows} mix local and global "
+                             f"attention, so the self-attention KV cache is grouped by "
+                             f"{groups} (got {found}); make it with the model's init_cache.")
+
+    def _layer_cache(self, cache: dict, l: int) -> dict:
+        """Layer ``l``'s entry of a stacked (or grouped) cache (unrolled stacks)."""
+        if self.cache_layout is None:
+            return jax.tree.map(lambda a: a[l], cache)
+        group, i = self.cache_layout[l]
+        c = {k: jax.tree.map(lambda a: a[l], v) for k, v in cache.items() if k != "self"}
+        return {**c, "self": jax.tree.map(lambda a: a[i], cache["self"][group])}
+
+    def _stack_caches(self, new: list) -> dict:
+        """The layers' new caches, stacked as ``cache`` was (unrolled stacks)."""
+        stack = functools.partial(jax.tree.map, lambda *xs: jnp.stack(xs))
+        if self.cache_layout is None:
+            return stack(*new)
+        out = stack(*[{k: v for k, v in nc.items() if k != "self"} for nc in new])
+        by_group: dict = {}
+        for (group, _), nc in zip(self.cache_layout, new):
+            by_group.setdefault(group, []).append(nc["self"])
+        return {**out, "self": {g: stack(*cs) for g, cs in by_group.items()}}
+
+    def _scan_grouped(self, graphdef, state, x, taus, keys, cache, index, kw):
+        """The scanned stack over a grouped cache: the groups ride in the carry; layer ``l``
+        reads entry ``slots[l, j]`` of group ``j`` (its own index in its own group, 0 in the
+        others), and writes back what the layer returns (the others' entries unchanged)."""
+        names = sorted(cache["self"])
+        slots = jnp.asarray(np.array([[i if g == name else 0 for name in names]
+                                      for g, i in self.cache_layout], np.int32))
+        rest = {k: v for k, v in cache.items() if k != "self"}
+
+        def body(carry, xs):
+            h, groups = carry
+            st, tau, key, c, idx, slot = xs
+            own = {g: jax.tree.map(lambda a, j=j: jax.lax.dynamic_index_in_dim(
+                a, slot[j], keepdims=False), groups[g]) for j, g in enumerate(names)}
+            layer = nnx.merge(graphdef, st)
+            h, nc = layer(h, tau, rng=key, cache={**c, "self": own}, window_index=idx, **kw)
+            groups = {g: jax.tree.map(lambda a, n, j=j: jax.lax.dynamic_update_index_in_dim(
+                a, n.astype(a.dtype), slot[j], 0), groups[g], nc["self"][g])
+                for j, g in enumerate(names)}
+            return (h, groups), {k: v for k, v in nc.items() if k != "self"}
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        with suspend_taps():
+            (x, groups), new_rest = jax.lax.scan(body, (x, cache["self"]),
+                                                 (state, taus, keys, rest, index, slots))
+        return x, {**new_rest, "self": groups}
