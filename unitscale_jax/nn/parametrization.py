@@ -131,6 +131,14 @@ class Parametrization:
         del mult
         return plain.cross_entropy(logits, labels, where=where, check_ids=check_ids)
 
+    def kl_divergence(self, logits, teacher_logits, *, temperature: float = 1.0,
+                      mult: float = 1.0, where=None) -> jax.Array:
+        """Mean distillation loss ``T^2 KL(softmax(teacher / T) || softmax(student / T))`` over
+        the ``where``-selected positions (``mult``: u-muP's loss-softmax multiplier)."""
+        del mult
+        return plain.kl_divergence(logits, teacher_logits, temperature=temperature,
+                                   where=where)
+
 
 @dataclasses.dataclass(frozen=True)
 class UMuP(Parametrization):
@@ -189,6 +197,10 @@ class UMuP(Parametrization):
 
     def cross_entropy(self, logits, labels, *, mult=1.0, where=None, check_ids=False):
         return ops.cross_entropy(logits, labels, mult=mult, where=where, check_ids=check_ids)
+
+    def kl_divergence(self, logits, teacher_logits, *, temperature=1.0, mult=1.0, where=None):
+        return ops.kl_divergence(logits, teacher_logits, temperature=temperature, mult=mult,
+                                 where=where)
 
 
 @dataclasses.dataclass(frozen=True)
