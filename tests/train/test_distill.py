@@ -124,3 +124,34 @@ def test_bad_distillation_settings(capsys, tmp_path, flags, needle):
     rc = main(["train", *SMALL, "--run-dir", str(tmp_path / "r"), "--distill-from",
                str(tmp_path), *flags])
     _one_line(capsys, rc, needle)
+
+
+def test_finetune_classifier_distillation(teacher, tmp_path, capsys):
+    """finetune --distill-from a fine-tuned classifier: teacher == student at weight 1 gives a
+    zero loss and gradient; a teacher with other labels or of another kind is refused."""
+    from tests.train.finetune_helpers import TINY, write_classification
+    from unitscale_jax.train.finetune import LABELS_FILE, FineTuner
+    from unitscale_jax.train.flags import parse_finetune_args
+    data = write_classification(tmp_path / "cls")
+    flags = [*TINY, "--d-model", "32", "--data", str(data), "--steps", "8", "--eval-every", "8"]
+    assert main(["finetune", *flags, "--run-dir", str(tmp_path / "ft")]) == 0
+    capsys.readouterr()
+    cfg = parse_finetune_args(
+        [*flags, "--run-dir", str(tmp_path / "fs"), "--distill-from", str(tmp_path / "ft"),
+         "--distill-weight", "1", "--distill-temperature", "3"])
+    tuner = FineTuner(cfg, quiet=True)
+    tuner.build_state()
+    tuner.state = {**tuner.state, "params": tuner.state["teacher"]}
+    m = jax.device_get(tuner.step(next(tuner.train_it)))
+    assert abs(float(m["loss"])) < 1e-6 and float(m["grad_norm"]) < 1e-4, m
+    tuner.close()
+    other = tmp_path / "ft_other"
+    shutil.copytree(tmp_path / "ft", other)
+    labels = json.loads((other / LABELS_FILE).read_text())
+    labels["labels"] = ["neg", "pos"]
+    (other / LABELS_FILE).write_text(json.dumps(labels))
+    for src, needle in [(other, "the teacher's labels ['neg', 'pos'] differ"),
+                        (teacher[0] / "teacher", "needs a 'finetune --task classify' run")]:
+        rc = main(["finetune", *flags, "--run-dir", str(tmp_path / "bad"), "--distill-from",
+                   str(src)])
+        _one_line(capsys, rc, needle)
