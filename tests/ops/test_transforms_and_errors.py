@@ -10,6 +10,7 @@ from unitscale_jax import ops
 K = jax.random.split(jax.random.key(0), 8)
 IDS = jax.random.randint(K[7], (2, 6), 0, 10)
 LABELS = jax.random.randint(K[6], (2, 6), 0, 16)
+TEACHER = 3.0 * jax.random.normal(K[5], (2, 6, 16))
 
 # name -> (fn of float args, float args)
 CASES = {
@@ -39,6 +40,8 @@ CASES = {
     "attention": (lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=True),
                   lambda d: tuple(jax.random.normal(k, (2, 6, 2, 8), d) for k in K[:3])),
     "cross_entropy": (lambda x: ops.cross_entropy(x, LABELS),
+                      lambda d: (jax.random.normal(K[0], (2, 6, 16), d),)),
+    "kl_divergence": (lambda x: ops.kl_divergence(x, TEACHER.astype(x.dtype), temperature=2.0),
                       lambda d: (jax.random.normal(K[0], (2, 6, 16), d),)),
     "mse_loss": (ops.mse_loss, lambda d: (jax.random.normal(K[0], (2, 6, 16), d),
                                           jax.random.normal(K[1], (2, 6, 16), d))),
@@ -70,12 +73,15 @@ VMAP_AXES = {
     "layer_norm": (0, None, None), "rms_norm": (0, None), "attention": (0, 0, 0),
     "mse_loss": (0, 0), "residual": (0, None),
 }
+
 VMAP_CASES = {
     **{name: (CASES[name][0], CASES[name][1], axes) for name, axes in VMAP_AXES.items()},
     "embedding": (lambda ids, t: ops.embedding(ids, t),
                   lambda d: (IDS, CASES["embedding"][1](d)[0]), (0, None)),
     "cross_entropy": (ops.cross_entropy,
                       lambda d: (CASES["cross_entropy"][1](d)[0], LABELS), (0, 0)),
+    "kl_divergence": (lambda x, t: ops.kl_divergence(x, t, temperature=2.0),
+                      lambda d: (CASES["kl_divergence"][1](d)[0], TEACHER.astype(d)), (0, 0)),
 }
 
 
@@ -102,7 +108,7 @@ def test_low_precision_dtypes_kept(name, dtype):
     fn, make = CASES[name]
     args = tuple(a.astype(dtype) for a in make(jnp.float32))
     out = jax.jit(fn)(*args)
-    expected_dtype = jnp.float32 if name == "cross_entropy" else dtype
+    expected_dtype = jnp.float32 if name in ("cross_entropy", "kl_divergence") else dtype
     assert out.dtype == expected_dtype, out.dtype
     grads = jax.jit(jax.grad(loss_of(fn), tuple(range(len(args)))))(*args)
     for g in grads:

@@ -131,6 +131,36 @@ class Parametrization:
         del mult
         return plain.cross_entropy(logits, labels, where=where, check_ids=check_ids)
 
+    def loss_logits(self, logits, mult: float = 1.0) -> jax.Array:
+        """The logits the loss's softmax reads (u-muP: ``mult * logits``; SP drops ``mult``, as
+        its ``cross_entropy`` does): how a teacher's logits enter a student's distillation
+        loss."""
+        del mult
+        return logits
+
+    def distillation_loss(self, logits, labels, teacher_logits, *, temperature: float,
+                          weight: float, mult: float = 1.0, where=None) -> jax.Array:
+        """``weight * kl_divergence + (1 - weight) * cross_entropy`` (Hinton et al., 2015):
+        ``weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - weight) *
+        CE(student, labels)``; a term of weight 0 is not computed."""
+        terms = []
+        if weight > 0:
+            terms.append(weight * self.kl_divergence(logits, teacher_logits,
+                                                     temperature=temperature, mult=mult,
+                                                     where=where))
+        if weight < 1:
+            terms.append((1 - weight) * self.cross_entropy(logits, labels, mult=mult,
+                                                           where=where))
+        return sum(terms[1:], terms[0])
+
+    def kl_divergence(self, logits, teacher_logits, *, temperature: float = 1.0,
+                      mult: float = 1.0, where=None) -> jax.Array:
+        """Mean distillation loss ``T^2 KL(softmax(teacher / T) || softmax(student / T))`` over
+        the ``where``-selected positions (``mult``: u-muP's loss-softmax multiplier)."""
+        del mult
+        return plain.kl_divergence(logits, teacher_logits, temperature=temperature,
+                                   where=where)
+
 
 @dataclasses.dataclass(frozen=True)
 class UMuP(Parametrization):
@@ -189,6 +219,13 @@ class UMuP(Parametrization):
 
     def cross_entropy(self, logits, labels, *, mult=1.0, where=None, check_ids=False):
         return ops.cross_entropy(logits, labels, mult=mult, where=where, check_ids=check_ids)
+
+    def loss_logits(self, logits, mult=1.0):
+        return logits if mult == 1.0 else mult * logits
+
+    def kl_divergence(self, logits, teacher_logits, *, temperature=1.0, mult=1.0, where=None):
+        return ops.kl_divergence(logits, teacher_logits, temperature=temperature, mult=mult,
+                                 where=where)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from unitscale_jax.ops.constraints import (
 from unitscale_jax.ops.embedding import embedding
 from unitscale_jax.ops.linear import add, linear, linear_readout, matmul
 from unitscale_jax.ops.linear_attention import linear_attention, linear_attention_scales
-from unitscale_jax.ops.losses import cross_entropy, mse_loss
+from unitscale_jax.ops.losses import cross_entropy, kl_divergence, mse_loss
 from unitscale_jax.ops.norms import layer_norm, rms_norm
 from unitscale_jax.ops.patterns import block_sparse_mask
 from unitscale_jax.ops.residual import (
@@ -40,7 +40,7 @@ from unitscale_jax.ops.residual import (
 __all__ = [
     "CONSTRAINTS", "add", "apply_constraint", "attention_scale", "attention_scale_from_counts",
     "block_sparse_mask", "cross_entropy", "dropout",
-    "embedding", "gelu", "layer_norm", "linear", "linear_attention",
+    "embedding", "gelu", "kl_divergence", "layer_norm", "linear", "linear_attention",
     "linear_attention_scales", "linear_readout", "logarithmic_interpolation",
     "matmul", "mse_loss", "residual_add", "residual_apply", "residual_split", "rms_norm",
     "scale_bwd", "scale_fwd", "scaled_dot_product_attention", "silu", "silu_glu", "softmax",

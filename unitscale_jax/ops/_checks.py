@@ -108,3 +108,28 @@ def check_ce_inputs(logits, labels, where, check_ids: bool, op: str):
     if check_ids:
         check_ids_in_range(labels, vocab, "labels", op, where=where)
     return where
+
+
+def check_kl_inputs(logits, teacher_logits, where, temperature, op: str):
+    """Validates distillation-KL inputs; returns ``(where, temperature)`` (boolean array or
+    None, a positive Python float)."""
+    require_float(logits, "logits", op)
+    require_float(teacher_logits, "teacher_logits", op)
+    require_min_rank(logits, 1, "logits", op)
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(f"{op}: teacher_logits shape {teacher_logits.shape} must equal logits "
+                         f"shape {logits.shape} (the same positions and vocabulary).")
+    if logits.shape[-1] < 2:
+        raise ValueError(f"{op}: need at least 2 classes, got {logits.shape[-1]}.")
+    if isinstance(temperature, jax.Array) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{op}: temperature must be a static Python number, got "
+                        f"{type(temperature).__name__}.")
+    temperature = float(temperature)
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature}.")
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.dtype != jnp.bool_ or where.shape != logits.shape[:-1]:
+            raise ValueError(f"{op}: where must be boolean with shape {logits.shape[:-1]}, "
+                             f"got {where.dtype}{where.shape}.")
+    return where, temperature

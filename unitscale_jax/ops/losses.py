@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from unitscale_jax.ops import plain
-from unitscale_jax.ops._checks import check_ce_inputs, require_float
+from unitscale_jax.ops._checks import check_ce_inputs, check_kl_inputs, require_float
 from unitscale_jax.ops._scale import scale_bwd, scale_fwd
 from unitscale_jax.ops.activations import _check_mult
 
@@ -68,6 +68,56 @@ def cross_entropy(
         return scale_fwd(jnp.sum(nll), 1.0 / max(nll.size, 1))
     count = jnp.maximum(jnp.sum(where), 1).astype(jnp.float32)
     return _divide_fwd_only(jnp.sum(jnp.where(where, nll, 0.0)), count)
+
+
+def kl_divergence(
+    logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    temperature: float = 1.0,
+    mult: float = 1.0,
+    where: Optional[jax.Array] = None,
+) -> jax.Array:
+    """Unit-scaled knowledge-distillation loss, averaged over the (valid) positions.
+
+    The value is the ordinary ``T^2 * KL(softmax(t / T) || softmax(mult * s / T))`` (Hinton
+    et al., 2015; ``ops.plain.kl_divergence`` of ``mult * s``), with ``s`` the student's
+    ``logits`` and ``t`` the teacher's. Scaling rule: ``cross_entropy``'s. The gradient sent to
+    the student's logits is ``(softmax(mult * s / T) - softmax(t / T)) * V / sqrt(V - 1)`` per
+    position: no ``1/B`` from the mean, no ``mult / T`` from the softmax's input and no
+    ``T^2``. Relative to the unscaled reference (the gradient of the value), ``beta = B * V /
+    (sqrt(V - 1) * T * mult)`` with ``B`` the positions counted.
+
+    Why it is unit scale at init: a student at init predicts a near-uniform ``p_s``, so each
+    position's residual is ``u - p_t``. Its squared norm is largest, ``(V - 1) / V``, for a
+    one-hot teacher (exactly ``cross_entropy``'s ``u - onehot``, whose std over the ``V``
+    classes is ``sqrt(V - 1) / V``), so the scaled gradient has std 1 for a confident teacher
+    and less for a softer one; never more. With a one-hot teacher the op *is*
+    ``cross_entropy``: the value is ``T^2 * cross_entropy(s, labels, mult=mult / T)`` and the
+    gradient the same. The teacher's logits get no gradient.
+
+    Args:
+      logits: the student's ``[..., V]``.
+      teacher_logits: the teacher's ``[..., V]``, as its softmax reads them (its own loss
+        multiplier applied).
+      temperature: ``T > 0``, a static Python number.
+      mult: the student's u-muP ``alpha_loss-softmax``.
+      where: optional boolean ``[...]``; False positions add nothing to the value or the
+        gradient, and the mean is over True positions only.
+
+    Returns:
+      A scalar float32 loss.
+    """
+    op = "kl_divergence"
+    where, t = check_kl_inputs(logits, teacher_logits, where, temperature, op)
+    mult = _check_mult(mult, op)
+    vocab = logits.shape[-1]
+    x = scale_fwd(scale_bwd(logits, vocab / (vocab - 1) ** 0.5), mult / t)
+    kl = plain.token_kl(x, teacher_logits.astype(jnp.float32) / t)
+    if where is None:
+        return scale_fwd(jnp.sum(kl), t * t / max(kl.size, 1))
+    count = jnp.maximum(jnp.sum(where), 1).astype(jnp.float32)
+    return scale_fwd(_divide_fwd_only(jnp.sum(jnp.where(where, kl, 0.0)), count), t * t)
 
 
 def mse_loss(pred: jax.Array, target: jax.Array) -> jax.Array:

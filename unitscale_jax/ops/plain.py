@@ -21,6 +21,7 @@ from unitscale_jax.ops import _chunked, _linear, _pallas_tpu, _wide, patterns
 from unitscale_jax.ops._checks import (
     check_ce_inputs,
     check_ids_in_range,
+    check_kl_inputs,
     check_linear_inputs,
     require_float,
     require_int,
@@ -460,6 +461,44 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, where: Optional[jax.A
         return jnp.mean(nll)
     count = jnp.maximum(jnp.sum(where), 1).astype(F32)
     return jnp.sum(jnp.where(where, nll, 0.0)) / count
+
+
+def token_kl(logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+    """``KL(softmax(teacher_logits) || softmax(logits))`` per position, in float32.
+
+    ``sum_v p_t (log p_t - log p_s)`` from log-softmaxes (stable for any logit range). The
+    teacher is a fixed target: its logits get no gradient (``lax.stop_gradient``); the
+    gradient to ``logits`` is ``softmax(logits) - softmax(teacher_logits)``.
+    """
+    log_p_t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(F32), axis=-1)
+    log_p_s = jax.nn.log_softmax(logits.astype(F32), axis=-1)
+    return jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+
+
+def kl_divergence(logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 1.0,
+                  where: Optional[jax.Array] = None) -> jax.Array:
+    """Knowledge-distillation loss ``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged
+    over the (``where``-selected) positions, ordinary gradient (Hinton et al., 2015).
+
+    ``T^2`` keeps the gradient's size independent of ``T`` where the logits are small next to
+    ``T`` (the gradient of the KL is ``(softmax(s/T) - softmax(t/T)) / T``). The teacher's
+    logits get no gradient.
+
+    Args:
+      logits: the student's ``[..., V]``.
+      teacher_logits: the teacher's ``[..., V]`` (as its own softmax reads them).
+      temperature: ``T > 0``, a static Python number.
+      where: optional boolean ``[...]``: the positions that count.
+
+    Returns:
+      A float32 scalar (0 where student and teacher agree).
+    """
+    where, t = check_kl_inputs(logits, teacher_logits, where, temperature, "kl_divergence")
+    kl = token_kl(logits.astype(F32) / t, teacher_logits.astype(F32) / t)
+    if where is None:
+        return t * t * jnp.mean(kl)
+    count = jnp.maximum(jnp.sum(where), 1).astype(F32)
+    return t * t * jnp.sum(jnp.where(where, kl, 0.0)) / count
 
 
 def _check_param(p, d: int, name: str, op: str) -> None:

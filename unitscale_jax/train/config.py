@@ -171,6 +171,14 @@ class TrainingConfig:
                                   "takes the encoder trunk (embedding, layers, final norm) of "
                                   "a 'train --model encoder' run, with fresh task heads; "
                                   "unused when the run resumes from a checkpoint")
+    distill_from: Optional[str] = _f(None, "distil from the teacher in this run directory "
+                                     "(its newest valid checkpoint; finetune: a fine-tuning "
+                                     "run's best one): the loss is a*T^2*KL(teacher || student "
+                                     "at temperature T) + (1-a)*CE; same tokenizer and kind, "
+                                     "any width and depth")
+    distill_temperature: float = _f(1.0, "distillation temperature T (> 0)")
+    distill_weight: float = _f(0.5, "distillation weight a in [0, 1] (1: the teacher only, 0: "
+                               "the labels only)")
     run_dir: Optional[str] = _f(None, "output directory (default runs/<preset>-<model>-"
                                 "<parametrization>); rerunning resumes from its checkpoint")
     precision: str = _f("fp32", "number format policy (see unitscale_jax.train.precision)")
@@ -366,6 +374,10 @@ def validate(cfg: Config) -> None:
                          f"{t.precision!r}.")
     if t.loss_scale is not None and not t.loss_scale > 0:
         raise UsageError(f"--loss-scale must be > 0 (e.g. 1024 or 2^10), got {t.loss_scale}.")
+    if not t.distill_temperature > 0:
+        raise UsageError(f"--distill-temperature must be > 0, got {t.distill_temperature}.")
+    if not 0 <= t.distill_weight <= 1:
+        raise UsageError(f"--distill-weight must be in [0, 1], got {t.distill_weight}.")
     if t.tensor_parallel is not None and t.tensor_parallel < 1:
         raise UsageError(f"--tensor-parallel must be >= 1, got {t.tensor_parallel}.")
     if cfg.finetune is not None:

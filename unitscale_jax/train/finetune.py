@@ -339,7 +339,9 @@ def write_report(cfg: Config, scores: dict, path: Path, *, extra: dict,
 # --------------------------------------------------------------------------- the trunk
 
 
-def _tokenizer_identity(spec: str) -> str:
+def tokenizer_identity(spec: str) -> str:
+    """What makes two ``--tokenizer`` specs the same tokenizer: the name, with a model file's
+    path replaced by a hash of its contents."""
     kind, _, path = spec.partition(":")
     if path and os.path.isfile(path):
         return f"{kind}:{hashlib.sha256(Path(path).read_bytes()).hexdigest()}"
@@ -367,7 +369,7 @@ def check_pretrained(cfg: Config, source: str | os.PathLike) -> Config:
              f"{getattr(cfg.model, f.name)!r}" for f in dataclasses.fields(ModelConfig)
              if f.name not in NOT_ARCHITECTURE
              and getattr(pre.model, f.name) != getattr(cfg.model, f.name)]
-    if _tokenizer_identity(pre.data.tokenizer) != _tokenizer_identity(cfg.data.tokenizer):
+    if tokenizer_identity(pre.data.tokenizer) != tokenizer_identity(cfg.data.tokenizer):
         diffs.append(f"tokenizer {pre.data.tokenizer!r} (pretrained) vs {cfg.data.tokenizer!r}")
     if diffs:
         raise UsageError(f"{flag} {source}: the pretrained encoder differs from this model in "
@@ -455,7 +457,7 @@ class FineTuner(Trainer):
         return data
 
     def _make_task(self) -> Task:
-        return make_task(self.cfg, self.data.vocab)
+        return self._distilled(make_task(self.cfg, self.data.vocab))
 
     def _make_optimizer(self, abstract_model):
         return finetune_optimizer(self.cfg, abstract_model)
@@ -523,7 +525,7 @@ class FineTuner(Trainer):
         row = self.last["validation"]
         metrics = ({k: v for k, v in row.items() if k not in ("step", "split")}
                    if row is not None and row["step"] == step else None)
-        self.ckpt.save(step, self.state, self.train_it.get_state(), force=force,
+        self.ckpt.save(step, self.checkpointed_state(), self.train_it.get_state(), force=force,
                        metrics=metrics)
 
     def run(self) -> dict[str, Any]:

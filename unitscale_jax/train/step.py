@@ -180,19 +180,22 @@ def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
     With ``loss_scale`` S the step differentiates ``S * loss`` and divides the gradients by
     S (``unitscale_jax.train.precision``); ``tx`` must then come from ``build_optimizer``
     (which skips steps with non-finite gradients) and the metrics carry ``skipped_steps``.
-    With ``activations`` the metrics carry ``activations``: every value the model taps
+    A ``teacher`` entry of the state (frozen parameters: ``tasks.Distillation``) reaches the
+    task through ``Task.bind`` and is returned unchanged. With ``activations`` the metrics
+    carry ``activations``: every value the model taps
     (``unitscale_jax.taps.capture_activations``) in the step's forward pass.
     """
 
     def train_step(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        bound = task.bind(state["teacher"]) if "teacher" in state else task
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params)
             if not activations:
-                return task.loss(model, batch, key)
+                return bound.loss(model, batch, key)
             with taps.capture_activations() as cap:
-                loss, count = task.loss(model, batch, key)
+                loss, count = bound.loss(model, batch, key)
             return loss, (count, cap.values)
 
         scaled = precision.scale_loss(loss_fn, loss_scale)
@@ -211,6 +214,8 @@ def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
             metrics["activations"] = acts
         new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                "rng": state["rng"]}
+        if "teacher" in state:  # a distillation teacher: frozen, passed through
+            new["teacher"] = state["teacher"]
         return new, metrics
 
     return train_step

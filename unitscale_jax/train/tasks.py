@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from unitscale_jax import nn
 from unitscale_jax.train.errors import UsageError
@@ -59,6 +60,20 @@ class Task:
         token and the same in bits per byte of text."""
         return {**means, "bits_per_byte": means["loss"] / math.log(2) / bytes_per_token}
 
+    def outputs(self, model: Any, batch: dict, rng: Optional[jax.Array]
+                ) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+        """``(logits [..., V], labels [...], where [...] or None)`` of the scored items of a
+        batch: what ``loss`` computes its cross-entropy from (a distillation teacher's and
+        student's predictions, ``Distillation``)."""
+        raise UsageError(f"{type(self).__name__} does not support distillation (--distill-from "
+                         "needs a decoder language model or a sentence classifier).")
+
+    def bind(self, teacher: Any) -> "Task":
+        """This task with the frozen parameters of the train state's ``teacher`` entry (inside
+        the jitted step; only ``Distillation`` uses them)."""
+        del teacher
+        return self
+
 
 class LanguageModelling(Task):
     """Next-token prediction with a causal decoder (``TransformerDecoder.loss``)."""
@@ -68,6 +83,9 @@ class LanguageModelling(Task):
     def loss(self, model, batch, rng):
         loss = model.loss(batch["inputs"], batch["where"], targets=batch["targets"], rng=rng)
         return loss, jnp.sum(batch["where"])
+
+    def outputs(self, model, batch, rng):
+        return model(batch["inputs"], rng=rng), batch["targets"], batch["where"]
 
 
 class MaskedLanguageModelling(Task):
@@ -133,6 +151,10 @@ class SequenceClassification(Task):
                                          mask=batch["mask"], rng=rng)
         return loss, (jnp.sum(where) if where is not None else jnp.asarray(batch["ids"].shape[0]))
 
+    def outputs(self, model, batch, rng):
+        return (model.classify(batch["ids"], mask=batch["mask"], rng=rng), batch["labels"],
+                batch.get("valid"))
+
     def predict(self, model, batch) -> jax.Array:
         """Predicted class ids ``[batch]`` (eval mode)."""
         return jnp.argmax(model.classify(batch["ids"], mask=batch["mask"]), axis=-1)
@@ -172,6 +194,73 @@ class TokenClassification(Task):
 
     def metrics(self, means, bytes_per_token):
         return dict(means)
+
+
+class Distillation(Task):
+    """A base task learnt from a teacher as well (Hinton et al., 2015): the loss is
+    ``weight * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - weight) * CE(s, labels)``
+    (``Parametrization.distillation_loss``: u-muP's ``ops.kl_divergence`` and
+    ``ops.cross_entropy``, plain ones for SP) with ``s`` the student's logits and ``t`` the
+    teacher's (``Task.outputs`` of both; the teacher's loss multiplier applied by its
+    parametrization's ``loss_logits``). The teacher's forward pass runs inside the jitted
+    step on the train state's ``teacher`` entry (``bind``), never optimised or checkpointed.
+    Validation, metrics and predictions are the base task's (the labels' cross-entropy), so a
+    distilled run's validation loss compares with one trained alone.
+
+    Args:
+      base: the task the student learns (``LanguageModelling`` or
+        ``SequenceClassification``).
+      teacher_graphdef: the teacher model's graph (eval mode, the student's precision).
+      temperature: ``T > 0``.
+      weight: ``a`` in ``[0, 1]``.
+      teacher: the teacher's parameters (pure dict); set by ``bind`` in the step.
+    """
+
+    def __init__(self, base: Task, teacher_graphdef: Any, *, temperature: float, weight: float,
+                 teacher: Any = None):
+        self.base, self.teacher_graphdef = base, teacher_graphdef
+        self.temperature, self.weight, self.teacher = float(temperature), float(weight), teacher
+        self.objective, self.model_class = base.objective, base.model_class
+
+    def bind(self, teacher):
+        return Distillation(self.base, self.teacher_graphdef, temperature=self.temperature,
+                            weight=self.weight, teacher=teacher)
+
+    def make_model(self, config, rngs):
+        return self.base.make_model(config, rngs)
+
+    def max_seq_len(self, seq_len, data_config):
+        return self.base.max_seq_len(seq_len, data_config)
+
+    def eval_sums(self, model, batch):
+        return self.base.eval_sums(model, batch)
+
+    def metrics(self, means, bytes_per_token):
+        return self.base.metrics(means, bytes_per_token)
+
+    def predict(self, model, batch):
+        return self.base.predict(model, batch)
+
+    def outputs(self, model, batch, rng):
+        return self.base.outputs(model, batch, rng)
+
+    def teacher_logits(self, batch: dict) -> jax.Array:
+        """The teacher's logits of a batch as its softmax reads them (no gradient)."""
+        if self.teacher is None:
+            raise ValueError("Distillation.loss needs the teacher's parameters: call it on "
+                             "task.bind(teacher_params) (the train step does).")
+        teacher = nnx.merge(self.teacher_graphdef, jax.lax.stop_gradient(self.teacher))
+        logits, _, _ = self.base.outputs(teacher, batch, None)
+        c = teacher.config
+        return jax.lax.stop_gradient(c.parametrization.loss_logits(logits, c.loss_mult))
+
+    def loss(self, model, batch, rng):
+        logits, labels, where = self.base.outputs(model, batch, rng)
+        c = model.config
+        loss = c.parametrization.distillation_loss(
+            logits, labels, self.teacher_logits(batch), temperature=self.temperature,
+            weight=self.weight, mult=c.loss_mult, where=where)
+        return loss, (jnp.sum(where) if where is not None else jnp.asarray(labels.size))
 
 
 TASKS: dict[str, Task] = {"decoder": LanguageModelling(), "encoder": MaskedLanguageModelling(),

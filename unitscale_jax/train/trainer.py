@@ -30,7 +30,7 @@ from unitscale_jax.train.errors import TrainingStopped, UsageError
 from unitscale_jax.train.metrics import MetricsWriter, read_metrics, truncate
 from unitscale_jax.train.plotting import plot_losses
 from unitscale_jax.train.run_dir import Log, StopSignals, prepare_run_dir
-from unitscale_jax.train.tasks import Task
+from unitscale_jax.train.tasks import Distillation, Task
 
 
 def init_state_fn(cfg: Config, vocab_size: int, tx, task: Optional[Task] = None
@@ -44,6 +44,15 @@ def init_state_fn(cfg: Config, vocab_size: int, tx, task: Optional[Task] = None
         return steplib.new_state(params, tx, cfg.training.seed)
 
     return init
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """A pytree of (host or device) arrays as global arrays in ``shardings`` (every process
+    holds the whole of each array)."""
+    host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
+    return jax.tree.map(
+        lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx]),
+        host, shardings)
 
 
 class Trainer:
@@ -77,6 +86,7 @@ class Trainer:
         self.primary = jax.process_index() == 0
         self.quiet = quiet
         self.log = Log(self.primary, quiet)
+        self.teacher = None  # a distillation teacher (--distill-from): train.distill.Teacher
         self._created = paths.first_missing(t.run_dir)  # removed again if set-up fails
         with paths.removed_if_left_empty(self._created):
             self.run_dir = prepare_run_dir(cfg, self.given)
@@ -110,6 +120,10 @@ class Trainer:
         p_shardings = steplib.param_shardings(abstract_params, par)
         self.shardings = steplib.state_shardings(tx, self.abstract_state, p_shardings, par)
         self.n_sharded = sum(not s.is_fully_replicated for s in jax.tree.leaves(p_shardings))
+        self.step_shardings = self.shardings  # plus the frozen teacher's, when distilling
+        if self.teacher is not None:
+            self.step_shardings = {**self.shardings, "teacher": steplib.param_shardings(
+                self.teacher.abstract_params, par)}
         self.log(f"model: {cfg.model.kind}, {cfg.model.parametrization}, "
                  f"{self.n_params / 1e6:.2f}M params (d_model {tcfg.d_model}, {tcfg.n_layers} "
                  f"layers, {tcfg.n_heads} heads), {cfg.optimizer.name} lr {cfg.optimizer.lr:g} "
@@ -122,7 +136,7 @@ class Trainer:
         self._train_step, self._eval_step = steplib.jit_steps(
             steplib.make_train_step(graphdef, self.task, tx, schedule,
                                     use_value=build.needs_value(cfg), loss_scale=t.loss_scale),
-            steplib.make_eval_step(graphdef, self.task), self.shardings, par,
+            steplib.make_eval_step(graphdef, self.task), self.step_shardings, par,
             donate=jax.default_backend() != "cpu")
         self.state: Optional[dict] = None
         self.start_step = 0
@@ -139,7 +153,18 @@ class Trainer:
 
     def _make_task(self) -> Task:
         """The task trained (its model, loss and validation metrics)."""
-        return build.get_task(self.cfg.model.kind)
+        return self._distilled(build.get_task(self.cfg.model.kind))
+
+    def _distilled(self, base: Task) -> Task:
+        """``base``, or with ``--distill-from`` the ``Distillation`` of ``base`` from the
+        teacher run (loaded into ``self.teacher``, in this run's precision)."""
+        t = self.cfg.training
+        if not t.distill_from:
+            return base
+        from unitscale_jax.train.distill import load_teacher
+        self.teacher = load_teacher(self.cfg, self.data, base, log=self.log)
+        return Distillation(base, self.teacher.graphdef, temperature=t.distill_temperature,
+                            weight=t.distill_weight)
 
     def _make_optimizer(self, abstract_model) -> tuple[Any, Callable]:
         """``(tx, schedule)`` for the model (``build.build_optimizer``)."""
@@ -167,10 +192,7 @@ class Trainer:
         """The step-0 train state of given parameters, placed in the run's shardings."""
         interop.check_arrays(interop.flat_params(params),
                              interop.flat_params(self.abstract_state["params"]), "params")
-        host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
-        placed = jax.tree.map(
-            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx]),
-            host, self.shardings["params"])
+        placed = place(params, self.shardings["params"])
         seed = self.cfg.training.seed
         return jax.jit(lambda p: steplib.new_state(p, self.tx, seed),
                        out_shardings=self.shardings)(placed)
@@ -218,6 +240,9 @@ class Trainer:
             self.state = self._fresh_state() if params is None else self._state_of(params)
             if self.primary:
                 self.metrics_path.write_text("")
+        if self.teacher is not None:  # never checkpointed: restored from its run each start
+            self.state = {**self.state, "teacher": place(self.teacher.params,
+                                                         self.step_shardings["teacher"])}
         if self.primary:
             paths.write_text_atomic(self.run_dir / "config.json", self.given.to_json() + "\n")
         self.eval_batches = self.data.eval_batches(self.cfg, t.eval_batches)
@@ -255,10 +280,15 @@ class Trainer:
         self.log(f"step {step}: validation {', '.join(parts)}")
         return row
 
+    def checkpointed_state(self) -> dict:
+        """``state`` without what is not checkpointed (a distillation teacher)."""
+        return {k: v for k, v in self.state.items() if k != "teacher"}
+
     def save(self, step: int, *, force: bool = False) -> None:
         """Starts saving a checkpoint of ``state`` at ``step`` (no-op without checkpoints)."""
         if self.ckpt is not None:
-            self.ckpt.save(step, self.state, self.train_it.get_state(), force=force)
+            self.ckpt.save(step, self.checkpointed_state(), self.train_it.get_state(),
+                           force=force)
 
     def close(self) -> None:
         """Waits for a background save; closes the checkpointer and the metrics files."""
