@@ -226,7 +226,8 @@ def unflatten_like(abstract: Any, named: dict[str, Any]) -> Any:
 
 
 def params_from_source(source: str | Path, abstract_params: Any, cfg: Config, vocab_size: int,
-                       *, flag: str = "--init-from", log: Callable[[str], None] = print) -> Any:
+                       *, flag: str = "--init-from", log: Callable[[str], None] = print,
+                       fresh: Optional[dict[str, Any]] = None) -> Any:
     """The parameters of an ``--init-from`` source, as a tree like ``abstract_params``.
 
     Args:
@@ -237,6 +238,8 @@ def params_from_source(source: str | Path, abstract_params: Any, cfg: Config, vo
       vocab_size: the new run's vocabulary size.
       flag: the option named in errors.
       log: receives one-line reports.
+      fresh: ``{name: array}`` of parameters the source does not hold and the run starts
+        from as given (a LoRA run's freshly initialised adapters).
 
     Raises:
       UsageError: an unreadable source, or names, shapes or dtypes that differ from the
@@ -246,7 +249,10 @@ def params_from_source(source: str | Path, abstract_params: Any, cfg: Config, vo
     arrays, step, theirs = source_arrays(source, flag, log)
     changed = model_changes(theirs, cfg, vocab_size)
     hint = (f" (the source's model differs in: {', '.join(changed)})" if changed else "")
-    check_arrays(arrays, flat_params(abstract_params), f"{flag} {source}", hint)
+    fresh = fresh or {}
+    check_arrays(arrays, {k: v for k, v in flat_params(abstract_params).items()
+                          if k not in fresh}, f"{flag} {source}", hint)
+    arrays = {**arrays, **fresh}
     if changed:
         log(f"init-from: {source} comes from a model with other settings "
             f"({', '.join(changed)}); its parameters fit this one.")

@@ -142,8 +142,14 @@ class Trainer:
         return build.get_task(self.cfg.model.kind)
 
     def _make_optimizer(self, abstract_model) -> tuple[Any, Callable]:
-        """``(tx, schedule)`` for the model (``build.build_optimizer``)."""
-        return build.build_optimizer(self.cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
+        """``(tx, schedule)`` for the model (``build.build_optimizer``); with LoRA adapters
+        only they train (``nn.lora.trainable_labels``, ``build.train_only``)."""
+        tx, schedule = build.build_optimizer(self.cfg,
+                                             nnx.to_pure_dict(nn.param_info(abstract_model)))
+        if build.uses_lora(self.cfg):
+            params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+            tx = build.train_only(tx, nn.lora.trainable_labels(params))
+        return tx, schedule
 
     def _make_checkpoints(self) -> Checkpoints:
         t = self.cfg.training
@@ -156,12 +162,17 @@ class Trainer:
 
     def _initial_params(self) -> Optional[Any]:
         """The parameters a new run starts from (pure dict of arrays), or None for a fresh
-        init: those of ``--init-from`` (an exported file or a run directory) if given."""
+        init: those of ``--init-from`` (an exported file or a run directory) if given; a LoRA
+        run's adapters start fresh."""
         t = self.cfg.training
         if not t.init_from:
             return None
+        fresh = None
+        if build.uses_lora(self.cfg):
+            init = interop.flat_params(jax.device_get(self._fresh_state()["params"]))
+            fresh = {k: v for k, v in init.items() if nn.lora.is_adapter_name(k)}
         return interop.params_from_source(t.init_from, self.abstract_state["params"], self.cfg,
-                                          self.data.vocab_size, log=self.log)
+                                          self.data.vocab_size, log=self.log, fresh=fresh)
 
     def _state_of(self, params: Any) -> dict:
         """The step-0 train state of given parameters, placed in the run's shardings."""
