@@ -142,14 +142,9 @@ class Trainer:
         return build.get_task(self.cfg.model.kind)
 
     def _make_optimizer(self, abstract_model) -> tuple[Any, Callable]:
-        """``(tx, schedule)`` for the model (``build.build_optimizer``); with LoRA adapters
-        only they train (``nn.lora.trainable_labels``, ``build.train_only``)."""
-        tx, schedule = build.build_optimizer(self.cfg,
-                                             nnx.to_pure_dict(nn.param_info(abstract_model)))
-        if build.uses_lora(self.cfg):
-            params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
-            tx = build.train_only(tx, nn.lora.trainable_labels(params))
-        return tx, schedule
+        """``(tx, schedule)`` for the model (``build.model_optimizer``: with LoRA adapters
+        only they train)."""
+        return build.model_optimizer(self.cfg, abstract_model)
 
     def _make_checkpoints(self) -> Checkpoints:
         t = self.cfg.training
