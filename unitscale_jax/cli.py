@@ -1,6 +1,6 @@
 """The ``unitscale-jax`` command: ``train`` (default), ``sample``, ``analyse``, ``tokenizer``,
-``convert``, ``export``, and ``finetune`` / ``evaluate`` / ``predict`` (an encoder on labelled
-data).
+``convert``, ``export``, ``merge`` (a LoRA run's adapters folded into its kernels), and
+``finetune`` / ``evaluate`` / ``predict`` (an encoder on labelled data).
 
 ``unitscale-jax train --preset tiny`` trains on the built-in corpus; rerunning the same command
 resumes from its last checkpoint. ``unitscale-jax sample --run-dir runs/tiny-decoder-umup
@@ -18,8 +18,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,convert,export,finetune,evaluate,
-                      predict} [options]
+USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,convert,export,merge,finetune,
+                      evaluate,predict} [options]
 
   train    train a model (default when the first argument is an option); --help for options
   sample   what a trained run predicts: --run-dir DIR --prompt TEXT; a decoder continues
@@ -33,6 +33,8 @@ USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,convert,export,f
            --from-torch CKPT --config CONFIG.json --run-dir DIR
   export   a run's parameters and u-muP metadata as one file (train --init-from FILE
            starts a new run from it): --run-dir DIR [--format safetensors] [--out FILE]
+  merge    a LoRA run's adapters folded into the base kernels, as one file of the base
+           model: --run-dir DIR [--out FILE] [--step N]
   finetune fine-tune an encoder: --task classify|tag --data DIR (or --train F --dev F)
            [--init-from RUN_DIR] [--freeze-trunk]; --help for options
   evaluate score a fine-tuned run: --run-dir DIR --data FILE (writes report.json)
@@ -119,6 +121,14 @@ def _export(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
+def _merge(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.flags import merge_parser
+    from unitscale_jax.train.interop import merge_run
+    ns = merge_parser(prog).parse_all(argv)
+    merge_run(ns.run_dir, ns.out, step=ns.step, log=lambda m: print(m, flush=True))
+    return 0
+
+
 def _analyse(argv: Sequence[str], prog: str) -> int:
     from unitscale_jax.analysis.cli import analyse_main
     return analyse_main(list(argv), prog)
@@ -191,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
         return 0
     command, rest = (argv[0], argv[1:]) if not argv[0].startswith("-") else ("train", argv)
     commands = {"train": _train, "sample": _sample, "analyse": _analyse,
-                "tokenizer": _tokenizer, "convert": _convert, "export": _export,
+                "tokenizer": _tokenizer, "convert": _convert, "export": _export, "merge": _merge,
                 "finetune": _finetune, "evaluate": _evaluate, "predict": _predict}
     if command not in commands:
         print(f"{prog}: error: unknown command {command!r}; use {', '.join(commands)}.",

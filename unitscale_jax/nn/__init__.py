@@ -24,10 +24,13 @@ Layers: ``Linear``, ``LinearReadout``, ``Embedding``, ``LayerNorm``, ``RMSNorm``
 ``UMuP``, ``SP``, ``MuP`` (``get_parametrization(name)``), the one object each module asks
 for its maths. Sharding: logical axis names on every parameter, rule tables in
 ``LOGICAL_RULES`` / ``logical_rules``. Precision: one hook (``hooks``), set with
-``set_precision(model, policy)``. Parameter metadata lives in ``unitscale_jax.params``
+``set_precision(model, policy)``. LoRA adapters: ``TransformerConfig.lora_targets`` /
+``lora_rank`` / ``lora_mult`` (``unitscale_jax.nn.lora``; ``merge_lora`` folds them in).
+Parameter metadata lives in ``unitscale_jax.params``
 (re-exported here); activation taps in ``unitscale_jax.taps``.
 """
 
+from unitscale_jax.nn import lora
 from unitscale_jax.nn.attention import MultiHeadAttention, rope
 from unitscale_jax.nn.config import TransformerConfig
 from unitscale_jax.nn.decoder import TransformerDecoder
@@ -35,6 +38,7 @@ from unitscale_jax.nn.encoder import TransformerEncoder
 from unitscale_jax.nn.encoder_decoder import TransformerEncoderDecoder
 from unitscale_jax.nn.hooks import set_precision
 from unitscale_jax.nn.layers import Embedding, LayerNorm, Linear, LinearReadout, RMSNorm
+from unitscale_jax.nn.lora import LORA_TARGETS, LoRAAdapter, LoRASpec, merge_lora
 from unitscale_jax.nn.mlp import MLP
 from unitscale_jax.nn.parametrization import (
     PARAMETRIZATIONS,
@@ -64,4 +68,5 @@ __all__ = [
     "Embedding", "LayerNorm", "Linear", "LinearReadout", "RMSNorm", "MLP",
     "MultiHeadAttention", "rope", "TransformerLayer", "TransformerStack", "branch_taus",
     "TransformerDecoder", "TransformerEncoder", "TransformerEncoderDecoder",
+    "lora", "LORA_TARGETS", "LoRAAdapter", "LoRASpec", "merge_lora",
 ]

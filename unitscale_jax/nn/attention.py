@@ -102,6 +102,7 @@ class MultiHeadAttention(nnx.Module):
         ``"auto"`` (default), ``"xla"``, ``"cudnn"``, ``"chunked"`` or ``"pallas_tpu"``.
       block_q: query block size of the blockwise backends (``ops.plain.ATTENTION_BLOCK_Q``).
       block_kv: key block size of the blockwise backends (``ops.plain.ATTENTION_BLOCK_KV``).
+      lora: LoRA adapters on the targeted projections (``nn.lora.LoRASpec``), or None.
       attention_kind: ``"softmax"`` (default) or ``"linear"`` (``ops.plain.ATTENTION_KINDS``).
       window: sliding-window width (self attention), or None for full attention.
       depth: residual-stack depth (parameter metadata).
@@ -126,7 +127,7 @@ class MultiHeadAttention(nnx.Module):
                  precision: Any = None, layer: Optional[int] = None, dtype: Any = None,
                  param_dtype: Any = jnp.float32, n_kv_heads: Optional[int] = None,
                  block_q: int = plain.ATTENTION_BLOCK_Q,
-                 block_kv: int = plain.ATTENTION_BLOCK_KV):
+                 block_kv: int = plain.ATTENTION_BLOCK_KV, lora: Any = None):
         if d_head is None:
             if d_model % n_heads:
                 raise ValueError(f"MultiHeadAttention: d_model {d_model} not divisible by n_heads "
@@ -163,7 +164,8 @@ class MultiHeadAttention(nnx.Module):
         self.role = "cross_attn" if cross else "attn"
         inner = self.n_heads * self.d_head
         common = dict(rngs=rngs, bias=bias, depth=depth, parametrization=parametrization,
-                      precision=precision, layer=layer, dtype=dtype, param_dtype=param_dtype)
+                      precision=precision, layer=layer, dtype=dtype, param_dtype=param_dtype,
+                      lora=lora)
         if cross:
             self.q_proj = Linear(d_model, inner, init_std=init_std, sharding=("embed", "heads"),
                                  role="cross_attn.q_proj", **common)

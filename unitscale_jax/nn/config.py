@@ -116,6 +116,12 @@ class TransformerConfig:
         or any hashable object with its ``linear``, ``dot``, ``attention_inputs`` and
         ``attention_output`` methods, see ``unitscale_jax.nn.hooks``) applied to every
         projection and to q, k, v. None: no-op.
+      lora_targets: LoRA adapters (``unitscale_jax.nn.lora``) on these projections of every
+        layer: a comma-separated subset of qkv, attn_out, ffn_up, ffn_gate, ffn_down; None
+        (default) for none. Training then updates the adapters (and task heads) only.
+      lora_rank: the adapters' rank ``r`` (a positive int).
+      lora_mult: the adapters' output multiplier (u-muP's LoRA multiplier; for SP's usual
+        LoRA scaling pass ``alpha / r``).
     """
 
     vocab_size: int
@@ -155,6 +161,9 @@ class TransformerConfig:
     n_decoder_layers: Optional[int] = None
     norm_eps: float = 1e-5
     precision: Any = None
+    lora_targets: Optional[str] = None
+    lora_rank: int = 8
+    lora_mult: float = 1.0
 
     def __post_init__(self):
         def fail(msg):
@@ -236,6 +245,13 @@ class TransformerConfig:
             check_policy(self.precision)
         except ValueError as e:
             fail(str(e))
+        from unitscale_jax.nn.lora import LoRASpec, parse_lora_targets
+        try:
+            spec = LoRASpec(parse_lora_targets(self.lora_targets), self.lora_rank,
+                            self.lora_mult)
+        except ValueError as e:
+            fail(str(e))
+        object.__setattr__(self, "_lora_spec", spec if spec.targets else None)
 
     def _check_attention_pattern(self, fail) -> None:
         w = self.attention_window
@@ -261,6 +277,12 @@ class TransformerConfig:
         kinds = [k.strip() for k in self.attention_pattern.split(",")]
         return tuple(self.attention_window if kinds[l % len(kinds)] == "local" else None
                      for l in range(n_layers))
+
+    @property
+    def lora_spec(self):
+        """The ``nn.lora.LoRASpec`` of ``lora_targets`` / ``lora_rank`` / ``lora_mult``, or None
+        without targets."""
+        return self._lora_spec
 
     @property
     def head_dim(self) -> int:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unitscale_jax.nn import hooks
+from unitscale_jax.nn.lora import LoRAAdapter, LoRASpec
 from unitscale_jax.nn.parametrization import Parametrization, get_parametrization
 from unitscale_jax.nn.sharding import param_metadata
 from unitscale_jax.params import umup_param
@@ -63,6 +64,8 @@ class Linear(nnx.Module):
       layer: layer index for per-layer precision exceptions (None in scanned stacks).
       dtype: compute dtype (None: the input's).
       param_dtype: storage dtype of the parameters.
+      lora: a ``unitscale_jax.nn.lora.LoRASpec``; if it targets ``role``, the layer carries a
+        LoRA adapter (attribute ``lora``, added to the projection's output), else None.
     """
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
@@ -71,7 +74,8 @@ class Linear(nnx.Module):
                  init_std: Optional[float] = None,
                  sharding: Sequence[Optional[str]] = (None, None), precision: Any = None,
                  role: str = "linear", layer: Optional[int] = None, dtype: Any = None,
-                 param_dtype: Any = jnp.float32, param_type: str = "weight"):
+                 param_dtype: Any = jnp.float32, param_type: str = "weight",
+                 lora: Optional[LoRASpec] = None):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.constraint = constraint
         self.parametrization = p = get_parametrization(parametrization)
@@ -88,15 +92,20 @@ class Linear(nnx.Module):
         self.bias = (umup_param(jnp.zeros((self.out_features,), param_dtype), "bias",
                                 self.out_features, depth, **param_metadata((sharding[1],)))
                      if bias else None)
+        self.lora = (LoRAAdapter(self.in_features, self.out_features, rank=lora.rank,
+                                 mult=lora.mult, rngs=rngs, depth=depth, parametrization=p,
+                                 sharding=sharding, dtype=dtype, param_dtype=param_dtype)
+                     if lora is not None and lora.applies_to(role) else None)
 
     def __call__(self, x: jax.Array, *, rng: Optional[jax.Array] = None) -> jax.Array:
         """Projects ``x[..., in_features]``; ``rng`` only for stochastic-rounding policies."""
         dtype = self.dtype or x.dtype
         kernel = _cast(self.kernel[...], dtype)
         bias = _cast(None if self.bias is None else self.bias[...], dtype)
-        return hooks.project(self.precision, self.parametrization, _cast(x, self.dtype), kernel,
+        y = hooks.project(self.precision, self.parametrization, _cast(x, self.dtype), kernel,
                              bias, role=self.role, constraint=self.constraint,
                              readout=self.readout, layer=self.layer, rng=rng)
+        return y if self.lora is None else y + self.lora(_cast(x, self.dtype)).astype(y.dtype)
 
 
 class LinearReadout(Linear):

@@ -39,13 +39,15 @@ class MLP(nnx.Module):
       layer: layer index for per-layer precision exceptions.
       dtype: compute dtype.
       param_dtype: storage dtype.
+      lora: LoRA adapters on the targeted projections (``nn.lora.LoRASpec``), or None.
     """
 
     def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, kind: str = "swiglu",
                  act_mult: float = 1.0, bias: bool = False, depth: Optional[int] = None,
                  parametrization: ParametrizationLike = "umup", init_std: Optional[float] = None,
                  out_init_std: Optional[float] = None, precision: Any = None,
-                 layer: Optional[int] = None, dtype: Any = None, param_dtype: Any = jnp.float32):
+                 layer: Optional[int] = None, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 lora: Any = None):
         if kind not in MLP_KINDS:
             raise ValueError(f"MLP kind must be one of {MLP_KINDS}, got {kind!r}.")
         self.kind = kind
@@ -53,7 +55,7 @@ class MLP(nnx.Module):
         self.parametrization = get_parametrization(parametrization)
         common = dict(rngs=rngs, bias=bias, constraint=None, depth=depth,
                       parametrization=parametrization, precision=precision, layer=layer,
-                      dtype=dtype, param_dtype=param_dtype)
+                      dtype=dtype, param_dtype=param_dtype, lora=lora)
         self.up_proj = Linear(d_model, d_ff, init_std=init_std, sharding=("embed", "mlp"),
                               role="mlp.up_proj", **common)
         self.gate_proj = (Linear(d_model, d_ff, init_std=init_std, sharding=("embed", "mlp"),

@@ -141,7 +141,7 @@ class TransformerLayer(nnx.Module):
                        init_std=in_std, out_init_std=out_std, precision=c.precision,
                        layer=layer, dtype=c.dtype, param_dtype=c.param_dtype,
                        n_kv_heads=c.n_kv_heads, block_q=c.attention_block_q,
-                       block_kv=c.attention_block_kv)
+                       block_kv=c.attention_block_kv, lora=c.lora_spec)
         self.attn_norm = make_norm(c, depth=depth)
         self.attn = MultiHeadAttention(c.d_model, c.n_heads, causal=causal, use_rope=c.rope,
                                        rope_theta=c.rope_theta, window=window, **attn_kw)
@@ -158,7 +158,8 @@ class TransformerLayer(nnx.Module):
         self.mlp = MLP(c.d_model, c.ffn_dim, rngs=rngs, kind=c.mlp, act_mult=c.act_mult,
                        bias=c.bias, depth=depth, parametrization=c.parametrization,
                        init_std=in_std, out_init_std=out_std, precision=c.precision,
-                       layer=layer, dtype=c.dtype, param_dtype=c.param_dtype)
+                       layer=layer, dtype=c.dtype, param_dtype=c.param_dtype,
+                       lora=c.lora_spec)
 
     @property
     def n_branches(self) -> int:

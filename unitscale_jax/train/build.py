@@ -24,7 +24,8 @@ from unitscale_jax.train.precision import guard_optimizer, precision_setup
 from unitscale_jax.train.tasks import TASKS, Task, get_task
 
 __all__ = ["TASKS", "Task", "get_task", "transformer_config", "build_model", "build_schedule",
-           "build_optimizer", "needs_value", "plateau_scale"]
+           "build_optimizer", "needs_value", "plateau_scale", "uses_lora", "train_only",
+           "model_optimizer"]
 
 SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
                       if f.name in {g.name for g in dataclasses.fields(nn.TransformerConfig)})
@@ -125,6 +126,30 @@ def build_optimizer(cfg: Config, param_info: Any) -> tuple[optax.GradientTransfo
         parts.append(optax.contrib.reduce_on_plateau(
             o.plateau_factor, o.plateau_patience, accumulation_size=o.plateau_accumulation))
     return guard_optimizer(optax.chain(*parts), cfg.training.loss_scale), schedule
+
+
+def uses_lora(cfg: Config) -> bool:
+    """Whether the run's model has LoRA adapters (``--lora-targets``): then only the adapters
+    (and a fine-tuning run's heads) train."""
+    return cfg.model.lora_targets is not None and bool(
+        nn.lora.parse_lora_targets(cfg.model.lora_targets))
+
+
+def train_only(tx: optax.GradientTransformation, labels: Any) -> optax.GradientTransformation:
+    """``tx`` on the leaves labelled ``"train"``; the ``"frozen"`` ones get zero updates and no
+    optimizer state (``optax.partition`` with ``optax.set_to_zero``)."""
+    return optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def model_optimizer(cfg: Config, abstract_model: nnx.Module
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``build_optimizer`` for a model (its ``param_info``); with LoRA adapters only they
+    train (``nn.lora.trainable_labels``, ``train_only``)."""
+    tx, schedule = build_optimizer(cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
+    if uses_lora(cfg):
+        params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+        tx = train_only(tx, nn.lora.trainable_labels(params))
+    return tx, schedule
 
 
 def needs_value(cfg: Config) -> bool:

@@ -65,8 +65,10 @@ TRUNK = ("embed", "stack", "final_norm")
 """The encoder's trunk: what ``--init-from`` copies and ``--freeze-trunk`` freezes (the rest,
 ``cls_head`` / ``token_head``, are the task heads)."""
 
-NOT_ARCHITECTURE = ("kind", "dropout", "attention_impl", "check_ids", "remat")
-"""``ModelConfig`` fields a fine-tuning run may set differently from its pretrained run."""
+NOT_ARCHITECTURE = ("kind", "dropout", "attention_impl", "check_ids", "remat", "lora_targets",
+                    "lora_rank", "lora_mult")
+"""``ModelConfig`` fields a fine-tuning run may set differently from its pretrained run (LoRA
+adapters are new parameters on top of the pretrained trunk)."""
 
 LABELS_FILE = "labels.json"
 
@@ -392,33 +394,36 @@ def restore_trunk(source: str | os.PathLike, log: Callable[[str], None] = print
 
 
 def with_trunk(params: dict, trunk: dict[str, np.ndarray], source: str) -> dict:
-    """``params`` with its ``TRUNK`` entries replaced by ``trunk``'s (same names and shapes).
+    """``params`` with its ``TRUNK`` entries replaced by ``trunk``'s (same names and shapes);
+    LoRA adapters keep their fresh values.
 
     Raises:
       UsageError: the trunks differ (every missing, unexpected or reshaped entry listed).
     """
     flat = interop.flat_params(params)
-    interop.check_arrays(trunk, {k: v for k, v in flat.items() if _in_trunk(k)},
+    interop.check_arrays(trunk, {k: v for k, v in flat.items()
+                                 if _in_trunk(k) and not nn.lora.is_adapter_name(k)},
                          f"--init-from {source}: the pretrained trunk",
                          "; pretrain with the same model flags")
     return interop.unflatten_like(params, {**flat, **trunk})
 
 
 def freeze_labels(params: dict) -> dict:
-    """``"frozen"`` for every trunk leaf, ``"train"`` for the heads' (``optax.partition``)."""
-    return {k: jax.tree.map(lambda _, k=k: "frozen" if k in TRUNK else "train", v)
-            for k, v in params.items()}
+    """``"frozen"`` for every trunk leaf but LoRA adapters', ``"train"`` for the heads' and the
+    adapters' (``optax.partition``)."""
+    return nn.lora.trainable_labels(params, [k for k in params if k not in TRUNK])
 
 
 def finetune_optimizer(cfg: Config, abstract_model) -> tuple[optax.GradientTransformation,
                                                               Callable]:
     """The run's optimizer (``build.build_optimizer``: u-muP rules from the heads' and trunk's
     ``param_info``); with ``--freeze-trunk`` it updates the heads only and the trunk's
-    updates are zero (``optax.partition`` with ``optax.set_to_zero``)."""
+    updates are zero (``optax.partition`` with ``optax.set_to_zero``); with LoRA adapters
+    (``--lora-targets``) the heads and the adapters train, the rest of the trunk is frozen."""
     tx, schedule = build.build_optimizer(cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
-    if cfg.finetune.freeze_trunk:
+    if cfg.finetune.freeze_trunk or build.uses_lora(cfg):
         labels = freeze_labels(nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)))
-        tx = optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
+        tx = build.train_only(tx, labels)
     return tx, schedule
 
 

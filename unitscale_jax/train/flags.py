@@ -323,6 +323,18 @@ def convert_parser(prog: str = "unitscale-jax convert") -> Parser:
     return p
 
 
+def merge_parser(prog: str = "unitscale-jax merge") -> Parser:
+    p = Parser(prog=prog, description="Fold a LoRA run's adapters into the base kernels and write "
+               "the merged parameters as one file of the base model (train --init-from reads it).")
+    p.add_argument("--run-dir", required=True, help="the LoRA run directory (with config.json)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="the file to write (default: RUN_DIR/merged.safetensors)")
+    p.add_argument("--step", type=_number(int, True, "--step"), default=None,
+                   help="checkpoint step to merge (default: the latest valid one; for a "
+                        "fine-tuning run its best)")
+    return p
+
+
 def export_parser(prog: str = "unitscale-jax export") -> Parser:
     from unitscale_jax.train.interop import FORMATS
     p = Parser(prog=prog, description="Write the parameters of a run's checkpoint, with their "

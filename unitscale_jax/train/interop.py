@@ -18,7 +18,13 @@ layout (kernels ``[fan_in, fan_out]``) and dtype. The header metadata (strings) 
 - ``model``: JSON of the model config: the run's resolved ``ModelConfig`` fields plus
   ``vocab_size`` and ``max_seq_len`` (what ``TransformerConfig`` was built from);
 - ``config``: JSON of the run's ``config.json``;
-- ``step``: the checkpoint's step.
+- ``step``: the checkpoint's step;
+- ``merged_from`` (``merge_run`` only): the LoRA run directory whose adapters were folded in.
+
+``merge_run`` (``unitscale-jax merge``) writes a LoRA run's parameters with every adapter folded
+into its kernel (``nn.merge_lora``), under the base model's names, and the run's config without
+the adapters, so the file is a plain model of the same architecture: ``train --init-from FILE``
+starts from it, and it computes what the LoRA run computes.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -66,17 +73,18 @@ def _info_dict(abstract_model: nnx.Module) -> dict[str, dict]:
 
 
 def write_params_file(out: Path, params: Any, abstract_model: nnx.Module, model: dict,
-                      config_json: str, step: int) -> None:
+                      config_json: str, step: int,
+                      extra: Optional[dict[str, str]] = None) -> None:
     """Writes ``params`` (a pure dict) and the header metadata (``abstract_model``'s
     ``param_info``, the ``model`` config from ``model_metadata``, the run's ``config.json``
-    text and ``step``) to ``out``, atomically: a temporary file in the same directory, then
-    renamed."""
+    text, ``step`` and any ``extra`` strings) to ``out``, atomically: a temporary file in the
+    same directory, then renamed."""
     from safetensors.numpy import save_file
     tensors = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in flat_params(params).items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "param_info": json.dumps(_info_dict(abstract_model), sort_keys=True),
                 "model": json.dumps(model, sort_keys=True), "config": config_json,
-                "step": str(int(step))}
+                "step": str(int(step)), **(extra or {})}
     with paths.atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -113,6 +121,59 @@ def export_run(run_dir: str | Path, out: Optional[str | Path] = None, *,
     write_params_file(out, params, abstract_model, model_metadata(cfg, tokenizer.vocab_size),
                       (run_dir / "config.json").read_text().strip(), at)
     log(f"exported the parameters of {run_dir} at step {at} to {out}")
+    return out
+
+
+def merge_run(run_dir: str | Path, out: Optional[str | Path] = None, *,
+              step: Optional[int] = None, log: Callable[[str], None] = print) -> Path:
+    """Writes a LoRA run's checkpoint with the adapters merged into the base kernels.
+
+    Args:
+      run_dir: a ``train`` or ``finetune`` run with ``--lora-targets``.
+      out: the file to write; default ``<run_dir>/merged.safetensors``.
+      step: the checkpoint; default the newest valid one (a fine-tuning run: its best).
+      log: receives one-line reports.
+
+    Returns:
+      The path written.
+
+    Raises:
+      UsageError: no run there, or a run without LoRA adapters.
+      PathError: ``out`` is a directory or not writable.
+    """
+    from unitscale_jax.train.config import resolve
+    from unitscale_jax.train.run_dir import read_run_config
+    run_dir = Path(run_dir)
+    given = read_run_config(run_dir)
+    cfg = resolve(given)
+    if not build.uses_lora(cfg):
+        raise UsageError(f"--run-dir {run_dir} has no LoRA adapters (--lora-targets is unset); "
+                         "use unitscale-jax export for its parameters.")
+    out = Path(out) if out is not None else run_dir / "merged.safetensors"
+    paths.output_file(out, "--out", example="merged.safetensors")
+    if cfg.finetune is not None:
+        from unitscale_jax.train.finetune import load_finetuned
+        run = load_finetuned(run_dir, step=step, log=log)
+        task, vocab_size, params, at = run.task, run.tokenizer.vocab_size, run.params, run.step
+    else:
+        from unitscale_jax.train.sample import restore_params
+        tokenizer, _, params, at = restore_params(run_dir, cfg, step=step, log=log)
+        task, vocab_size = None, tokenizer.vocab_size
+    model = build.build_model(cfg, vocab_size, task=task)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    nnx.update(model, state)
+    n = nn.merge_lora(model)
+    merged = {k: v for k, v in flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()
+              if not nn.lora.is_adapter_name(k)}
+    base_given = given.replace(model={"lora_targets": None})
+    base_cfg = resolve(base_given)
+    base = nnx.eval_shape(lambda: build.build_model(base_cfg, vocab_size, task=task))
+    base_params = unflatten_like(nnx.to_pure_dict(nnx.state(base, nnx.Param)), merged)
+    write_params_file(out, base_params, base, model_metadata(base_cfg, vocab_size),
+                      base_given.to_json(), at, extra={"merged_from": str(run_dir)})
+    log(f"merged {n} LoRA adapter(s) of {run_dir} at step {at} into the base kernels; "
+        f"wrote {out}")
     return out
 
 
@@ -226,7 +287,8 @@ def unflatten_like(abstract: Any, named: dict[str, Any]) -> Any:
 
 
 def params_from_source(source: str | Path, abstract_params: Any, cfg: Config, vocab_size: int,
-                       *, flag: str = "--init-from", log: Callable[[str], None] = print) -> Any:
+                       *, flag: str = "--init-from", log: Callable[[str], None] = print,
+                       fresh: Optional[dict[str, Any]] = None) -> Any:
     """The parameters of an ``--init-from`` source, as a tree like ``abstract_params``.
 
     Args:
@@ -237,6 +299,8 @@ def params_from_source(source: str | Path, abstract_params: Any, cfg: Config, vo
       vocab_size: the new run's vocabulary size.
       flag: the option named in errors.
       log: receives one-line reports.
+      fresh: ``{name: array}`` of parameters the source does not hold and the run starts
+        from as given (a LoRA run's freshly initialised adapters).
 
     Raises:
       UsageError: an unreadable source, or names, shapes or dtypes that differ from the
@@ -246,7 +310,10 @@ def params_from_source(source: str | Path, abstract_params: Any, cfg: Config, vo
     arrays, step, theirs = source_arrays(source, flag, log)
     changed = model_changes(theirs, cfg, vocab_size)
     hint = (f" (the source's model differs in: {', '.join(changed)})" if changed else "")
-    check_arrays(arrays, flat_params(abstract_params), f"{flag} {source}", hint)
+    fresh = fresh or {}
+    check_arrays(arrays, {k: v for k, v in flat_params(abstract_params).items()
+                          if k not in fresh}, f"{flag} {source}", hint)
+    arrays = {**arrays, **fresh}
     if changed:
         log(f"init-from: {source} comes from a model with other settings "
             f"({', '.join(changed)}); its parameters fit this one.")

@@ -38,7 +38,6 @@ import numpy as np
 from flax import nnx
 
 from unitscale_jax import data as datalib
-from unitscale_jax import nn
 from unitscale_jax.train import build
 from unitscale_jax.train.checkpoint import Checkpoints, failure
 from unitscale_jax.train.config import Config, resolve
@@ -85,7 +84,7 @@ def restore_params(run_dir: str | Path, cfg: Config, *, step: Optional[int] = No
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise UsageError(f"tokenizer of {run_dir}: {e}") from None
     abstract_model = nnx.eval_shape(lambda: build.build_model(cfg, tokenizer.vocab_size))
-    tx, _ = build.build_optimizer(cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
+    tx, _ = build.model_optimizer(cfg, abstract_model)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(init_state_fn(cfg, tokenizer.vocab_size, tx)))

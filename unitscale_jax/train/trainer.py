@@ -167,8 +167,9 @@ class Trainer:
                             weight=t.distill_weight)
 
     def _make_optimizer(self, abstract_model) -> tuple[Any, Callable]:
-        """``(tx, schedule)`` for the model (``build.build_optimizer``)."""
-        return build.build_optimizer(self.cfg, nnx.to_pure_dict(nn.param_info(abstract_model)))
+        """``(tx, schedule)`` for the model (``build.model_optimizer``: with LoRA adapters
+        only they train)."""
+        return build.model_optimizer(self.cfg, abstract_model)
 
     def _make_checkpoints(self) -> Checkpoints:
         t = self.cfg.training
@@ -181,12 +182,17 @@ class Trainer:
 
     def _initial_params(self) -> Optional[Any]:
         """The parameters a new run starts from (pure dict of arrays), or None for a fresh
-        init: those of ``--init-from`` (an exported file or a run directory) if given."""
+        init: those of ``--init-from`` (an exported file or a run directory) if given; a LoRA
+        run's adapters start fresh."""
         t = self.cfg.training
         if not t.init_from:
             return None
+        fresh = None
+        if build.uses_lora(self.cfg):
+            init = interop.flat_params(jax.device_get(self._fresh_state()["params"]))
+            fresh = {k: v for k, v in init.items() if nn.lora.is_adapter_name(k)}
         return interop.params_from_source(t.init_from, self.abstract_state["params"], self.cfg,
-                                          self.data.vocab_size, log=self.log)
+                                          self.data.vocab_size, log=self.log, fresh=fresh)
 
     def _state_of(self, params: Any) -> dict:
         """The step-0 train state of given parameters, placed in the run's shardings."""

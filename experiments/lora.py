@@ -1,0 +1,290 @@
+"""LoRA vs full fine-tuning on SST-2, and the LoRA learning rate's optimum across ranks and widths.
+
+1. u-muP and SP encoders pretrained with masked-LM on the SST-2 training sentences at each width
+   of ``--widths`` (``experiments/finetune.py``'s ``prepare_data`` and ``pretrain``).
+2. Each fine-tuned on SST-2 (``unitscale-jax finetune --init-from``) in full, and with LoRA
+   adapters on ``--targets`` at every rank of ``--ranks``, over a grid of learning rates
+   (powers of 2). u-muP's LoRA uses ``--lora-mult 1`` and the u-muP optimizer's own factors
+   (A: ``(d_in L)^-1/2``, B: ``(r L)^-1/2``, see ``unitscale_jax.nn.lora``); SP's is the usual
+   LoRA parametrization: ``mult = alpha / r`` (``--sp-alpha``), one Adam learning rate.
+
+Outputs in ``--out`` (default ``experiments/results/``, ``.../quick/`` for ``--quick``):
+``<tag>_pretrain.csv``, ``<tag>_runs.csv`` (a row per fine-tuning run, appended as each
+finishes; a rerun with the same settings resumes), ``<tag>_summary.csv`` (per
+parametrization, width, method and rank: the best LR, its accuracy, the trainable share),
+``<tag>.png`` (accuracy against log2 LR, a panel per parametrization) and ``<tag>_meta.json``
+(settings, command, machine, timings, the claims as computed: the spread of the LoRA
+optimum across ranks and widths per parametrization, and LoRA's best against full
+fine-tuning's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import _sweep
+import finetune as ft
+
+RUN_COLUMNS = ("parametrization", "width", "method", "rank", "lr_log2", "lr", "lora_mult",
+               "accuracy", "dev_loss", "best_step", "trainable_params", "total_params",
+               "trainable_share", "steps", "wall_s")
+
+QUICK = {"widths": "16,32", "depth": 1, "d_head": 8, "pretrain_steps": 30, "finetune_steps": 20,
+         "eval_every": 10, "batch_size": 16, "seq_len": 32, "vocab_size": 500,
+         "max_train": 512, "max_dev": 128, "ranks": "2,8", "umup_lrs": "-2,0",
+         "sp_lrs": "-8,-6"}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a small version (minutes on a 2-core "
+                   "CPU); sizes from QUICK, writes <tag>_quick_* files under results/quick/")
+    p.add_argument("--sst2", default=str(ft.SHARED / "sst2"), help="SST-2 directory")
+    p.add_argument("--parametrizations", default="umup,sp")
+    p.add_argument("--widths", default="64,128", help="two (or more) widths")
+    p.add_argument("--ranks", default="4,8,16,32,64")
+    p.add_argument("--targets", default="qkv,attn_out,ffn_up,ffn_gate,ffn_down")
+    p.add_argument("--sp-alpha", type=float, default=16.0, help="SP LoRA's alpha (mult = "
+                   "alpha / r)")
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--d-head", type=int, default=16)
+    p.add_argument("--pretrain-steps", type=int, default=2000)
+    p.add_argument("--pretrain-lr-umup", type=float, default=-1, help="log2 pretraining LR")
+    p.add_argument("--pretrain-lr-sp", type=float, default=-8, help="log2 pretraining LR")
+    p.add_argument("--finetune-steps", type=int, default=600)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--vocab-size", type=int, default=4000)
+    p.add_argument("--max-train", type=int, default=0)
+    p.add_argument("--max-dev", type=int, default=0)
+    p.add_argument("--umup-lrs", default="-6:2", help="u-muP's log2 LRs (a:b or a,b,...)")
+    p.add_argument("--sp-lrs", default="-12:-3", help="SP's log2 LRs")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many new "
+                   "fine-tuning runs in this call (0: only summarise); rerun to continue")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--tag", default=None)
+    p.add_argument("--fresh", action="store_true")
+    return p
+
+
+def _trainable(run_dir: Path) -> tuple[int, int]:
+    """(trainable, total) parameter counts of a fine-tuning run, by the library's own labels
+    (``finetune.freeze_labels``: heads and adapters with LoRA, everything without)."""
+    import jax
+    import numpy as np
+
+    from unitscale_jax.train import build
+    from unitscale_jax.train.finetune import freeze_labels, load_finetuned
+    run = load_finetuned(run_dir, log=lambda m: None)
+    params = jax.device_get(run.params)
+    sizes = [int(np.size(x)) for x in jax.tree.leaves(params)]
+    if not build.uses_lora(run.cfg):
+        return sum(sizes), sum(sizes)
+    labels = jax.tree.leaves(freeze_labels(params))
+    return sum(s for s, lab in zip(sizes, labels) if lab == "train"), sum(sizes)
+
+
+def finetune_one(args, prepared: dict, work: Path, par: str, width: int, method: str,
+                 rank: int, lr_log2: float) -> dict:
+    from unitscale_jax.train.finetune import finetune
+    from unitscale_jax.train.flags import parse_finetune_args
+    run_dir = work / f"ft_{par}_{width}_{method}{rank or ''}_{lr_log2:g}"
+    flags = ["--task", "classify", "--data", prepared["tasks"]["sst2"]["dir"],
+             *ft._model_flags(args, par, width), "--tokenizer", prepared["tokenizer"],
+             "--steps", str(args.finetune_steps), "--eval-every", str(args.eval_every),
+             "--lr", repr(2.0 ** lr_log2), "--run-dir", str(run_dir), "--keep-checkpoints", "1",
+             "--init-from", str(work / f"pre_{par}_{width}")]
+    mult = None
+    if method == "lora":
+        mult = 1.0 if par == "umup" else args.sp_alpha / rank
+        flags += ["--lora-targets", args.targets, "--lora-rank", str(rank), "--lora-mult",
+                  repr(mult)]
+    t0 = time.perf_counter()
+    s = finetune(parse_finetune_args(flags), quiet=True)
+    acc = (s.get("best_dev") or {}).get("accuracy", math.nan)
+    trainable, total = _trainable(run_dir)
+    return {"parametrization": par, "width": width, "method": method, "rank": rank,
+            "lr_log2": lr_log2, "lr": 2.0 ** lr_log2, "lora_mult": mult,
+            "accuracy": acc if acc is not None and math.isfinite(acc) else math.nan,
+            "dev_loss": s.get("final_val_loss"), "best_step": s.get("best_step"),
+            "trainable_params": trainable, "total_params": total,
+            "trainable_share": trainable / total, "steps": args.finetune_steps,
+            "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def summarise(rows: Sequence[dict]) -> tuple[list[dict], dict]:
+    """Per (parametrization, width, method, rank): the best log2 LR and its accuracy; per
+    parametrization: how far LoRA's optimum moves across ranks and widths (log2), and LoRA's
+    best accuracy against full fine-tuning's at each width."""
+    groups: dict = {}
+    for r in rows:
+        key = (r["parametrization"], int(r["width"]), r["method"], int(r["rank"] or 0))
+        groups.setdefault(key, []).append(r)
+    summary = []
+    for key, rs in sorted(groups.items()):
+        finite = [r for r in rs if math.isfinite(float(r["accuracy"]))]
+        best = max(finite, key=lambda r: float(r["accuracy"])) if finite else None
+        lrs = sorted(float(r["lr_log2"]) for r in rs)
+        summary.append({"parametrization": key[0], "width": key[1], "method": key[2],
+                        "rank": key[3], "best_lr_log2": float(best["lr_log2"]) if best else None,
+                        "best_accuracy": float(best["accuracy"]) if best else None,
+                        "at_grid_edge": bool(best) and float(best["lr_log2"]) in (lrs[0],
+                                                                                   lrs[-1]),
+                        "trainable_share": float(rs[0]["trainable_share"]),
+                        "n_runs": len(rs)})
+    claims: dict = {}
+    for par in sorted({s["parametrization"] for s in summary}):
+        lora = [s for s in summary if s["parametrization"] == par and s["method"] == "lora"
+                and s["best_lr_log2"] is not None]
+        full = {s["width"]: s for s in summary if s["parametrization"] == par
+                and s["method"] == "full"}
+        opts = [s["best_lr_log2"] for s in lora]
+        claims[par] = {
+            "lora_best_lr_log2": {f"w{s['width']}_r{s['rank']}": s["best_lr_log2"]
+                                  for s in lora},
+            "lora_optimum_spread_log2": (max(opts) - min(opts)) if len(opts) > 1 else None,
+            "lora_optima_at_grid_edge": sum(s["at_grid_edge"] for s in lora),
+            "lora_minus_full_accuracy_by_width": {
+                w: max(s["best_accuracy"] for s in lora if s["width"] == w)
+                - full[w]["best_accuracy"]
+                for w in sorted(full) if full[w]["best_accuracy"] is not None
+                and any(s["width"] == w for s in lora)},
+            "lora_trainable_share": {f"w{s['width']}_r{s['rank']}": s["trainable_share"]
+                                     for s in lora}}
+    u, s_ = claims.get("umup"), claims.get("sp")
+    if u and s_ and None not in (u["lora_optimum_spread_log2"], s_["lora_optimum_spread_log2"]):
+        claims["umup_lora_optimum_moves_less_than_sp"] = (
+            u["lora_optimum_spread_log2"] < s_["lora_optimum_spread_log2"])
+    return summary, claims
+
+
+def plot(rows: Sequence[dict], path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pars = [p for p in ("umup", "sp") if any(r["parametrization"] == p for r in rows)]
+    fig, axes = plt.subplots(1, len(pars), figsize=(6 * len(pars), 4.5), squeeze=False)
+    configs = sorted({(int(r["width"]), r["method"], int(r["rank"] or 0)) for r in rows})
+    cmap = plt.get_cmap("viridis")
+    ranks = sorted({c[2] for c in configs if c[1] == "lora"})
+    for j, par in enumerate(pars):
+        ax = axes[0][j]
+        for w, method, rank in configs:
+            rs = sorted((r for r in rows if (r["parametrization"], int(r["width"]), r["method"],
+                                            int(r["rank"] or 0)) == (par, w, method, rank)),
+                        key=lambda r: float(r["lr_log2"]))
+            if not rs:
+                continue
+            widths = sorted({c[0] for c in configs})
+            style = ("-" if w == widths[-1] else "--") + ("o" if method == "lora" else "s")
+            color = ("black" if method == "full" else
+                     cmap(ranks.index(rank) / max(1, len(ranks) - 1) * 0.9))
+            ax.plot([float(r["lr_log2"]) for r in rs], [float(r["accuracy"]) for r in rs],
+                    style, color=color, ms=4,
+                    label=f"width {w}, " + ("full" if method == "full" else f"LoRA r={rank}"))
+        ax.set_title("u-μP (LoRA mult 1)" if par == "umup" else "SP (LoRA alpha / r)")
+        ax.set_xlabel("log2 fine-tuning learning rate")
+        ax.set_ylabel("SST-2 dev accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = print) -> dict:
+    args = build_parser().parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    if args.quick:
+        given = set(a.split("=")[0] for a in (argv or []))
+        for k, v in QUICK.items():
+            if "--" + k.replace("_", "-") not in given:
+                setattr(args, k, v)
+    pars = [p for p in args.parametrizations.split(",") if p]
+    if not pars or any(p not in ("umup", "sp") for p in pars):
+        raise SystemExit(f"--parametrizations takes umup and/or sp, got {args.parametrizations!r}")
+    widths, ranks = _sweep.int_list(args.widths), _sweep.int_list(args.ranks)
+    if any(w % args.d_head for w in widths):
+        raise SystemExit(f"every width must be a multiple of --d-head {args.d_head}: {widths}")
+    if any(r < 1 for r in ranks):
+        raise SystemExit(f"--ranks must be positive, got {ranks}")
+    grids = {"umup": _sweep.int_list(args.umup_lrs), "sp": _sweep.int_list(args.sp_lrs)}
+    tag = args.tag or ("lora" if mode == "full" else "lora_quick")
+    out = _sweep.out_dir(args, mode)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("out", "tag", "fresh", "quick", "max_runs")}
+    settings["mode"] = mode
+    meta_path = out / f"{tag}_meta.json"
+    old = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    resume = not args.fresh and old is not None and old.get("settings") == settings
+    work = out / f"{tag}_work"
+    if not resume and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    meta = {**(old if resume else {}), "settings": settings,
+            "command": "python experiments/lora.py " + " ".join(
+                shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+            "machine": _sweep.machine(), "started": (old or {}).get("started") if resume
+            else time.strftime("%Y-%m-%d %H:%M:%S"), "runs_this_call": 0}
+    meta_path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    t0 = time.perf_counter()
+    args.wnut17 = args.sst2  # prepare_data reads only the tasks it is given
+    prepared = ft.prepare_data(args, work, ["sst2"])
+    log(f"lora ({mode}): widths {widths}, ranks {ranks}, targets {args.targets}, "
+        f"{args.pretrain_steps} pretraining / {args.finetune_steps} fine-tuning steps")
+    pre_table = ft.Table(out / f"{tag}_pretrain.csv", ft.PRE_COLUMNS, resume)
+    runs = ft.Table(out / f"{tag}_runs.csv", RUN_COLUMNS, resume)
+    for par in pars:
+        for w in widths:
+            if not pre_table.has(parametrization=par, width=w):
+                row = ft.pretrain(args, prepared, work, par, w)
+                pre_table.add(row)
+                log(f"  pretrained {par} width {w}: MLM val loss {row['val_loss']:.4f}")
+    missing = 0
+    for par in pars:
+        for w in widths:
+            for method, rank in [("full", 0)] + [("lora", r) for r in ranks]:
+                for k in grids[par]:
+                    key = dict(parametrization=par, width=w, method=method, rank=rank,
+                               lr_log2=float(k))
+                    if runs.has(**key):
+                        continue
+                    if args.max_runs is not None and meta["runs_this_call"] >= args.max_runs:
+                        missing += 1
+                        continue
+                    row = finetune_one(args, prepared, work, par, w, method, rank, float(k))
+                    runs.add(row)
+                    meta["runs_this_call"] += 1
+                    log(f"  {par} width {w} {method}{rank or ''} 2^{k:g}: accuracy "
+                        f"{row['accuracy']:.4f}, trainable {row['trainable_share']:.2%} "
+                        f"({row['wall_s']:.0f} s)")
+    summary, claims = summarise(runs.rows)
+    _sweep.write_csv(out / f"{tag}_summary.csv", summary)
+    png = plot(runs.rows, out / f"{tag}.png",
+               title=f"SST-2 LoRA vs full ({mode}): depth {args.depth}, {args.finetune_steps} "
+               f"steps x {args.batch_size}, targets {args.targets}")
+    meta.update(claims=claims, wall_s=round(time.perf_counter() - t0, 1), runs_missing=missing,
+                finished=time.strftime("%Y-%m-%d %H:%M:%S"), data=prepared)
+    meta_path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    for k, c in claims.items():
+        log(f"claim {k}: {c}")
+    return {"summary": summary, "claims": claims, "runs": runs.rows, "png": str(png),
+            "meta": str(meta_path)}
+
+
+if __name__ == "__main__":
+    main()
