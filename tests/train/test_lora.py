@@ -150,3 +150,25 @@ def test_bad_lora_flags(argv, needles, tmp_path, capsys):
 def test_merge_of_a_run_without_adapters(pretrained, capsys):
     fails(capsys, ["merge", "--run-dir", str(pretrained)], "has no LoRA adapters",
           "unitscale-jax export")
+
+
+def test_finetune_from_the_merged_file_of_a_finetuning_run(tagging_lora_run, tmp_path):
+    import orbax.checkpoint as ocp
+    step = max(int(p.name) for p in (tagging_lora_run / "checkpoints").iterdir()
+               if p.name.isdigit())
+    stored = ocp.StandardCheckpointer().restore(
+        tagging_lora_run / "checkpoints" / str(step) / "state")
+    names = set(_flat(stored["params"]))  # adapters and the head only: the trunk is a reference
+    assert {k for k in names if not unn.lora.is_adapter_name(k)} == {
+        k for k in names if k.startswith("token_head")} != set()
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "--run-dir", str(tagging_lora_run), "--out", str(out)]) == 0
+    _, meta = interop.read_params_file(out)
+    import json
+    assert json.loads(meta["config"]).get("finetune") is None  # a plain encoder run
+    assert json.loads(meta["finetune_config"])["finetune"]["task"] == "tag"
+    data = write_tagging(tmp_path / "data")
+    assert main(["finetune", "--task", "tag", "--data", str(data), "--init-from", str(out),
+                 "--steps", "1", "--eval-every", "0", "--run-dir", str(tmp_path / "again"),
+                 "--no-progress", "--batch-size", "8", "--no-plot", "--no-tensorboard",
+                 "--no-checkpoint"]) == 0

@@ -48,6 +48,7 @@ from unitscale_jax.train import step as steplib
 from unitscale_jax.train.checkpoint import Checkpoints
 from unitscale_jax.train.config import Config, ModelConfig, resolve
 from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.lora_base import LoRABase, restore_into
 from unitscale_jax.train.metrics import read_metrics
 from unitscale_jax.train.plotting import plot_confusion
 from unitscale_jax.train.run_dir import read_run_config
@@ -473,6 +474,9 @@ class FineTuner(Trainer):
                            async_save=t.async_checkpointing, log=self.log,
                            best_metric=TASK_METRICS[self.cfg.finetune.task])
 
+    def _trainable_labels(self, params: Any) -> Any:
+        return freeze_labels(params)
+
     def _initial_params(self) -> Optional[dict]:
         source = self.cfg.training.init_from
         if not source:
@@ -545,9 +549,7 @@ class FineTuner(Trainer):
             step = ckpt.best_step()
             if step is None:
                 step = max(ckpt.steps())
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  self.abstract_state, self.shardings)
-            state, _ = ckpt.restore(step, target)
+            state, _ = self.restore_checkpoint(lambda target: ckpt.restore(step, target))
         finally:
             ckpt.close()
         return state["params"], step
@@ -664,6 +666,7 @@ def load_finetuned(run_dir: str | os.PathLike, *, step: Optional[int] = None,
         raise UsageError(f"--run-dir {run_dir}: no checkpoints directory; the run saved none.")
     ckpt = Checkpoints(ckpt_dir, async_save=False, log=log,
                        best_metric=TASK_METRICS[cfg.finetune.task])
+    base = LoRABase.read(run_dir) if build.uses_lora(cfg) else None
     try:
         have = ckpt.steps()
         if step is not None and step not in have:
@@ -672,9 +675,10 @@ def load_finetuned(run_dir: str | os.PathLike, *, step: Optional[int] = None,
         if step is None:
             step = ckpt.best_step()
         if step is not None:
-            state, _ = ckpt.restore(step, target)
+            at = step
+            state, _ = restore_into(base, run_dir, target, lambda t: ckpt.restore(at, t), log)
         else:
-            found = ckpt.restore_latest(target)
+            found = restore_into(base, run_dir, target, ckpt.restore_latest, log)
             if found is None:
                 raise UsageError(f"--run-dir {run_dir}: no complete checkpoint to load.")
             step, state, _ = found

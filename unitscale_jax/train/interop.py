@@ -19,7 +19,11 @@ layout (kernels ``[fan_in, fan_out]``) and dtype. The header metadata (strings) 
   ``vocab_size`` and ``max_seq_len`` (what ``TransformerConfig`` was built from);
 - ``config``: JSON of the run's ``config.json``;
 - ``step``: the checkpoint's step;
-- ``merged_from`` (``merge_run`` only): the LoRA run directory whose adapters were folded in.
+- ``merged_from`` (``merge_run`` only): the LoRA run directory whose adapters were folded in;
+- ``finetune_config`` (``merge_run`` of a fine-tuning run only): that run's config without the
+  adapters; ``config`` is then the plain encoder run it fine-tuned (no ``finetune`` section),
+  so ``finetune --init-from FILE`` starts a new fine-tuning run from the merged trunk (the
+  file's task heads are ignored there, as ``restore_trunk`` reads the trunk only).
 
 ``merge_run`` (``unitscale-jax merge``) writes a LoRA run's parameters with every adapter folded
 into its kernel (``nn.merge_lora``), under the base model's names, and the run's config without
@@ -170,8 +174,15 @@ def merge_run(run_dir: str | Path, out: Optional[str | Path] = None, *,
     base_cfg = resolve(base_given)
     base = nnx.eval_shape(lambda: build.build_model(base_cfg, vocab_size, task=task))
     base_params = unflatten_like(nnx.to_pure_dict(nnx.state(base, nnx.Param)), merged)
+    extra = {"merged_from": str(run_dir)}
+    recorded = base_given
+    if cfg.finetune is not None:
+        # recorded as the plain encoder run it fine-tuned, so 'finetune --init-from FILE'
+        # accepts it (it reads the trunk); the fine-tuning config is kept beside it
+        extra["finetune_config"] = base_given.to_json()
+        recorded = Config.from_dict({**base_given.to_dict(), "finetune": None})
     write_params_file(out, base_params, base, model_metadata(base_cfg, vocab_size),
-                      base_given.to_json(), at, extra={"merged_from": str(run_dir)})
+                      recorded.to_json(), at, extra=extra)
     log(f"merged {n} LoRA adapter(s) of {run_dir} at step {at} into the base kernels; "
         f"wrote {out}")
     return out

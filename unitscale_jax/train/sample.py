@@ -43,6 +43,7 @@ from unitscale_jax.train.checkpoint import Checkpoints, failure
 from unitscale_jax.train.config import Config, resolve
 from unitscale_jax.train.data import load_data
 from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.lora_base import LoRABase, restore_into
 from unitscale_jax.train.run_dir import read_run_config
 from unitscale_jax.train.tasks import TASKS
 from unitscale_jax.train.trainer import init_state_fn
@@ -93,20 +94,23 @@ def restore_params(run_dir: str | Path, cfg: Config, *, step: Optional[int] = No
         raise UsageError(f"{flag} {run_dir}: no checkpoints directory; the run saved none.")
     notes: list[str] = []  # reported when a checkpoint loads; else the error names them
     ckpt = Checkpoints(ckpt_dir, async_save=False, log=notes.append, read_only=True)
+    base = LoRABase.read(run_dir) if build.uses_lora(cfg) else None  # adapter-only checkpoints
     try:
         if step is not None:
             if step not in ckpt.steps():
                 raise UsageError(f"--step {step}: no checkpoint at that step in {ckpt_dir} "
                                  f"(have {ckpt.steps()}).")
+            base_arrays = base.load(run_dir, log) if base is not None else None
             try:
-                state, _ = ckpt.restore(step, target)
+                state, _ = restore_into(base, run_dir, target, lambda t: ckpt.restore(step, t),
+                                        log, arrays=base_arrays)
             except Exception as e:  # orbax raises many kinds for a damaged checkpoint
                 raise UsageError(f"--step {step}: the checkpoint in {ckpt_dir / str(step)} is "
                                  f"corrupt or incomplete ({failure(e)}); pick another --step "
                                  "or leave it out for the latest valid one.") from None
             found = (step, state, None)
         else:
-            found = ckpt.restore_latest(target)
+            found = restore_into(base, run_dir, target, ckpt.restore_latest, log)
     finally:
         ckpt.close()
     if found is None:

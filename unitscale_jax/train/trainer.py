@@ -27,6 +27,7 @@ from unitscale_jax.train.checkpoint import Checkpoints
 from unitscale_jax.train.config import Config, resolve
 from unitscale_jax.train.data import load_data
 from unitscale_jax.train.errors import TrainingStopped, UsageError
+from unitscale_jax.train.lora_base import LoRABase, prune, restore_into
 from unitscale_jax.train.metrics import MetricsWriter, read_metrics, truncate
 from unitscale_jax.train.plotting import plot_losses
 from unitscale_jax.train.run_dir import Log, StopSignals, prepare_run_dir
@@ -139,6 +140,7 @@ class Trainer:
             steplib.make_eval_step(graphdef, self.task), self.step_shardings, par,
             donate=jax.default_backend() != "cpu")
         self.state: Optional[dict] = None
+        self.lora_base: Optional[LoRABase] = None  # a LoRA run's frozen base (train.lora_base)
         self.start_step = 0
         self.history: list[dict] = []
         self.last: dict[str, Optional[dict]] = {"train": None, "validation": None}
@@ -194,6 +196,34 @@ class Trainer:
         return interop.params_from_source(t.init_from, self.abstract_state["params"], self.cfg,
                                           self.data.vocab_size, log=self.log, fresh=fresh)
 
+    def _trainable_labels(self, params: Any) -> Any:
+        """``"train"`` / ``"frozen"`` per parameter of a LoRA run (``nn.lora.trainable_labels``:
+        the adapters train)."""
+        return nn.lora.trainable_labels(params)
+
+    def _new_lora_base(self, params: Any) -> Optional[LoRABase]:
+        """The reference to the frozen base of a LoRA run starting from ``--init-from`` with
+        ``params`` (None otherwise: whole checkpoints)."""
+        source = self.cfg.training.init_from
+        if not (source and build.uses_lora(self.cfg)):
+            return None
+        labels = interop.flat_params(self._trainable_labels(params))
+        return LoRABase.of(source, interop.flat_params(params),
+                           {k for k, v in labels.items() if v == "frozen"})
+
+    def restore_checkpoint(self, restore: Callable[[dict], Any]) -> Any:
+        """``restore(target)`` on the run's sharded state target; a LoRA run's adapter-only
+        checkpoint gets its frozen base back (``train.lora_base.restore_into``)."""
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              self.abstract_state, self.shardings)
+        base = self.lora_base
+        if base is None:
+            return restore(target)
+        frozen = set(base.frozen)
+        shardings = prune(self.shardings["params"], lambda name: name in frozen)
+        return restore_into(base, self.run_dir, target, restore, self.log,
+                            place=lambda tree: place(tree, shardings))
+
     def _state_of(self, params: Any) -> dict:
         """The step-0 train state of given parameters, placed in the run's shardings."""
         interop.check_arrays(interop.flat_params(params),
@@ -220,9 +250,9 @@ class Trainer:
         t, ckpt = self.cfg.training, self.ckpt
         restored = None
         if ckpt is not None:
-            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  self.abstract_state, self.shardings)
-            restored = ckpt.restore_latest(target)
+            if build.uses_lora(self.cfg) and ckpt.steps():
+                self.lora_base = LoRABase.read(self.run_dir)
+            restored = self.restore_checkpoint(ckpt.restore_latest)
         if restored is not None:
             start, self.state, data_state = restored
             if start > t.steps:
@@ -238,14 +268,22 @@ class Trainer:
             self.log(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
                      + ("; the run is already complete (raise --steps to train further)"
                         if start == t.steps else "")
-                     + (f" (--init-from {t.init_from} is not used)" if t.init_from else ""))
+                     + ("" if not t.init_from else
+                        f" (its frozen base re-read from {self.lora_base.source})"
+                        if self.lora_base is not None else
+                        f" (--init-from {t.init_from} is not used)"))
         else:
             start = 0
+            self.lora_base = None
             if params is None:
                 params = self._initial_params()
+                if params is not None and ckpt is not None:
+                    self.lora_base = self._new_lora_base(params)
             self.state = self._fresh_state() if params is None else self._state_of(params)
             if self.primary:
                 self.metrics_path.write_text("")
+                if self.lora_base is not None:  # before the first adapter-only checkpoint
+                    self.lora_base.write(self.run_dir)
         if self.teacher is not None:  # never checkpointed: restored from its run each start
             self.state = {**self.state, "teacher": place(self.teacher.params,
                                                          self.step_shardings["teacher"])}
@@ -287,8 +325,10 @@ class Trainer:
         return row
 
     def checkpointed_state(self) -> dict:
-        """``state`` without what is not checkpointed (a distillation teacher)."""
-        return {k: v for k, v in self.state.items() if k != "teacher"}
+        """``state`` without what is not checkpointed (a distillation teacher; a LoRA run's
+        frozen base, ``train.lora_base``)."""
+        state = {k: v for k, v in self.state.items() if k != "teacher"}
+        return state if self.lora_base is None else self.lora_base.checkpoint_state(state)
 
     def save(self, step: int, *, force: bool = False) -> None:
         """Starts saving a checkpoint of ``state`` at ``step`` (no-op without checkpoints)."""
