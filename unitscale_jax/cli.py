@@ -1,5 +1,6 @@
 """The ``unitscale-jax`` command: ``train`` (default), ``sample``, ``analyse``, ``tokenizer``,
-``convert``, ``export``, ``merge`` (a LoRA run's adapters folded into its kernels), and
+``convert``, ``export``, ``merge`` (a LoRA run's adapters folded into its kernels), ``grow``
+(a finished run's model grown deeper, as a new run), and
 ``finetune`` / ``evaluate`` / ``predict`` (an encoder on labelled data).
 
 ``unitscale-jax train --preset tiny`` trains on the built-in corpus; rerunning the same command
@@ -18,8 +19,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,convert,export,merge,finetune,
-                      evaluate,predict} [options]
+USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,convert,export,merge,grow,
+                      finetune,evaluate,predict} [options]
 
   train    train a model (default when the first argument is an option); --help for options
   sample   what a trained run predicts: --run-dir DIR --prompt TEXT; a decoder continues
@@ -35,6 +36,8 @@ USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,convert,export,m
            starts a new run from it): --run-dir DIR [--format safetensors] [--out FILE]
   merge    a LoRA run's adapters folded into the base kernels, as one file of the base
            model: --run-dir DIR [--out FILE] [--step N]
+  grow     a finished run's model grown deeper, as a new run that train continues with the
+           same learning rate: --from RUN --depth 2x --run-dir NEW [--mode duplicate|interleave]
   finetune fine-tune an encoder: --task classify|tag --data DIR (or --train F --dev F)
            [--init-from RUN_DIR] [--freeze-trunk]; --help for options
   evaluate score a fine-tuned run: --run-dir DIR --data FILE (writes report.json)
@@ -129,6 +132,16 @@ def _merge(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
+def _grow(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.train.flags import grow_parser
+    from unitscale_jax.train.grow import grow_run, parse_factor
+    ns = grow_parser(prog).parse_all(argv)
+    width = None if ns.width is None else parse_factor(ns.width, "--width")
+    grow_run(ns.source, ns.run_dir, parse_factor(ns.depth, "--depth"), mode=ns.mode,
+             steps=ns.steps, width_factor=width, log=lambda m: print(m, flush=True))
+    return 0
+
+
 def _analyse(argv: Sequence[str], prog: str) -> int:
     from unitscale_jax.analysis.cli import analyse_main
     return analyse_main(list(argv), prog)
@@ -202,7 +215,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
     command, rest = (argv[0], argv[1:]) if not argv[0].startswith("-") else ("train", argv)
     commands = {"train": _train, "sample": _sample, "analyse": _analyse,
                 "tokenizer": _tokenizer, "convert": _convert, "export": _export, "merge": _merge,
-                "finetune": _finetune, "evaluate": _evaluate, "predict": _predict}
+                "grow": _grow, "finetune": _finetune, "evaluate": _evaluate,
+                "predict": _predict}
     if command not in commands:
         print(f"{prog}: error: unknown command {command!r}; use {', '.join(commands)}.",
               file=sys.stderr)

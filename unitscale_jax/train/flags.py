@@ -347,3 +347,23 @@ def export_parser(prog: str = "unitscale-jax export") -> Parser:
     p.add_argument("--step", type=_number(int, True, "--step"), default=None,
                    help="checkpoint step to export (default: the latest valid one)")
     return p
+
+
+def grow_parser(prog: str = "unitscale-jax grow") -> Parser:
+    from unitscale_jax.train.grow import MODES
+    p = Parser(prog=prog, description="Write a new run whose model is a finished run's, grown "
+               "deeper (unitscale_jax.train.grow); train --config NEW/config.json trains it with "
+               "the same learning rate.")
+    p.add_argument("--from", dest="source", required=True, metavar="RUN_DIR",
+                   help="the finished decoder or encoder run directory")
+    p.add_argument("--depth", required=True, metavar="Kx",
+                   help="depth factor: an integer >= 2 such as 2x")
+    p.add_argument("--width", default=None, metavar="Kx",
+                   help="width factor (not supported: an error says why)")
+    p.add_argument("--mode", default="duplicate", choices=MODES,
+                   help="layer i copies layer i // K (duplicate) or i %% n (interleave); "
+                        "default: %(default)s")
+    p.add_argument("--run-dir", required=True, help="the new run directory")
+    p.add_argument("--steps", type=_number(int, True, "--steps"), default=None,
+                   help="training steps of the new run (default: the source's)")
+    return p
