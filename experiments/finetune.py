@@ -239,6 +239,9 @@ def summarise(rows: Sequence[dict]) -> tuple[list[dict], dict]:
     for key, rs in sorted(groups.items()):
         finite = [r for r in rs if math.isfinite(float(r["score"]))]
         best = max(finite, key=lambda r: float(r["score"])) if finite else None
+        losses = [r for r in rs if r.get("dev_loss") not in (None, "")
+                  and math.isfinite(float(r["dev_loss"]))]
+        by_loss = min(losses, key=lambda r: float(r["dev_loss"])) if losses else None
         lrs = sorted(float(r["lr_log2"]) for r in rs)
         summary.append({"task": key[0], "parametrization": key[1], "width": key[2],
                         "init": key[3], "metric": rs[0]["metric"],
@@ -246,6 +249,10 @@ def summarise(rows: Sequence[dict]) -> tuple[list[dict], dict]:
                         "best_score": float(best["score"]) if best else None,
                         "at_grid_edge": bool(best) and float(best["lr_log2"]) in (lrs[0],
                                                                                    lrs[-1]),
+                        # the dev loss's optimum: the one to read where every score is 0
+                        # (a tagger that predicts no entity at all)
+                        "best_dev_loss_lr_log2": float(by_loss["lr_log2"]) if by_loss else None,
+                        "best_dev_loss": float(by_loss["dev_loss"]) if by_loss else None,
                         "n_runs": len(rs)})
     claims: dict = {}
     for task in sorted({s["task"] for s in summary}):
