@@ -1,0 +1,277 @@
+"""Multi-task fine-tuning: one encoder trunk, a head per task, a dataset per task.
+
+- ``parse_task_spec`` reads ``--task NAME=KIND:PATH`` (``KIND`` ``classify`` or ``tag``,
+  ``PATH`` a split directory), ``parse_task_weights`` ``--task-weight NAME=W`` and
+  ``parse_sampling`` ``--task-sampling proportional|temperature:T``;
+- ``sampling_probabilities``: the share of a step's rows each task gets, proportional to its
+  training-set size ``n_i`` or to ``n_i^(1/T)`` (temperature ``T``: 1 is proportional, large
+  T uniform); a task of weight 0 gets none;
+- ``MultiTaskBatches``: every step, the ``batch_size`` rows are allocated to the tasks by a
+  multinomial draw with those probabilities; each task's batch (from its own iterator) keeps
+  that many rows valid (``valid``), the rest are not scored;
+- ``MultiTask``: the loss ``sum_i w_i L_i`` of the tasks' own losses (``SequenceClassification``
+  / ``TokenClassification`` on ``MultiTaskEncoder.view``), each head a readout of its task
+  only, the trunk's gradient scaled by the add rule ``nn.trunk_grad_scale(weights)`` so it
+  keeps the single-task scale whatever the number of tasks. With every other weight 0 a task
+  trains exactly as it does alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unitscale_jax import nn
+from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.tasks import SequenceClassification, Task, TokenClassification
+
+KINDS = ("classify", "tag")
+"""The kinds of task a ``--task NAME=KIND:PATH`` spec names."""
+
+SPEC_FORM = "NAME=KIND:PATH (KIND classify or tag, e.g. --task sst2=classify:data/sst2)"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """One task of a multi-task run: its name, kind and split directory."""
+
+    name: str
+    kind: str
+    path: Path
+
+
+def is_multitask_spec(value: str) -> bool:
+    """Whether a ``--task`` value is the multi-task ``NAME=KIND:PATH`` form (it has ``=``)."""
+    return "=" in value
+
+
+def parse_task_spec(value: str) -> TaskSpec:
+    """``NAME=KIND:PATH`` -> ``TaskSpec``.
+
+    Raises:
+      UsageError: anything that does not parse (one line saying what and the form wanted).
+    """
+    name, eq, rest = value.partition("=")
+    kind, colon, path = rest.partition(":")
+    if not eq or not colon:
+        raise UsageError(f"--task {value!r} does not parse; write {SPEC_FORM}.")
+    if not name.isidentifier():
+        raise UsageError(f"--task {value!r}: the name {name!r} must be a word (letters, digits, "
+                         f"_); write {SPEC_FORM}.")
+    if kind not in KINDS:
+        raise UsageError(f"--task {value!r}: kind {kind!r} is not one of {', '.join(KINDS)}; "
+                         f"write {SPEC_FORM}.")
+    if not path:
+        raise UsageError(f"--task {value!r}: no PATH after {kind}:; write {SPEC_FORM}.")
+    return TaskSpec(name, kind, Path(path))
+
+
+def parse_task_specs(values: Sequence[str]) -> list[TaskSpec]:
+    """Every ``--task NAME=KIND:PATH`` of a run (at least one; distinct names)."""
+    specs = [parse_task_spec(v) for v in values]
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UsageError(f"--task: the name(s) {', '.join(dup)} appear more than once; give "
+                         "each task its own name.")
+    if not specs:
+        raise UsageError(f"no --task given; write {SPEC_FORM}.")
+    return specs
+
+
+def parse_task_weights(values: Sequence[str], names: Sequence[str]) -> dict[str, float]:
+    """``--task-weight NAME=W`` values -> ``{name: weight}`` (1 for every task not given).
+
+    Raises:
+      UsageError: a value that does not parse, an unknown name, a negative or non-finite
+        weight, or every weight 0.
+    """
+    weights = {n: 1.0 for n in names}
+    for v in values:
+        name, eq, w = v.partition("=")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = None
+        if not eq or weight is None:
+            raise UsageError(f"--task-weight {v!r} does not parse; write NAME=WEIGHT, e.g. "
+                             f"--task-weight {names[0]}=0.5.")
+        if name not in weights:
+            raise UsageError(f"--task-weight {v!r}: no task {name!r} (the tasks are "
+                             f"{', '.join(names)}).")
+        if not math.isfinite(weight) or weight < 0:
+            raise UsageError(f"--task-weight {v!r}: the weight must be a finite number >= 0.")
+        weights[name] = weight
+    if not any(w > 0 for w in weights.values()):
+        raise UsageError("--task-weight: every task has weight 0; give one a positive weight.")
+    return weights
+
+
+def parse_sampling(value: str) -> float:
+    """``proportional`` -> temperature 1.0; ``temperature:T`` -> ``T`` (> 0).
+
+    Raises:
+      UsageError: anything else.
+    """
+    if value == "proportional":
+        return 1.0
+    kind, _, t = value.partition(":")
+    try:
+        temperature = float(t) if kind == "temperature" else None
+    except ValueError:
+        temperature = None
+    if temperature is None or not math.isfinite(temperature) or temperature <= 0:
+        raise UsageError(f"--task-sampling {value!r} does not parse; write proportional or "
+                         "temperature:T with T > 0 (e.g. temperature:2).")
+    return temperature
+
+
+def sampling_probabilities(sizes: Mapping[str, int], temperature: float = 1.0,
+                           weights: Optional[Mapping[str, float]] = None) -> dict[str, float]:
+    """The share of each step's rows a task gets: ``p_i`` proportional to ``n_i^(1/T)`` over
+    the tasks of positive weight (0 for the others).
+
+    Args:
+      sizes: ``{name: training examples}``.
+      temperature: ``T > 0`` (1: proportional to size; large: uniform).
+      weights: ``{name: loss weight}`` (default all 1).
+    """
+    if not temperature > 0:
+        raise ValueError(f"sampling_probabilities: temperature must be > 0, got {temperature}.")
+    mass = {n: (float(s) ** (1.0 / temperature)
+                if (weights is None or weights.get(n, 1.0) > 0) else 0.0)
+            for n, s in sizes.items()}
+    total = sum(mass.values())
+    if total <= 0:
+        raise ValueError(f"sampling_probabilities: no task to sample from ({dict(sizes)}, "
+                         f"weights {weights}).")
+    return {n: m / total for n, m in mass.items()}
+
+
+def allocate_rows(rng: np.random.Generator, batch_size: int,
+                  probabilities: Mapping[str, float]) -> dict[str, int]:
+    """The rows of one step per task: a multinomial draw of ``batch_size`` rows."""
+    names = list(probabilities)
+    counts = rng.multinomial(batch_size, [probabilities[n] for n in names])
+    return {n: int(c) for n, c in zip(names, counts)}
+
+
+def keep_rows(batch: dict, count: int) -> dict:
+    """``batch`` with only its first ``count`` rows valid (``valid`` False for the rest)."""
+    n = len(next(iter(batch.values())))
+    keep = np.arange(n) < count
+    valid = np.asarray(batch["valid"], bool) & keep if "valid" in batch else keep
+    return {**batch, "valid": valid}
+
+
+class MultiTaskBatches:
+    """Training batches of a multi-task run: each step a ``{name: batch}`` dict, one batch
+    from every task's own iterator with its ``allocate_rows`` share of the rows valid.
+
+    The allocation of step ``k`` is drawn from ``numpy.random.default_rng([seed, k])``, so
+    ``get_state`` / ``set_state`` (the step and every task iterator's state) resume it.
+    """
+
+    def __init__(self, iterators: Mapping[str, Iterator[dict]], probabilities: Mapping[str, float],
+                 batch_size: int, seed: int = 0):
+        self.iterators, self.probabilities = dict(iterators), dict(probabilities)
+        self.batch_size, self.seed, self.step = int(batch_size), int(seed), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, dict]:
+        counts = allocate_rows(np.random.default_rng([self.seed, self.step]), self.batch_size,
+                               self.probabilities)
+        self.step += 1
+        return {n: keep_rows(next(it), counts[n]) for n, it in self.iterators.items()}
+
+    def get_state(self) -> dict:
+        return {"step": self.step,
+                "tasks": {n: it.get_state() for n, it in self.iterators.items()}}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+        for n, it in self.iterators.items():
+            it.set_state(state["tasks"][n])
+
+
+def make_single_task(kind: str, n_out: int, pooling: str = "mean") -> Task:
+    """The single-task ``Task`` of one head (its loss, predictions and metrics)."""
+    if kind == "classify":
+        return SequenceClassification(n_out, pooling)
+    return TokenClassification(n_out)
+
+
+class MultiTask(Task):
+    """Several labelled tasks on one ``MultiTaskEncoder``.
+
+    A batch is ``{name: that task's batch}``; the loss is ``sum_i w_i L_i`` with ``L_i`` task
+    ``i``'s own loss (its ``Task.loss`` on ``model.view(name, s)``), ``s =
+    nn.trunk_grad_scale(weights)`` the add rule on the trunk's gradient. Tasks of weight 0
+    are not computed in training (their heads get no gradient). ``eval_sums`` carries
+    ``<name>_loss`` of every task present in the batch.
+
+    Args:
+      heads: ``{name: (kind, n_out)}`` (``MultiTaskEncoder``'s heads).
+      weights: ``{name: w >= 0}`` (default all 1).
+      pooling: the classification heads' pooling.
+      scale_trunk: apply the add rule to the trunk's gradient (False: the plain sum, for
+        comparison).
+    """
+
+    objective, model_class = "multitask", nn.MultiTaskEncoder
+
+    def __init__(self, heads: Mapping[str, tuple[str, int]],
+                 weights: Optional[Mapping[str, float]] = None, *, pooling: str = "mean",
+                 scale_trunk: bool = True):
+        self.heads, self.pooling = dict(heads), pooling
+        self.weights = {n: float((weights or {}).get(n, 1.0)) for n in self.heads}
+        self.tasks = {n: make_single_task(k, c, pooling) for n, (k, c) in self.heads.items()}
+        self.trunk_scale = nn.trunk_grad_scale(list(self.weights.values())) if scale_trunk else 1.0
+
+    def make_model(self, config, rngs):
+        return self.model_class(config, rngs=rngs, heads=self.heads, pooling=self.pooling)
+
+    def task_loss(self, model: Any, name: str, batch: dict, rng: Optional[jax.Array]
+                  ) -> tuple[jax.Array, jax.Array]:
+        """``(loss, count)`` of task ``name`` on its batch (gradient to the trunk scaled)."""
+        return self.tasks[name].loss(model.view(name, self.trunk_scale), batch, rng)
+
+    def loss(self, model, batch, rng):
+        total, count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+        for i, name in enumerate(self.heads):
+            w = self.weights[name]
+            if w == 0 or name not in batch:
+                continue
+            key = None if rng is None else jax.random.fold_in(rng, i)
+            loss, n = self.task_loss(model, name, batch[name], key)
+            total, count = total + w * loss.astype(jnp.float32), count + n.astype(jnp.int32)
+        return total, count
+
+    def eval_sums(self, model, batch):
+        sums = {}
+        for name in self.heads:
+            if name in batch:
+                loss, n = self.task_loss(model, name, batch[name], None)
+                sums[f"{name}_loss"] = (loss * n, n)
+        return sums
+
+    def predict(self, model, batch: dict, name: str) -> jax.Array:
+        """Task ``name``'s predictions (eval mode): class ids ``[batch]`` or tag ids
+        ``[batch, seq]``."""
+        return self.tasks[name].predict(model.view(name), batch)
+
+    def metrics(self, means, bytes_per_token):
+        return dict(means)
+
+
+__all__ = ["KINDS", "TaskSpec", "is_multitask_spec", "parse_task_spec", "parse_task_specs",
+           "parse_task_weights", "parse_sampling", "sampling_probabilities", "allocate_rows",
+           "keep_rows", "MultiTaskBatches", "make_single_task", "MultiTask"]
