@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -26,10 +27,17 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from unitscale_jax import nn
+from unitscale_jax.train import finetune as ft
+from unitscale_jax.train import step as steplib
+from unitscale_jax.train.checkpoint import Checkpoints
 from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.metrics import read_metrics
+from unitscale_jax.train.scores import TASK_METRICS
 from unitscale_jax.train.tasks import SequenceClassification, Task, TokenClassification
+from unitscale_jax.train.trainer import Trainer
 
 KINDS = ("classify", "tag")
 """The kinds of task a ``--task NAME=KIND:PATH`` spec names."""
@@ -47,8 +55,39 @@ class TaskSpec:
 
 
 def is_multitask_spec(value: str) -> bool:
-    """Whether a ``--task`` value is the multi-task ``NAME=KIND:PATH`` form (it has ``=``)."""
-    return "=" in value
+    """Whether a ``--task`` value is meant as the multi-task ``NAME=KIND:PATH`` form (it has
+    ``=`` or ``:``; the single-task values ``classify`` / ``tag`` have neither)."""
+    return "=" in value or ":" in value
+
+
+def multitask_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with each ``--task NAME=KIND:PATH`` written as the config flag ``--tasks``
+    (``FinetuneConfig.tasks``); the single-task ``--task classify|tag`` is left as it is.
+
+    Raises:
+      UsageError: both forms given.
+    """
+    out: list[str] = []
+    single, multi = [], False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        value = (argv[i + 1] if a == "--task" and i + 1 < len(argv) else
+                 a[len("--task="):] if a.startswith("--task=") else None)
+        step = 2 if a == "--task" else 1
+        if value is not None and is_multitask_spec(value):
+            out += ["--tasks", value]
+            multi = True
+            i += step
+            continue
+        if value is not None:
+            single.append(value)
+        out.append(a)
+        i += 1
+    if multi and single:
+        raise UsageError(f"--task {single[0]} and --task NAME=KIND:PATH mix the single- and the "
+                         "multi-task forms; give every task as NAME=KIND:PATH.")
+    return out
 
 
 def parse_task_spec(value: str) -> TaskSpec:
@@ -272,6 +311,220 @@ class MultiTask(Task):
         return dict(means)
 
 
+
+
+# --------------------------------------------------------------------------- the run
+
+SCORE = "score"
+"""The validation score of a multi-task run (the mean of the tasks' own metrics, accuracy or
+entity F1): what picks its best checkpoint."""
+
+
+def check_multitask_config(cfg: Any) -> tuple[list[TaskSpec], dict[str, float], float]:
+    """The tasks, their loss weights and the sampling temperature of a multi-task config.
+
+    Raises:
+      UsageError: a spec, weight or sampling that does not parse, or options that name one
+        task's files (``--data``, ``--train``, ``--dev``, ``--test``) or ``--distill-from``.
+    """
+    f = cfg.finetune
+    specs = parse_task_specs(f.tasks or [])
+    given = [flag for flag, v in (("--data", cfg.data.data), ("--train", f.train),
+                                  ("--dev", f.dev), ("--test", f.test)) if v is not None]
+    if given:
+        raise UsageError(f"{' / '.join(given)}: with --task NAME=KIND:PATH each task's PATH is "
+                         "its split directory (train.* / dev.* / test.*); drop "
+                         f"{' / '.join(given)}.")
+    if cfg.training.distill_from:
+        raise UsageError("--distill-from is not supported with several --task NAME=KIND:PATH; "
+                         "distil a single-task run.")
+    weights = parse_task_weights(f.task_weight or [], [s.name for s in specs])
+    return specs, weights, parse_sampling(f.task_sampling)
+
+
+def task_config(cfg: Any, spec: TaskSpec) -> Any:
+    """The single-task config of one task of a multi-task run (its kind, its directory)."""
+    return cfg.replace(finetune={"task": spec.kind, "tasks": None, "task_weight": None},
+                       data={"data": str(spec.path)})
+
+
+class MultiTaskData:
+    """The labelled splits of every task (``finetune.LabelledData`` each) with the interface
+    of ``train.data.RunData``: ``train_iterator`` gives ``MultiTaskBatches``,
+    ``eval_batches`` ``{name: batches}``.
+
+    Raises:
+      UsageError: bad task options or data (one line, naming the task's files).
+    """
+
+    bytes_per_token = float("nan")
+
+    def __init__(self, cfg: Any, log=print):
+        self.specs, self.weights, self.temperature = check_multitask_config(cfg)
+        self.configs = {s.name: task_config(cfg, s) for s in self.specs}
+        self.tasks = {s.name: ft.LabelledData(self.configs[s.name],
+                                           lambda m, n=s.name: log(f"{n}: {m}"))
+                      for s in self.specs}
+        self.kinds = {s.name: s.kind for s in self.specs}
+        self.tokenizer = next(iter(self.tasks.values())).tokenizer
+        sizes = {n: len(d.splits["train"].encoded) for n, d in self.tasks.items()}
+        self.probabilities = sampling_probabilities(sizes, self.temperature, self.weights)
+        log("tasks: " + "; ".join(
+            f"{n} ({self.kinds[n]}, {sizes[n]} training examples, weight "
+            f"{self.weights[n]:g}, {self.probabilities[n]:.3f} of the rows)" for n in sizes))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size)
+
+    def heads(self) -> dict[str, tuple[str, int]]:
+        """``{name: (kind, labels)}`` of ``MultiTaskEncoder``."""
+        return {n: (self.kinds[n], len(d.vocab)) for n, d in self.tasks.items()}
+
+    def train_iterator(self, cfg: Any, *, shard_index: int = 0, shard_count: int = 1):
+        its = {n: d.train_iterator(self.configs[n], shard_index=shard_index,
+                                   shard_count=shard_count) for n, d in self.tasks.items()}
+        return MultiTaskBatches(its, self.probabilities, cfg.training.batch_size,
+                                seed=cfg.training.seed)
+
+    def eval_batches(self, cfg: Any, n: int = 0, split: str = "dev") -> dict[str, list[dict]]:
+        return {name: d.eval_batches(self.configs[name], split=split)
+                for name, d in self.tasks.items() if split in d.splits}
+
+
+def _task_predict_fn(graphdef, task: MultiTask, name: str):
+    def predict(params, batch):
+        model = nnx.merge(graphdef, params)
+        model.eval()
+        return (task.tasks[name].eval_sums(model.view(name), batch),
+                task.predict(model, batch, name))
+
+    return predict
+
+
+class MultiTaskFineTuner(ft.FineTuner):
+    """Fine-tunes one ``MultiTaskEncoder`` on every ``--task NAME=KIND:PATH`` (a
+    ``FineTuner`` whose data is ``MultiTaskData`` and task ``MultiTask``). Each
+    evaluation scores every task's dev split: the validation row carries
+    ``<name>_loss`` and ``<name>_<score>`` per task, ``loss`` (the weighted sum) and
+    ``score`` (the mean of the tasks' metrics, which ranks the checkpoints). The final
+    reports are ``dev_report_<name>.json`` (and ``test_report_<name>.json``) per task.
+    """
+
+    def __init__(self, config, *, quiet=False, devices=None):
+        super().__init__(config, quiet=quiet, devices=devices)
+        self.metric = SCORE
+        self._predicts = {
+            n: jax.jit(_task_predict_fn(self.graphdef, self.task, n),
+                       in_shardings=(self.shardings["params"], self.par.batch),
+                       out_shardings=self.par.replicated) for n in self.task.heads}
+
+    def _load_data(self):
+        data = MultiTaskData(self.cfg, self.log)
+        if self.cfg.training.init_from:
+            self.pretrained = ft.check_pretrained(self.cfg, self.cfg.training.init_from)
+        return data
+
+    def _make_task(self):
+        f = self.cfg.finetune
+        return MultiTask(self.data.heads(), self.data.weights, pooling=f.pooling)
+
+    def _make_checkpoints(self):
+        t = self.cfg.training
+        return Checkpoints(self.run_dir / "checkpoints", keep=t.keep_checkpoints,
+                           async_save=t.async_checkpointing, log=self.log,
+                           best_metric=SCORE)
+
+    def build_state(self) -> int:
+        start = Trainer.build_state(self)
+        if self.primary:
+            for n, d in self.data.tasks.items():
+                (self.run_dir / f"labels_{n}.json").write_text(d.vocab.to_json() + "\n")
+        for row in read_metrics(self.metrics_path):
+            if row["split"] == "validation" and self.metric in row:
+                self._track(row)
+        return start
+
+    def step(self, batch):
+        with self.par.context():
+            self.state, metrics = self._train_step(
+                self.state, {n: steplib.put_batch(b, self.par) for n, b in batch.items()})
+        return metrics
+
+    def _task_scores(self, name: str, split: str, params, batches):
+        d, cfg = self.data.tasks[name], self.data.configs[name]
+        s = d.splits[split]
+        with self.par.context():
+            pred, loss = ft.run_predictions(self._predicts[name], params, batches,
+                                            len(s.encoded),
+                                            put=lambda b: steplib.put_batch(b, self.par))
+        scores, _ = ft.score(cfg, s.examples, s.encoded, pred, d.vocab)
+        return scores, loss
+
+    def evaluate(self, step: int) -> dict:
+        """Scores every task's dev split; writes and returns the validation row."""
+        values, total, metrics = {}, 0.0, []
+        for n, kind in self.data.kinds.items():
+            scores, loss = self._task_scores(n, "dev", self.state["params"],
+                                             self.eval_batches[n])
+            values[f"{n}_loss"] = loss
+            values.update({f"{n}_{k}": v for k, v in ft.row_values(kind, scores).items()})
+            total += self.data.weights[n] * loss
+            metrics.append(scores[TASK_METRICS[kind]])
+        row = self.writer.write(step, "validation", {"loss": total, **values,
+                                                     SCORE: float(np.mean(metrics))})
+        self.history.append(row)
+        self.last["validation"] = row
+        self._track(row)
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                          if k not in ("step", "split"))
+        self.log(f"step {step}: dev {parts}")
+        return row
+
+    def _final_reports(self, summary: dict) -> dict:
+        params, best = self._best_params()
+        out: dict[str, Any] = {"best_step": best, "best_dev": {}, "test": {}}
+        for n, kind in self.data.kinds.items():
+            d = self.data.tasks[n]
+            for name in ("dev", "test"):
+                if name not in d.splits or not self.primary:
+                    continue
+                batches = (self.eval_batches[n] if name == "dev" else
+                           d.eval_batches(self.data.configs[n], split=name))
+                scores, loss = self._task_scores(n, name, params, batches)
+                path = self.run_dir / f"{name}_report_{n}.json"
+                png = self.run_dir / f"{'' if name == 'dev' else 'test_'}confusion_{n}.png"
+                ft.write_report(self.data.configs[n], scores, path,
+                                extra={"task_name": n, "split": name,
+                                       "data": str(d.splits[name].path), "step": best,
+                                       "loss": loss},
+                                confusion=png if self.cfg.training.plot else None,
+                                title=f"{n} {name} (step {best})")
+                out[f"{name}_report_{n}"] = str(path)
+                key = "best_dev" if name == "dev" else "test"
+                out[key].update({f"{n}_{k}": v for k, v in
+                                 ft.row_values(kind, scores).items()})
+        tps = summary.get("tokens_per_s")
+        out["examples_per_s"] = tps / self.cfg.data.seq_len if tps else None
+        out["stop_reason"] = self.stop_reason
+        summary.update(out)
+        if self.primary:
+            path = self.run_dir / "summary.json"
+            saved = json.loads(path.read_text())
+            path.write_text(json.dumps({**saved, **out}, indent=2) + "\n")
+        return summary
+
+
+
+def multitask_finetune(config: Any, *, quiet: bool = False,
+                       devices: Optional[Sequence[Any]] = None) -> dict[str, Any]:
+    """Fine-tunes (or resumes) the multi-task run of ``config``; returns ``FineTuner.run``'s
+    summary with per-task ``best_dev`` / ``test`` scores (``<name>_<score>``)."""
+    return MultiTaskFineTuner(config, quiet=quiet, devices=devices).run()
+
+
 __all__ = ["KINDS", "TaskSpec", "is_multitask_spec", "parse_task_spec", "parse_task_specs",
            "parse_task_weights", "parse_sampling", "sampling_probabilities", "allocate_rows",
-           "keep_rows", "MultiTaskBatches", "make_single_task", "MultiTask"]
+           "keep_rows", "MultiTaskBatches", "make_single_task", "MultiTask", "multitask_argv",
+           "check_multitask_config", "task_config", "MultiTaskData", "SCORE",
+           "MultiTaskFineTuner", "multitask_finetune"]
