@@ -211,3 +211,25 @@ def test_bad_task_spec(spec, needle):
 def test_bad_weights_and_sampling(call, needle):
     with pytest.raises(UsageError, match=needle):
         call()
+
+
+def test_mlm_auxiliary_head_is_the_vocabulary_readout():
+    task = mt.MultiTask({"a": ("classify", 2), "aux": ("mlm", V)}, {"a": 1.0, "aux": 0.5})
+    model = task.make_model(CFG, nnx.Rngs(0))
+    tops = {p[0] for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert "readout" in tops and "head_aux" not in tops and "head_a" in tops
+    r = np.random.default_rng(0)
+    ids = r.integers(0, V, (4, 32)).astype(np.int32)
+    where = r.random((4, 32)) < 0.15
+    mlm = {"ids": ids, "labels": ids, "where": where, "valid": np.ones((4, 32), bool)}
+    batch = {"a": _batch(0, "classify", 2, rows=4), "aux": mlm}
+    loss, count = task.loss(model, batch, None)
+    la, na = task.task_loss(model, "a", batch["a"], None)
+    lm = model.mlm_loss(ids, ids, where, mask=mlm["valid"])
+    assert float(loss) == pytest.approx(float(la) + 0.5 * float(lm), rel=1e-5)
+    assert int(count) == int(na) + int(where.sum())
+    kept = mt.keep_rows(mlm, 1)  # MLM rows drop out of the scored positions, not the mask
+    assert kept["valid"].all() and kept["where"][1:].sum() == 0
+    np.testing.assert_array_equal(kept["where"][0], where[0])
+    with pytest.raises(ValueError, match="one mlm head at most"):
+        unn.MultiTaskEncoder(CFG, rngs=nnx.Rngs(0), heads={"x": ("mlm", V), "y": ("mlm", V)})

@@ -70,6 +70,7 @@ def test_weight_zero_equals_the_single_task_run(tmp_path, dirs):
     (["--task", "a=tag:x", "--task-weight", "a=-1"], [">= 0"]),
     (["--task", "a=tag:x", "--task-sampling", "temperature:x"], ["--task-sampling"]),
     (["--task", "a=tag:x", "--data", "y"], ["--data", "drop --data"]),
+    (["--task", "a=mlm:x"], ["auxiliary task; add a labelled one"]),
 ])
 def test_bad_multitask_flags(tmp_path, capsys, args, needles):
     fails(capsys, ["finetune", *TINY, "--run-dir", str(tmp_path / "run"), *args], *needles)
@@ -80,3 +81,18 @@ def test_missing_task_directory(tmp_path, dirs, capsys):
     cls, _ = dirs
     fails(capsys, ["finetune", *TINY, "--run-dir", str(tmp_path / "run"), "--task",
                    f"a=classify:{cls}", "--task", f"b=tag:{tmp_path / 'nope'}"], "nope")
+
+
+def test_mlm_auxiliary_task(tmp_path, dirs):
+    cls, _ = dirs
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the film was good and the plot was {w} number {i}\n"
+                              for i in range(300) for w in ("fine", "dull")))
+    run = _run(tmp_path, "aux", "--task", f"sst=classify:{cls}", "--task", f"aux=mlm:{corpus}",
+               "--task-weight", "aux=0.3")
+    dev = [r for r in read_rows(run) if r["split"] == "validation"]
+    assert all({"sst_accuracy", "aux_loss", "score"} <= set(r) for r in dev)
+    assert dev[-1]["aux_loss"] < dev[0]["aux_loss"]  # the MLM head and trunk learn
+    for r in dev:
+        assert r["loss"] == pytest.approx(r["sst_loss"] + 0.3 * r["aux_loss"], rel=1e-5)
+    assert "aux_loss" in json.loads((run / "summary.json").read_text())["best_dev"]

@@ -27,9 +27,10 @@ from unitscale_jax import ops
 from unitscale_jax.nn.encoder import TransformerEncoder
 from unitscale_jax.nn.layers import make_readout
 
-HEAD_KINDS = {"classify": "cls_head", "tag": "token_head"}
+HEAD_KINDS = {"classify": "cls_head", "tag": "token_head", "mlm": "readout"}
 """A head's kind -> the ``TransformerEncoder`` head attribute (and readout role) it stands
-for."""
+for; an ``mlm`` task (masked-LM as an auxiliary task) uses the encoder's own vocabulary
+``readout``."""
 
 
 def trunk_grad_scale(weights: Sequence[float]) -> float:
@@ -54,17 +55,23 @@ class MultiTaskEncoder(TransformerEncoder):
       config: ``TransformerConfig`` (keyword arguments override its fields, or build it).
       rngs: ``nnx.Rngs``.
       heads: ``{name: (kind, n_out)}`` with kind ``classify`` or ``tag`` and ``n_out >= 2``
-        classes / tags; a name is a Python identifier.
-      mlm_head: build the vocabulary readout too (MLM as an auxiliary task).
+        classes / tags, or at most one ``mlm`` (its ``n_out`` is ignored: the encoder's
+        vocabulary ``readout``); a name is a Python identifier.
+      mlm_head: build the vocabulary readout (always, with an ``mlm`` task).
       pooling: sentence representation of the classification heads (``cls`` / ``mean``).
     """
 
     def __init__(self, config: Any = None, *, rngs: nnx.Rngs,
                  heads: Mapping[str, tuple[str, int]], mlm_head: bool = False,
                  pooling: str = "mean", **overrides: Any):
-        super().__init__(config, rngs=rngs, mlm_head=mlm_head, pooling=pooling, **overrides)
+        mlm = [name for name, (kind, _) in heads.items() if kind == "mlm"]
+        super().__init__(config, rngs=rngs, mlm_head=mlm_head or bool(mlm), pooling=pooling,
+                         **overrides)
         if not heads:
             raise ValueError("MultiTaskEncoder: heads is empty; give at least one task head.")
+        if len(mlm) > 1:
+            raise ValueError(f"MultiTaskEncoder: one mlm head at most (the vocabulary readout); "
+                             f"got {mlm}.")
         kinds = []
         for name, (kind, n) in heads.items():
             if not (isinstance(name, str) and name.isidentifier()):
@@ -72,6 +79,9 @@ class MultiTaskEncoder(TransformerEncoder):
             if kind not in HEAD_KINDS:
                 raise ValueError(f"MultiTaskEncoder: head {name!r} has kind {kind!r}; choose "
                                  f"one of {', '.join(HEAD_KINDS)}.")
+            if kind == "mlm":
+                kinds.append((name, kind))
+                continue
             if not isinstance(n, int) or n < 2:
                 raise ValueError(f"MultiTaskEncoder: head {name!r} needs an int >= 2 outputs, "
                                  f"got {n!r}.")
@@ -87,19 +97,27 @@ class MultiTaskEncoder(TransformerEncoder):
         if name not in kinds:
             raise ValueError(f"MultiTaskEncoder has no head {name!r} (have "
                              f"{', '.join(kinds)}).")
-        return HeadView(self, getattr(self, f"head_{name}"), kinds[name], trunk_grad_scale)
+        head = self.readout if kinds[name] == "mlm" else getattr(self, f"head_{name}")
+        return HeadView(self, head, kinds[name], trunk_grad_scale)
 
 
 class HeadView:
     """A ``MultiTaskEncoder`` with one task's head in the place of ``cls_head`` /
-    ``token_head`` (the other is None), and the gradient leaving its trunk output multiplied
-    by ``trunk_grad_scale``. ``TransformerEncoder``'s methods run on it as on a single-task
-    encoder; every other attribute is the model's."""
+    ``token_head`` (the other is None; an ``mlm`` task's is the model's ``readout``), and
+    the gradient leaving its trunk output multiplied by ``trunk_grad_scale``.
+    ``TransformerEncoder``'s methods run on it as on a single-task encoder; every other
+    attribute is the model's."""
 
     def __init__(self, model: MultiTaskEncoder, head: Any, kind: str, trunk_grad_scale: float):
         self._model, self._scale = model, float(trunk_grad_scale)
         self.cls_head = head if kind == "classify" else None
         self.token_head = head if kind == "tag" else None
+        self.readout = head if kind == "mlm" else model.readout
+
+    def __call__(self, ids: jax.Array, *, mask: Optional[jax.Array] = None,
+                 rng: Optional[jax.Array] = None) -> jax.Array:
+        """MLM logits ``[batch, seq, vocab]`` (``TransformerEncoder.__call__`` on this view)."""
+        return TransformerEncoder.__call__(self, ids, mask=mask, rng=rng)
 
     def encode(self, ids: jax.Array, *, mask: Optional[jax.Array] = None,
                rng: Optional[jax.Array] = None) -> jax.Array:

@@ -36,13 +36,20 @@ from unitscale_jax.train.checkpoint import Checkpoints
 from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train.metrics import read_metrics
 from unitscale_jax.train.scores import TASK_METRICS
-from unitscale_jax.train.tasks import SequenceClassification, Task, TokenClassification
+from unitscale_jax.train.tasks import (
+    MaskedLanguageModelling,
+    SequenceClassification,
+    Task,
+    TokenClassification,
+)
 from unitscale_jax.train.trainer import Trainer
 
-KINDS = ("classify", "tag")
-"""The kinds of task a ``--task NAME=KIND:PATH`` spec names."""
+KINDS = ("classify", "tag", "mlm")
+"""The kinds of task a ``--task NAME=KIND:PATH`` spec names (``mlm``: masked-LM on a text
+corpus, an auxiliary task)."""
 
-SPEC_FORM = "NAME=KIND:PATH (KIND classify or tag, e.g. --task sst2=classify:data/sst2)"
+SPEC_FORM = ("NAME=KIND:PATH (KIND classify, tag or mlm, e.g. --task sst2=classify:data/sst2 "
+             "or --task aux=mlm:corpus.txt)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,9 +209,13 @@ def allocate_rows(rng: np.random.Generator, batch_size: int,
 
 
 def keep_rows(batch: dict, count: int) -> dict:
-    """``batch`` with only its first ``count`` rows valid (``valid`` False for the rest)."""
+    """``batch`` with only its first ``count`` rows valid (``valid`` False for the rest); an
+    MLM batch (``valid`` per token: the attention mask) keeps its ``valid`` and scores no
+    position of the other rows (``where``)."""
     n = len(next(iter(batch.values())))
     keep = np.arange(n) < count
+    if "valid" in batch and np.ndim(batch["valid"]) == 2:
+        return {**batch, "where": np.asarray(batch["where"], bool) & keep[:, None]}
     valid = np.asarray(batch["valid"], bool) & keep if "valid" in batch else keep
     return {**batch, "valid": valid}
 
@@ -245,6 +256,8 @@ def make_single_task(kind: str, n_out: int, pooling: str = "mean") -> Task:
     """The single-task ``Task`` of one head (its loss, predictions and metrics)."""
     if kind == "classify":
         return SequenceClassification(n_out, pooling)
+    if kind == "mlm":
+        return MaskedLanguageModelling()
     return TokenClassification(n_out)
 
 
@@ -338,13 +351,18 @@ def check_multitask_config(cfg: Any) -> tuple[list[TaskSpec], dict[str, float], 
     if cfg.training.distill_from:
         raise UsageError("--distill-from is not supported with several --task NAME=KIND:PATH; "
                          "distil a single-task run.")
+    if all(s.kind == "mlm" for s in specs):
+        raise UsageError("--task NAME=mlm:PATH is an auxiliary task; add a labelled one "
+                         "(--task NAME=classify:DIR or NAME=tag:DIR), or pretrain with "
+                         "'unitscale-jax train --model encoder'.")
     weights = parse_task_weights(f.task_weight or [], [s.name for s in specs])
     return specs, weights, parse_sampling(f.task_sampling)
 
 
 def task_config(cfg: Any, spec: TaskSpec) -> Any:
     """The single-task config of one task of a multi-task run (its kind, its directory)."""
-    return cfg.replace(finetune={"task": spec.kind, "tasks": None, "task_weight": None},
+    kind = spec.kind if spec.kind != "mlm" else cfg.finetune.task
+    return cfg.replace(finetune={"task": kind, "tasks": None, "task_weight": None},
                        data={"data": str(spec.path)})
 
 
@@ -362,12 +380,20 @@ class MultiTaskData:
     def __init__(self, cfg: Any, log=print):
         self.specs, self.weights, self.temperature = check_multitask_config(cfg)
         self.configs = {s.name: task_config(cfg, s) for s in self.specs}
-        self.tasks = {s.name: ft.LabelledData(self.configs[s.name],
-                                           lambda m, n=s.name: log(f"{n}: {m}"))
-                      for s in self.specs}
         self.kinds = {s.name: s.kind for s in self.specs}
+        if sum(k == "mlm" for k in self.kinds.values()) > 1:
+            raise UsageError("--task NAME=mlm:PATH: one MLM task at most (it trains the "
+                             "encoder's vocabulary readout).")
+        self.tasks, sizes = {}, {}
+        for s in self.specs:
+            c, task_log = self.configs[s.name], (lambda m, n=s.name: log(f"{n}: {m}"))
+            if s.kind == "mlm":
+                self.tasks[s.name] = CorpusTask(c, task_log)
+                sizes[s.name] = self.tasks[s.name].rows
+            else:
+                self.tasks[s.name] = ft.LabelledData(c, task_log)
+                sizes[s.name] = len(self.tasks[s.name].splits["train"].encoded)
         self.tokenizer = next(iter(self.tasks.values())).tokenizer
-        sizes = {n: len(d.splits["train"].encoded) for n, d in self.tasks.items()}
         self.probabilities = sampling_probabilities(sizes, self.temperature, self.weights)
         log("tasks: " + "; ".join(
             f"{n} ({self.kinds[n]}, {sizes[n]} training examples, weight "
@@ -378,8 +404,9 @@ class MultiTaskData:
         return int(self.tokenizer.vocab_size)
 
     def heads(self) -> dict[str, tuple[str, int]]:
-        """``{name: (kind, labels)}`` of ``MultiTaskEncoder``."""
-        return {n: (self.kinds[n], len(d.vocab)) for n, d in self.tasks.items()}
+        """``{name: (kind, labels)}`` of ``MultiTaskEncoder`` (the vocabulary for MLM)."""
+        return {n: (self.kinds[n], self.vocab_size if self.kinds[n] == "mlm" else len(d.vocab))
+                for n, d in self.tasks.items()}
 
     def train_iterator(self, cfg: Any, *, shard_index: int = 0, shard_count: int = 1):
         its = {n: d.train_iterator(self.configs[n], shard_index=shard_index,
@@ -389,7 +416,39 @@ class MultiTaskData:
 
     def eval_batches(self, cfg: Any, n: int = 0, split: str = "dev") -> dict[str, list[dict]]:
         return {name: d.eval_batches(self.configs[name], split=split)
-                for name, d in self.tasks.items() if split in d.splits}
+                for name, d in self.tasks.items()
+                if split in d.splits or (self.kinds[name] == "mlm" and split == "dev")}
+
+
+class CorpusTask:
+    """The text corpus of an MLM task (``train.data.load_data`` of its PATH, the run's
+    tokenizer and ``--seq-len``): ``rows`` (training rows, for the sampling), the training
+    iterator and the dev batches (``--eval-batches`` of its validation split)."""
+
+    splits: dict = {}
+
+    def __init__(self, cfg: Any, log=print):
+        from unitscale_jax.data import corpus_stats
+        from unitscale_jax.train.data import load_data
+        self.data = load_data(cfg.replace(model={"kind": "encoder"}), log)
+        self.tokenizer = self.data.tokenizer
+        tokens = corpus_stats(self.data.source, self.tokenizer, ["train"])["train"].tokens
+        self.rows = max(1, tokens // cfg.data.seq_len)
+
+    def train_iterator(self, cfg: Any, *, shard_index: int = 0, shard_count: int = 1):
+        return self.data.train_iterator(cfg, shard_index=shard_index, shard_count=shard_count)
+
+    def eval_batches(self, cfg: Any, split: str = "dev") -> list[dict]:
+        return self.data.eval_batches(cfg, cfg.training.eval_batches) if split == "dev" else []
+
+
+def _task_eval_fn(graphdef, task: MultiTask, name: str):
+    def eval_sums(params, batch):
+        model = nnx.merge(graphdef, params)
+        model.eval()
+        return task.tasks[name].eval_sums(model.view(name), batch)
+
+    return eval_sums
 
 
 def _task_predict_fn(graphdef, task: MultiTask, name: str):
@@ -417,7 +476,10 @@ class MultiTaskFineTuner(ft.FineTuner):
         self._predicts = {
             n: jax.jit(_task_predict_fn(self.graphdef, self.task, n),
                        in_shardings=(self.shardings["params"], self.par.batch),
-                       out_shardings=self.par.replicated) for n in self.task.heads}
+                       out_shardings=self.par.replicated)
+            for n, (kind, _) in self.task.heads.items() if kind != "mlm"}
+        self._evals = {n: jax.jit(_task_eval_fn(self.graphdef, self.task, n))
+                       for n, (kind, _) in self.task.heads.items() if kind == "mlm"}
 
     def _load_data(self):
         data = MultiTaskData(self.cfg, self.log)
@@ -439,6 +501,8 @@ class MultiTaskFineTuner(ft.FineTuner):
         start = Trainer.build_state(self)
         if self.primary:
             for n, d in self.data.tasks.items():
+                if self.data.kinds[n] == "mlm":
+                    continue
                 (self.run_dir / f"labels_{n}.json").write_text(d.vocab.to_json() + "\n")
         for row in read_metrics(self.metrics_path):
             if row["split"] == "validation" and self.metric in row:
@@ -461,10 +525,23 @@ class MultiTaskFineTuner(ft.FineTuner):
         scores, _ = ft.score(cfg, s.examples, s.encoded, pred, d.vocab)
         return scores, loss
 
+    def _mlm_loss(self, name: str, params) -> float:
+        total, count = 0.0, 0
+        with self.par.context():
+            for b in self.eval_batches[name]:
+                s, c = self._evals[name](params, steplib.put_batch(b, self.par))["loss"]
+                total, count = total + float(s), count + int(c)
+        return total / max(count, 1)
+
     def evaluate(self, step: int) -> dict:
-        """Scores every task's dev split; writes and returns the validation row."""
+        """Scores every task's dev split (an MLM task: its loss); writes and returns the
+        validation row."""
         values, total, metrics = {}, 0.0, []
         for n, kind in self.data.kinds.items():
+            if kind == "mlm":
+                values[f"{n}_loss"] = loss = self._mlm_loss(n, self.state["params"])
+                total += self.data.weights[n] * loss
+                continue
             scores, loss = self._task_scores(n, "dev", self.state["params"],
                                              self.eval_batches[n])
             values[f"{n}_loss"] = loss
@@ -486,6 +563,9 @@ class MultiTaskFineTuner(ft.FineTuner):
         out: dict[str, Any] = {"best_step": best, "best_dev": {}, "test": {}}
         for n, kind in self.data.kinds.items():
             d = self.data.tasks[n]
+            if kind == "mlm":
+                out["best_dev"][f"{n}_loss"] = self._mlm_loss(n, params)
+                continue
             for name in ("dev", "test"):
                 if name not in d.splits or not self.primary:
                     continue
@@ -526,5 +606,5 @@ def multitask_finetune(config: Any, *, quiet: bool = False,
 __all__ = ["KINDS", "TaskSpec", "is_multitask_spec", "parse_task_spec", "parse_task_specs",
            "parse_task_weights", "parse_sampling", "sampling_probabilities", "allocate_rows",
            "keep_rows", "MultiTaskBatches", "make_single_task", "MultiTask", "multitask_argv",
-           "check_multitask_config", "task_config", "MultiTaskData", "SCORE",
+           "check_multitask_config", "task_config", "MultiTaskData", "CorpusTask", "SCORE",
            "MultiTaskFineTuner", "multitask_finetune"]
