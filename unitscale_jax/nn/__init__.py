@@ -40,6 +40,7 @@ from unitscale_jax.nn.hooks import set_precision
 from unitscale_jax.nn.layers import Embedding, LayerNorm, Linear, LinearReadout, RMSNorm
 from unitscale_jax.nn.lora import LORA_TARGETS, LoRAAdapter, LoRASpec, merge_lora
 from unitscale_jax.nn.mlp import MLP
+from unitscale_jax.nn.multitask import MultiTaskEncoder, trunk_grad_scale
 from unitscale_jax.nn.parametrization import (
     PARAMETRIZATIONS,
     SP,
@@ -69,4 +70,5 @@ __all__ = [
     "MultiHeadAttention", "rope", "TransformerLayer", "TransformerStack", "branch_taus",
     "TransformerDecoder", "TransformerEncoder", "TransformerEncoderDecoder",
     "lora", "LORA_TARGETS", "LoRAAdapter", "LoRASpec", "merge_lora",
+    "MultiTaskEncoder", "trunk_grad_scale",
 ]

@@ -232,6 +232,13 @@ class FinetuneConfig:
     freeze_trunk: bool = _f(False, "train the task head only (a linear probe)")
     patience: Optional[int] = _f(None, "stop after this many evaluations without a better "
                                  "dev score (default: never)")
+    tasks: Optional[list] = _f(None, "multi-task: a task NAME=KIND:PATH (KIND classify or tag, "
+                               "PATH a split directory); written --task NAME=KIND:PATH, "
+                               "repeated (unitscale_jax.train.multitask)")
+    task_weight: Optional[list] = _f(None, "multi-task: NAME=W, the loss weight of a task "
+                                     "(repeat; default 1 each)")
+    task_sampling: str = _f("proportional", "multi-task: each step's rows per task, "
+                            "proportional to the training sizes n, or temperature:T (n^(1/T))")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,

@@ -587,8 +587,13 @@ class FineTuner(Trainer):
 
 def finetune(config: Config | dict, *, quiet: bool = False,
              devices: Optional[Sequence[Any]] = None) -> dict[str, Any]:
-    """Fine-tunes (or resumes) the run of ``config`` (``FineTuner(config).run()``)."""
-    return FineTuner(config, quiet=quiet, devices=devices).run()
+    """Fine-tunes (or resumes) the run of ``config`` (``FineTuner(config).run()``; with
+    several ``--task NAME=KIND:PATH``, ``multitask.multitask_finetune``)."""
+    given = Config.from_dict(config) if isinstance(config, dict) else config
+    if given.finetune is not None and given.finetune.tasks:
+        from unitscale_jax.train.multitask import multitask_finetune
+        return multitask_finetune(given, quiet=quiet, devices=devices)
+    return FineTuner(given, quiet=quiet, devices=devices).run()
 
 
 def format_finetune_summary(s: dict) -> str:
@@ -646,6 +651,9 @@ def load_finetuned(run_dir: str | os.PathLike, *, step: Optional[int] = None,
         raise UsageError(f"--run-dir {run_dir} is not a fine-tuning run (it is a 'train "
                          f"--model {given.model.kind}' run); pass a run of 'unitscale-jax "
                          "finetune'.")
+    if given.finetune.tasks:
+        raise UsageError(f"--run-dir {run_dir} is a multi-task run; evaluate / predict load "
+                         "single-task runs (its per-task scores are in dev_report_NAME.json).")
     cfg = resolve(given)
     try:
         vocab = datalib.LabelVocab.from_json((run_dir / LABELS_FILE).read_text())

@@ -213,6 +213,8 @@ def parse_finetune_args(argv: Sequence[str], prog: str = "unitscale-jax finetune
       UsageError: bad flags, or an ``--init-from`` that holds no run.
     """
     from unitscale_jax.train.interop import source_config
+    from unitscale_jax.train.multitask import multitask_argv
+    argv = multitask_argv(argv)
     base, _ = _base_config(argv, prog)
     pre = Parser(prog=prog, add_help=False)
     pre.add_argument("--init-from", default=None)
@@ -224,7 +226,11 @@ def parse_finetune_args(argv: Sequence[str], prog: str = "unitscale-jax finetune
         base = base.replace(model=pretrained.to_dict()["model"],
                             data={"tokenizer": pretrained.data.tokenizer})
     base = base.replace(model={"kind": "encoder"})
-    return _config_from(finetune_parser(base, prog).parse_all(argv), base)
+    cfg = _config_from(finetune_parser(base, prog).parse_all(argv), base)
+    if cfg.finetune.tasks:
+        from unitscale_jax.train.multitask import check_multitask_config
+        check_multitask_config(cfg)
+    return cfg
 
 
 def evaluate_parser(prog: str = "unitscale-jax evaluate") -> Parser:
