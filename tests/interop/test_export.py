@@ -138,7 +138,7 @@ def test_init_from_mismatch_lists_the_differences(trained, tfds_dir, tmp_path, c
 
 
 @pytest.mark.parametrize("case, needles", [
-    ("missing", ["none.safetensors: no such file"]),
+    ("missing", ["none.safetensors does not exist; pass a run directory"]),
     ("directory", ["no config.json there"]),
     ("garbage", ["is not a readable safetensors file"]),
 ])

@@ -88,7 +88,7 @@ def test_init_from_a_non_encoder_or_mismatched_run(tmp_path, capsys):
     fails(capsys, _finetune(tmp_path, "--data", str(data), "--init-from", str(decoder)),
            "is a decoder run", "needs a pretrained encoder run")
     fails(capsys, _finetune(tmp_path, "--data", str(data), "--init-from", str(tmp_path / "no")),
-           "--init-from", "no config.json there")
+           "--init-from", "does not exist; pass a run directory")
     tok = tmp_path / "tok.json"
     (tmp_path / "text.txt").write_text("the film was good and the plot was bad\n" * 20)
     train_tokenizer([str(tmp_path / "text.txt")], kind="wordpiece", vocab_size=60,

@@ -212,6 +212,19 @@ def read_params_file(path: str | Path, flag: str = "--init-from"
     return _open_params_file(path, flag, tensors=True)
 
 
+def _is_run_dir(source: str | Path, flag: str) -> bool:
+    """Whether an ``--init-from`` source is a run directory (else a file).
+
+    Raises:
+      MissingPathError: nothing is there.
+    """
+    if not Path(source).exists():
+        raise paths.MissingPathError(f"{flag} {source} does not exist; pass a run directory "
+                                     "(unitscale-jax train --run-dir ...) or a .safetensors "
+                                     "file (unitscale-jax export).")
+    return Path(source).is_dir()
+
+
 def source_config(source: str | Path, flag: str = "--init-from") -> Config:
     """The (unresolved) run config behind an ``--init-from`` source: a run directory's
     ``config.json``, or the one an exported file records in its header.
@@ -222,7 +235,7 @@ def source_config(source: str | Path, flag: str = "--init-from") -> Config:
         (not written by ``unitscale-jax export``).
     """
     from unitscale_jax.train.run_dir import read_run_config
-    if Path(source).is_dir():
+    if _is_run_dir(source, flag):
         return read_run_config(source, flag)
     _, meta = _open_params_file(source, flag, tensors=False)
     try:
@@ -249,7 +262,7 @@ def source_arrays(source: str | Path, flag: str = "--init-from",
     from unitscale_jax.train.config import resolve
     from unitscale_jax.train.run_dir import read_run_config
     from unitscale_jax.train.sample import restore_params
-    if Path(source).is_dir():
+    if _is_run_dir(source, flag):
         cfg = resolve(read_run_config(source, flag))
         tokenizer, _, params, step = restore_params(source, cfg, log=log, flag=flag)
         arrays = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(params).items()}
