@@ -476,3 +476,33 @@ def int_list(s: str) -> list[int]:
         a, b = s.split(":")
         return list(range(int(a), int(b) + 1))
     return [int(v) for v in s.split(",") if v.strip()]
+
+
+def apply_quick(args, argv: Optional[Sequence[str]], quick: dict) -> str:
+    """``"quick"`` (``--quick``: ``quick``'s values set on ``args``, except the options the
+    command line gives) or ``"full"``."""
+    if not args.quick:
+        return "full"
+    given = set(a.split("=")[0] for a in (argv or []))
+    for k, v in quick.items():
+        if "--" + k.replace("_", "-") not in given:
+            setattr(args, k, v)
+    return "quick"
+
+
+def parametrizations(s: str) -> list[str]:
+    """``"umup,sp"`` -> ``["umup", "sp"]``; anything else is a ``SystemExit``."""
+    pars = [p for p in s.split(",") if p]
+    if not pars or any(p not in ("umup", "sp") for p in pars):
+        raise SystemExit(f"--parametrizations takes umup and/or sp, got {s!r}")
+    return pars
+
+
+def save_figure(fig, path: Path, title: str, fontsize: int = 10) -> Path:
+    """Titles, lays out, writes (120 dpi) and closes a matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -136,24 +136,13 @@ def plot(rows: Sequence[dict], path: Path, title: str) -> Path:
         ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _sweep.save_figure(fig, path, title, fontsize=9)
 
 
 def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = print) -> dict:
     args = build_parser().parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    if args.quick:
-        given = set(a.split("=")[0] for a in (argv or []))
-        for k, v in QUICK.items():
-            if "--" + k.replace("_", "-") not in given:
-                setattr(args, k, v)
-    pars = [p for p in args.parametrizations.split(",") if p]
-    if not pars or any(p not in ("umup", "sp") for p in pars):
-        raise SystemExit(f"--parametrizations takes umup and/or sp, got {args.parametrizations!r}")
+    mode = _sweep.apply_quick(args, argv, QUICK)
+    pars = _sweep.parametrizations(args.parametrizations)
     if any(w % args.d_head for w in (args.teacher_width, args.student_width)):
         raise SystemExit(f"the widths must be multiples of --d-head {args.d_head}")
     seeds = _sweep.int_list(args.seeds)

@@ -99,12 +99,7 @@ def run_setting(args, prepared: dict, work: Path, setting: str) -> list[dict]:
 
 def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = print) -> dict:
     args = build_parser().parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    if args.quick:
-        given = set(a.split("=")[0] for a in (argv or []))
-        for k, v in QUICK.items():
-            if "--" + k.replace("_", "-") not in given:
-                setattr(args, k, v)
+    mode = _sweep.apply_quick(args, argv, QUICK)
     if args.width % args.d_head:
         raise SystemExit(f"--width {args.width} must be a multiple of --d-head {args.d_head}")
     tag = args.tag or ("multitask" if mode == "full" else "multitask_quick")
