@@ -397,9 +397,7 @@ def dot_product_attention(
         if dtype == jnp.float16 and jax.default_backend() == "cpu":  # interpreted on CPU
             q, k, v = (t.astype(F32) for t in (q, k, v))
         if window is not None or static_mask is not None:  # the kernel takes them as a mask
-            extra = jnp.asarray(patterns.pattern_mask(
-                q.shape[1], k.shape[1], is_causal=is_causal, window=window,
-                static_mask=static_mask))[None, None]
+            extra = _pattern_mask(q, k, is_causal, window, static_mask)
             mask = extra if mask is None else jnp.logical_and(jnp.asarray(mask), extra)
         out = _pallas_tpu.flash_attention(
             q, k, v, logit_scale=float(logit_scale), mask=None if mask is None else
@@ -415,9 +413,7 @@ def dot_product_attention(
             window=window, static_mask=static_mask)
         return out.astype(dtype)
     if static_mask is not None or (window is not None and impl != "cudnn"):
-        extra = patterns.pattern_mask(q.shape[1], k.shape[1], is_causal=is_causal,
-                                      window=window, static_mask=static_mask)
-        extra = jnp.asarray(extra)[None, None]
+        extra = _pattern_mask(q, k, is_causal, window, static_mask)
         full_mask = jnp.broadcast_to(extra, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
                                      ) if full_mask is None else jnp.logical_and(full_mask, extra)
         window = None
@@ -428,6 +424,12 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(q, k, v, mask=full_mask, scale=float(logit_scale),
                                         is_causal=is_causal, implementation=impl,
                                         local_window_size=local)
+
+
+def _pattern_mask(q, k, is_causal, window, static_mask) -> jax.Array:
+    """The window and static pattern as one boolean ``[1, 1, q_len, kv_len]`` mask."""
+    return jnp.asarray(patterns.pattern_mask(q.shape[1], k.shape[1], is_causal=is_causal,
+                                             window=window, static_mask=static_mask))[None, None]
 
 
 def _any_mask(mask, static_mask):
