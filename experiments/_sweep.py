@@ -252,6 +252,13 @@ class Store:
         return [r for r in self.rows if all(r.get(k) == v for k, v in key.items())]
 
 
+def par_label(model) -> str:
+    """A run's parametrization as the tables name it: ``umup``, ``sp``, ``mup``, and
+    ``umup_a1`` for u-muP with CompleteP's depth exponent 1 (``--depth-exponent 1``)."""
+    a = float(getattr(model, "depth_exponent", 0.5))
+    return model.parametrization if a == 0.5 else f"{model.parametrization}_a{a:g}"
+
+
 def run_group(store: Store, experiment: str, cfg, lr_log2s: Sequence[float], *,
               multiplier: str = "", multiplier_value: Optional[float] = None,
               log: Callable[[str], None] = print) -> list[dict]:
@@ -259,14 +266,15 @@ def run_group(store: Store, experiment: str, cfg, lr_log2s: Sequence[float], *,
     per run."""
     m, d, t = cfg.model, cfg.data, cfg.training
     lrs = [2.0 ** k for k in lr_log2s]
-    log(f"  {experiment}: {m.parametrization} width {m.d_model} depth {m.n_layers}"
+    label = par_label(m)
+    log(f"  {experiment}: {label} width {m.d_model} depth {m.n_layers}"
         + (f" {multiplier}={multiplier_value:g}" if multiplier else "")
         + f", log2 lr {list(lr_log2s)}")
     g = train_lr_group(cfg, lrs, log=log)
     rows = []
     for k, lane in zip(lr_log2s, g["lanes"]):
         rows.append({
-            "experiment": experiment, "parametrization": m.parametrization, "width": m.d_model,
+            "experiment": experiment, "parametrization": label, "width": m.d_model,
             "depth": m.n_layers, "d_head": m.d_head, "n_heads": m.n_heads,
             "multiplier": multiplier, "multiplier_value": multiplier_value,
             "multiplier_value_log2": (math.log2(multiplier_value) if multiplier_value
@@ -277,7 +285,7 @@ def run_group(store: Store, experiment: str, cfg, lr_log2s: Sequence[float], *,
             "tokens": g["tokens"], "n_params": g["n_params"], "schedule": cfg.optimizer.schedule,
             "seed": t.seed, "group_wall_s": round(g["wall_s"], 2)})
     store.add(rows)
-    store.meta["groups"].append({"experiment": experiment, "parametrization": m.parametrization,
+    store.meta["groups"].append({"experiment": experiment, "parametrization": label,
                                  "width": m.d_model, "depth": m.n_layers,
                                  "multiplier": multiplier, "value": multiplier_value,
                                  "lr_log2": list(lr_log2s), "wall_s": round(g["wall_s"], 2),

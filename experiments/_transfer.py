@@ -21,7 +21,9 @@ from typing import Callable, Optional, Sequence
 
 import _sweep
 
-PARAMS = ("umup", "sp")
+PARAMS = ("umup", "sp", "umup_a1")
+"""``umup_a1``: u-muP with CompleteP's depth exponent 1 (``TransformerConfig.depth_exponent``:
+residual branches weighted ``n_layers^-1``, no learning-rate depth factor), on u-muP's grid."""
 
 
 def build_parser(axis: str, doc: str, *, values: str, fixed: int, d_head: int, steps: int,
@@ -74,7 +76,8 @@ def run(args, axis: str, experiment: str, argv: Sequence[str], mode: str,
     pars = [p for p in args.parametrizations.split(",") if p]
     bad = [p for p in pars if p not in PARAMS]
     if bad or not pars:
-        raise SystemExit(f"--parametrizations takes umup and/or sp, got {args.parametrizations!r}")
+        raise SystemExit(f"--parametrizations takes {', '.join(PARAMS)}, got "
+                         f"{args.parametrizations!r}")
     if len(values) < 2:
         raise SystemExit(f"--{axis}s needs at least two values, got {values}")
     seeds = _sweep.int_list(args.seeds) if args.seeds else [args.seed]
@@ -83,6 +86,7 @@ def run(args, axis: str, experiment: str, argv: Sequence[str], mode: str,
     data = _sweep.data_path(args.data)
     tag = args.tag or (experiment if mode == "full" else f"{experiment}_{mode}")
     grids = {"umup": _sweep.int_list(args.umup_lrs), "sp": _sweep.int_list(args.sp_lrs)}
+    grids["umup_a1"] = grids["umup"]
     settings = {"experiment": experiment, "axis": axis, f"{axis}s": values,
                 other: getattr(args, other), "d_head": args.d_head, "steps": args.steps,
                 "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -96,7 +100,7 @@ def run(args, axis: str, experiment: str, argv: Sequence[str], mode: str,
                      + " ".join(shlex.quote(a) for a in argv) if argv is not None else None,
                      machine=_sweep.machine(), seeds=seeds)
     t0 = time.perf_counter()
-    limits = {"umup": (-8, 8), "sp": (-18, 0)}
+    limits = {"umup": (-8, 8), "sp": (-18, 0), "umup_a1": (-8, 8)}
     log(f"{experiment} ({mode}): {axis}s {values}, {other} {getattr(args, other)}, "
         f"{args.steps} steps x batch {args.batch_size} x seq {args.seq_len} "
         f"= {args.steps * args.batch_size * args.seq_len:,} tokens per run; seeds {seeds}; "
@@ -108,10 +112,11 @@ def run(args, axis: str, experiment: str, argv: Sequence[str], mode: str,
         for par in pars:
             def cfg_for(seed, par=par, shape=shape):
                 return _sweep.base_config(
-                    parametrization=par, width=shape["width"], depth=shape["depth"],
-                    d_head=args.d_head, seq_len=args.seq_len, batch_size=args.batch_size,
-                    steps=args.steps, schedule=args.schedule, data=data, seed=seed,
-                    eval_batches=args.eval_batches)
+                    parametrization=par.split("_")[0], width=shape["width"],
+                    depth=shape["depth"], d_head=args.d_head, seq_len=args.seq_len,
+                    batch_size=args.batch_size, steps=args.steps, schedule=args.schedule,
+                    data=data, seed=seed, eval_batches=args.eval_batches,
+                    model={"depth_exponent": 1.0} if par == "umup_a1" else None)
 
             key = {"parametrization": par, "width": shape["width"], "depth": shape["depth"]}
             curves[par][v] = _sweep.sweep_curve(store, experiment, cfg_for, grids[par],
@@ -185,6 +190,15 @@ def summarise(curves: dict, axis: str, other: str, other_value: int,
         claims["umup_optimum_moves_at_most_one_factor_of_2"] = (
             claims["umup"]["optimum_shift_log2"] is not None
             and claims["umup"]["optimum_shift_log2"] <= 1)
+    if "umup_a1" in claims:
+        claims["umup_a1_optimum_moves_at_most_one_factor_of_2"] = (
+            claims["umup_a1"]["optimum_shift_log2"] is not None
+            and claims["umup_a1"]["optimum_shift_log2"] <= 1)
+    if "umup" in claims and "umup_a1" in claims:
+        su, sa = claims["umup"]["optimum_shift_log2"], claims["umup_a1"]["optimum_shift_log2"]
+        claims["depth_exponent_keeping_the_optimum_fixed"] = (
+            None if su is None or sa is None else "tie" if su == sa
+            else "1 (CompleteP)" if sa < su else "0.5 (u-muP)")
     if "umup" in claims and "sp" in claims:
         su, ss = claims["umup"]["optimum_shift_log2"], claims["sp"]["optimum_shift_log2"]
         claims["sp_optimum_moves_more_than_umup"] = (su is not None and ss is not None

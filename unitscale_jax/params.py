@@ -30,11 +30,16 @@ class ParamInfo:
         convention of u-muP's Adam rule; for biases and gains: their size).
       depth: number of layers of the residual stack that contains the parameter, or None
         outside one.
+      depth_exponent: the stack's depth exponent ``alpha`` (``TransformerConfig.depth_exponent``):
+        each residual branch is weighted ``n_layers^-alpha`` against the embedding and the
+        parameter's learning rate gets the factor ``depth^(alpha - 1)``. ``0.5`` is u-muP's
+        (depth-muP's) rule, ``1`` CompleteP's (Dey et al., 2025).
     """
 
     type: str
     fan_in: int
     depth: Optional[int] = None
+    depth_exponent: float = 0.5
 
     def __post_init__(self):
         if self.type not in PARAM_TYPES:
@@ -43,10 +48,21 @@ class ParamInfo:
             raise ValueError(f"ParamInfo.fan_in must be >= 1, got {self.fan_in}.")
         if self.depth is not None and int(self.depth) < 1:
             raise ValueError(f"ParamInfo.depth must be None or >= 1, got {self.depth}.")
+        check_depth_exponent(self.depth_exponent, "ParamInfo.depth_exponent")
+
+
+def check_depth_exponent(alpha: float, name: str = "depth_exponent") -> None:
+    """Raises ``ValueError`` unless ``0.5 <= alpha <= 1``: the range over which depth-muP's
+    and CompleteP's analyses (Yang et al., 2023; Dey et al., 2025) give feature learning in
+    every layer as the depth grows (below 1/2 the residual stream's variance grows with depth).
+    """
+    if not 0.5 <= float(alpha) <= 1.0:
+        raise ValueError(f"{name} must be in [0.5, 1] (0.5: u-muP / depth-muP, 1: CompleteP), "
+                         f"got {alpha}.")
 
 
 def umup_param(value: jax.Array, type: str, fan_in: int, depth: Optional[int] = None,
-               **metadata: Any) -> nnx.Param:
+               depth_exponent: float = 0.5, **metadata: Any) -> nnx.Param:
     """Creates an ``nnx.Param`` tagged with u-muP metadata (validated by ``ParamInfo``).
 
     Args:
@@ -54,13 +70,16 @@ def umup_param(value: jax.Array, type: str, fan_in: int, depth: Optional[int] = 
       type: one of ``PARAM_TYPES``.
       fan_in: explicit fan-in (never guessed from the shape).
       depth: residual-stack depth, or None.
+      depth_exponent: the stack's depth exponent (``ParamInfo.depth_exponent``).
       **metadata: other ``nnx.Param`` metadata, e.g. ``sharding_names``.
 
     Returns:
       The parameter.
     """
-    info = ParamInfo(type, int(fan_in), None if depth is None else int(depth))
-    return nnx.Param(value, mup_type=info.type, fan_in=info.fan_in, depth=info.depth, **metadata)
+    info = ParamInfo(type, int(fan_in), None if depth is None else int(depth),
+                     float(depth_exponent))
+    return nnx.Param(value, mup_type=info.type, fan_in=info.fan_in, depth=info.depth,
+                     depth_exponent=info.depth_exponent, **metadata)
 
 
 def info_of(variable: nnx.Variable) -> Optional[ParamInfo]:
@@ -68,7 +87,8 @@ def info_of(variable: nnx.Variable) -> Optional[ParamInfo]:
     meta = variable.get_metadata()
     if "mup_type" not in meta or "fan_in" not in meta:
         return None
-    return ParamInfo(meta["mup_type"], meta["fan_in"], meta.get("depth"))
+    return ParamInfo(meta["mup_type"], meta["fan_in"], meta.get("depth"),
+                     meta.get("depth_exponent", 0.5))
 
 
 def param_info(model_or_state: Any, *, default: Optional[ParamInfo] = None,

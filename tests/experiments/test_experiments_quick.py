@@ -70,11 +70,20 @@ def test_lr_transfer_resumes_without_training(lr_result, out):
 
 def test_depth_transfer_smoke(out):
     res = depth_transfer.main(["--smoke", "--data", DATA, "--out", str(out),
-                               "--parametrizations", "umup"])
+                               "--parametrizations", "umup,umup_a1"])
     runs = _rows(out / "depth_transfer_smoke_runs.csv")
     assert {(int(r["depth"]), int(r["width"])) for r in runs} == {(1, 8), (2, 8)}
-    assert len(runs) == 4 and _is_png(out / "depth_transfer_smoke.png")
-    assert [s["depth"] for s in res["summary"]] == [1, 2]
+    assert len(runs) == 8 and _is_png(out / "depth_transfer_smoke.png")
+    assert [(s["parametrization"], s["depth"]) for s in res["summary"]] == [
+        ("umup", 1), ("umup", 2), ("umup_a1", 1), ("umup_a1", 2)]
+    loss = {(r["parametrization"], int(r["depth"]), r["lr_log2"]): float(r["val_loss"])
+            for r in runs}
+    for lr in ("0", "1"):
+        # one layer: n_layers^-a and depth^(a - 1) are 1 for every a, the same runs
+        assert loss[("umup_a1", 1, lr)] == pytest.approx(loss[("umup", 1, lr)], rel=1e-6)
+        # two layers: CompleteP's taus and learning rates differ from u-muP's
+        assert loss[("umup_a1", 2, lr)] != pytest.approx(loss[("umup", 2, lr)], rel=1e-4)
+    assert "depth_exponent_keeping_the_optimum_fixed" in res["claims"]
 
 
 def test_multiplier_sweeps_smoke(lr_result, out):

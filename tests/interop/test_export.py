@@ -59,7 +59,7 @@ def test_export_holds_the_checkpoint_and_its_metadata(trained):
     assert json.loads(meta["config"]) == json.loads((trained / "config.json").read_text())
     assert json.loads(meta["param_info"]) == _param_info(abstract_model)
     assert json.loads(meta["param_info"])["stack.layers.mlp.down_proj.kernel"] == {
-        "type": "weight", "fan_in": 128, "depth": 2}
+        "type": "weight", "fan_in": 128, "depth": 2, "depth_exponent": 0.5}
     model = json.loads(meta["model"])
     assert (model["kind"], model["d_model"], model["n_layers"], model["vocab_size"],
             model["max_seq_len"], model["rope"]) == ("decoder", 32, 2, 260, 32, False)

@@ -223,3 +223,26 @@ def test_mup_twin_init_and_loss():
     assert abs(float(jnp.std(model.readout.kernel[...])) - 1) < 0.05
     loss = nnx.jit(_loss)(model, random_ids(10, (4, 16), 128))
     assert abs(float(loss) - math.log(128)) < 0.2  # readout 1/fan_in: near-uniform logits
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_depth_exponent_carried_by_the_stack(scan):
+    """CompleteP's a = 1: the stack's parameters carry it (the optimizer's depth factor reads
+    it), the taus follow the rule, the rest of the model keeps the default, and activations and
+    gradients stay at unit scale at init."""
+    cfg = CFG.replace(n_layers=4, parametric_norm=True, depth_exponent=1.0, scan_layers=scan)
+    model = unn.TransformerDecoder(cfg, rngs=nnx.Rngs(0))
+    infos = flat_infos(model)
+    for path, info in infos.items():
+        in_stack = path[0] == "stack"
+        assert info.depth == (4 if in_stack else None), path
+        assert info.depth_exponent == (1.0 if in_stack else 0.5), path
+    flat = [t for layer in model.stack.taus for t in layer]
+    assert flat == list(unn.transformer.branch_taus(("attn", "mlp") * 4, depth_exponent=1.0))
+    assert flat[0] == pytest.approx(1 / 4)  # alpha_attn / sqrt(n_layers^2)
+    stats = activation_stats(_loss, model, random_ids(1, (16, 32), V))
+    for name, (act, grad) in stats.items():
+        if not name.endswith(("logits", ".q", ".k")):
+            assert 0.5 <= act <= 2 and 0.5 <= grad <= 2, (name, act, grad)
+    with pytest.raises(ValueError, match=r"depth_exponent must be a float in \[0.5, 1\]"):
+        CFG.replace(depth_exponent=2.0)

@@ -283,10 +283,10 @@ class TestResidualRule:
             assert tau(i, L) == pytest.approx(1 / (L / 2 + i) ** 0.5)
 
     @staticmethod
-    def contributions(mult, ratio, n_layers):
+    def contributions(mult, ratio, n_layers, alpha=0.5):
         """Variance each branch (and the embedding) contributes to the final residual stream."""
         L = 2 * n_layers
-        tau = ops.transformer_residual_scaling_rule(mult, ratio)
+        tau = ops.transformer_residual_scaling_rule(mult, ratio, depth_exponent=alpha)
         contrib = [1.0]  # embedding, unit variance
         for i in range(L):
             t = tau(i, L)
@@ -305,3 +305,33 @@ class TestResidualRule:
         # all attention and all MLP branches together, on average, weigh residual_mult^2 against
         # the embedding
         assert (sum(attn) + sum(mlp)) / 2 / emb == pytest.approx(mult**2)
+
+    @pytest.mark.parametrize("alpha", [0.5, 0.75, 1.0])
+    @pytest.mark.parametrize("n_layers", [2, 8])
+    def test_depth_exponent_is_the_unnormalised_stream(self, alpha, n_layers):
+        """tau_i = m_i / sqrt(Var h_i) for h_{i+1} = h_i + m_i f_i, m_i = alpha_i (L/2)^-a."""
+        L, mult, ratio = 2 * n_layers, 1.5, 0.5
+        tau = ops.transformer_residual_scaling_rule(mult, ratio, depth_exponent=alpha)
+        a_mlp = mult * (2 / (1 + ratio**2)) ** 0.5
+        var = 1.0  # the embedding's
+        for i in range(L):
+            m = (ratio * a_mlp if i % 2 == 0 else a_mlp) * (L / 2) ** -alpha
+            assert tau(i, L) == pytest.approx(m / var**0.5, rel=1e-12)
+            var += m**2
+        # alpha 1 (CompleteP): all branches together weigh ~ mult^2 / n_layers against the
+        # embedding, alpha 1/2 (u-muP): mult^2, whatever the depth
+        c = self.contributions(mult, ratio, n_layers, alpha)
+        share = (sum(c[1:]) / 2) / c[0]
+        assert share == pytest.approx(mult**2 * n_layers ** (1 - 2 * alpha), rel=1e-9)
+
+    def test_depth_exponent_default_is_bitwise_the_old_rule(self):
+        for L in (2, 8, 24):
+            for i in range(L):
+                assert (ops.transformer_residual_scaling_rule(depth_exponent=0.5)(i, L)
+                        == ops.transformer_residual_scaling_rule()(i, L)
+                        == 1 / (L / 2 + i) ** 0.5)
+
+    @pytest.mark.parametrize("alpha", [0.25, 1.5, float("nan")])
+    def test_depth_exponent_out_of_range(self, alpha):
+        with pytest.raises(ValueError, match=r"depth_exponent must be in \[0.5, 1\]"):
+            ops.transformer_residual_scaling_rule(depth_exponent=alpha)

@@ -149,3 +149,16 @@ def test_first_step_rms_is_lr_times_factor(tiny_grads):
     with pytest.raises(AssertionError):
         checks.assert_umup_first_step(u, info, lr, optimizer="sgd",
                                       readout_constraint="to_output_scale")
+
+
+def test_depth_exponent_factor():
+    """The depth factor is depth^(a - 1): u-muP's depth^-1/2 at a = 1/2, none at CompleteP's 1."""
+    for depth in (1, 4, 16):
+        base = umup_factor(ParamInfo("weight", 256))
+        assert umup_factor(ParamInfo("weight", 256, depth, 0.5)) == base * depth ** -0.5
+        assert umup_factor(ParamInfo("weight", 256, depth, 1.0)) == base
+        assert umup_factor(ParamInfo("norm", 64, depth, 0.75)) == depth ** -0.25
+        assert umup_factor(ParamInfo("weight", 100, depth, 1.0), "sgd",
+                           "to_output_scale") == 10.0
+    with pytest.raises(ValueError, match=r"depth_exponent must be in \[0.5, 1\]"):
+        ParamInfo("weight", 4, 2, 0.2)

@@ -97,6 +97,12 @@ class TransformerConfig:
         bidirectional models much closer to unit scale at init, where flat attention makes
         positions share a component that the attention scale amplifies
         (``experiments/results/init_scales.md``).
+      depth_exponent: the residual stack's depth exponent ``a`` in ``[0.5, 1]`` (u-muP only):
+        each branch is weighted ``n_layers^-a`` against the embedding
+        (``ops.transformer_residual_scaling_rule``) and the stack's parameters carry it, so
+        the u-muP optimizer gives them the learning-rate factor ``depth^(a - 1)``
+        (``optim.umup_factor``). 0.5 is u-muP's rule (depth-muP); 1 is CompleteP's (Dey et
+        al., 2025).
       loss_mult: u-muP's ``alpha_loss-softmax`` (cross-entropy multiplier).
       parametrization: a ``Parametrization`` object, or its name: ``"umup"``, ``"sp"``
         (standard: GPT-style init, 1/sqrt(d_head) attention, plain maths) or ``"mup"`` (muP:
@@ -150,6 +156,7 @@ class TransformerConfig:
     act_mult: float = 1.0
     residual_mult: float = 1.0
     residual_attn_ratio: float = 1.0
+    depth_exponent: float = 0.5
     loss_mult: float = 1.0
     parametrization: Any = "umup"
     sp_init_std: Optional[float] = 0.02
@@ -233,6 +240,10 @@ class TransformerConfig:
             v = float(getattr(self, name))
             if not (v > 0 and math.isfinite(v)):
                 fail(f"{name} must be a finite float > 0, got {getattr(self, name)!r}.")
+        if isinstance(self.depth_exponent, bool) or not isinstance(
+                self.depth_exponent, (int, float)) or not 0.5 <= self.depth_exponent <= 1:
+            fail(f"depth_exponent must be a float in [0.5, 1] (0.5: u-muP / depth-muP, 1: "
+                 f"CompleteP), got {self.depth_exponent!r}.")
         if self.sp_init_std is not None and not float(self.sp_init_std) > 0:
             fail(f"sp_init_std must be > 0 or None, got {self.sp_init_std}.")
         if self.n_decoder_layers is not None and (

@@ -52,18 +52,21 @@ _STREAM = ("batch", "sequence", "embed")
 
 
 def branch_taus(kinds: Sequence[str], residual_mult: float = 1.0,
-                residual_attn_ratio: float = 1.0) -> tuple[float, ...]:
+                residual_attn_ratio: float = 1.0,
+                depth_exponent: float = 0.5) -> tuple[float, ...]:
     """u-muP residual weights for a sequence of branches (``"attn"`` or ``"mlp"``).
 
-    ``tau_i = alpha_i / sqrt(n_layers + sum_{j<i} alpha_j^2)`` with ``alpha_mlp = residual_mult
-    * sqrt(2 / (1 + rho^2))`` and ``alpha_attn = rho * alpha_mlp``, where the embedding weighs
-    as ``n_layers`` (half the branches of a standard stack). For alternating attn/mlp
-    branches this is exactly ``ops.transformer_residual_scaling_rule`` (which it calls).
+    ``tau_i = alpha_i / sqrt(n_layers^(2 a) + sum_{j<i} alpha_j^2)`` with ``alpha_mlp =
+    residual_mult * sqrt(2 / (1 + rho^2))``, ``alpha_attn = rho * alpha_mlp`` and ``a =
+    depth_exponent``, where the embedding weighs as ``n_layers^(2 a)`` (at ``a = 1/2``: half
+    the branches of a standard stack). For alternating attn/mlp branches this is exactly
+    ``ops.transformer_residual_scaling_rule`` (which it calls).
 
     Args:
       kinds: the branch kinds in order.
       residual_mult: u-muP's ``alpha_res``.
       residual_attn_ratio: u-muP's ``alpha_res-attn-ratio``.
+      depth_exponent: the depth exponent ``a`` (0.5: u-muP, 1: CompleteP).
 
     Returns:
       One tau per branch.
@@ -73,12 +76,13 @@ def branch_taus(kinds: Sequence[str], residual_mult: float = 1.0,
         raise ValueError(f"branch kinds must be 'attn' or 'mlp', got {kinds}.")
     n = len(kinds)
     if n % 2 == 0 and kinds == ("attn", "mlp") * (n // 2):
-        rule = ops.transformer_residual_scaling_rule(residual_mult, residual_attn_ratio)
+        rule = ops.transformer_residual_scaling_rule(residual_mult, residual_attn_ratio,
+                                                     depth_exponent)
         return tuple(rule(i, n) for i in range(n))
     alpha_mlp = residual_mult * (2.0 / (1.0 + residual_attn_ratio**2)) ** 0.5
     alpha = {"mlp": alpha_mlp, "attn": residual_attn_ratio * alpha_mlp}
     n_layers = kinds.count("mlp")
-    taus, total = [], float(n_layers)
+    taus, total = [], float(n_layers) ** (2.0 * depth_exponent)
     for k in kinds:
         taus.append(alpha[k] / total**0.5)
         total += alpha[k] ** 2
@@ -262,7 +266,8 @@ class TransformerStack(nnx.Module):
         self.deterministic = False
         kinds = (("attn", "attn", "mlp") if cross_attention else ("attn", "mlp")) * self.n_layers
         per = len(kinds) // self.n_layers
-        flat = branch_taus(kinds, config.residual_mult, config.residual_attn_ratio)
+        flat = branch_taus(kinds, config.residual_mult, config.residual_attn_ratio,
+                           config.depth_exponent)
         self.taus = tuple(tuple(flat[l * per:(l + 1) * per]) for l in range(self.n_layers))
         self.windows = config.layer_windows(self.n_layers)
         options = tuple(dict.fromkeys(self.windows))
@@ -284,6 +289,12 @@ class TransformerStack(nnx.Module):
             self.layers = stacked(rngs)
         else:
             self.layers = nnx.List([make(rngs, l) for l in range(self.n_layers)])
+        if config.depth_exponent != 0.5:
+            # the stack's parameters carry its depth exponent: the u-muP optimizer's depth
+            # factor depth^(a - 1) reads it from there (ParamInfo.depth_exponent)
+            for _, var in nnx.iter_graph(self.layers):
+                if isinstance(var, nnx.Param) and var.get_metadata().get("depth") is not None:
+                    var.set_metadata(depth_exponent=float(config.depth_exponent))
 
     def map_layers(self, fn):
         """Applies ``fn(layer) -> pytree`` to each layer; results stacked on axis 0."""

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from unitscale_jax.ops._scale import is_static, scale_bwd_any, scale_fwd_any
+from unitscale_jax.params import check_depth_exponent
 
 
 def _weights(tau):
@@ -89,28 +90,38 @@ def residual_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tau=1.0) 
 
 
 def transformer_residual_scaling_rule(
-    residual_mult: float = 1.0, residual_attn_ratio: float = 1.0
+    residual_mult: float = 1.0, residual_attn_ratio: float = 1.0, depth_exponent: float = 0.5
 ) -> Callable[[int, int], float]:
     """u-muP's rule for the residual weights ``tau_i`` of a Transformer stack.
 
     With ``alpha_mlp = residual_mult * sqrt(2 / (1 + rho^2))`` and
     ``alpha_attn = rho * alpha_mlp`` (``rho = residual_attn_ratio``), branch ``i`` of
     ``L = 2 * n_layers`` (even: attention, odd: MLP) gets
-    ``tau_i = alpha_i / sqrt(L/2 + n_attn * alpha_attn^2 + n_mlp * alpha_mlp^2)`` where
-    ``n_attn = (i + 1) // 2`` and ``n_mlp = i // 2`` count the branches before it. Every
-    attention branch then contributes equally, as does every MLP branch; their ratio is
-    ``rho`` and the residual branches together weigh ``residual_mult`` against the
-    embedding (u-muP, Blake et al., 2025, appendix G). Defaults give ``1/sqrt(L/2 + i)``.
+    ``tau_i = alpha_i / sqrt((L/2)^(2 a) + n_attn * alpha_attn^2 + n_mlp * alpha_mlp^2)``
+    where ``n_attn = (i + 1) // 2`` and ``n_mlp = i // 2`` count the branches before it and
+    ``a = depth_exponent``. Every attention branch then contributes equally, as does every MLP
+    branch; their ratio is ``rho``. This is the unit-scaled form of the un-normalised stream
+    ``h_{i+1} = h_i + m_i f_i(h_i)`` with a unit-variance embedding ``h_0`` and branch
+    multipliers ``m_i = alpha_i (L/2)^-a``: ``tau_i = m_i / sqrt(Var h_i)``.
+
+    ``a = 1/2`` (the default) is u-muP's rule (Blake et al., 2025, appendix G; depth-muP,
+    Yang et al., 2023): the branches together weigh ``residual_mult`` against the embedding,
+    and defaults give ``1/sqrt(L/2 + i)``. ``a = 1`` is CompleteP's (Dey et al., 2025):
+    each branch weighs ``1/L``, so that every layer's update stays of the same order as the
+    depth grows (pair it with the learning-rate factor ``depth^(a - 1)``, which
+    ``optim.umup_factor`` reads from the parameters' ``depth_exponent``).
 
     Args:
       residual_mult: u-muP's ``alpha_res``.
       residual_attn_ratio: u-muP's ``alpha_res-attn-ratio``.
+      depth_exponent: ``a`` in ``[0.5, 1]``.
 
     Returns:
       ``tau(index, n_branches) -> float``.
     """
     if residual_mult <= 0 or residual_attn_ratio <= 0:
         raise ValueError("residual_mult and residual_attn_ratio must be > 0.")
+    check_depth_exponent(depth_exponent)
     alpha_mlp = residual_mult * (2.0 / (1.0 + residual_attn_ratio**2)) ** 0.5
     alpha_attn = residual_attn_ratio * alpha_mlp
 
@@ -119,6 +130,7 @@ def transformer_residual_scaling_rule(
             raise ValueError(f"branch index {index} outside [0, {n_branches}).")
         n_attn, n_mlp = (index + 1) // 2, index // 2
         alpha = alpha_attn if index % 2 == 0 else alpha_mlp
-        return alpha / (n_branches / 2 + n_attn * alpha_attn**2 + n_mlp * alpha_mlp**2) ** 0.5
+        embed = (n_branches / 2) ** (2.0 * depth_exponent)
+        return alpha / (embed + n_attn * alpha_attn**2 + n_mlp * alpha_mlp**2) ** 0.5
 
     return tau

@@ -48,8 +48,15 @@ def umup_factor(info: ParamInfo, optimizer: str = "adam",
     SGD with ``readout_constraint="to_output_scale"`` (the reference's ``lr_scale_func_sgd``):
     weight and embedding fan_in^+1/2, bias and norm fan_in (their size), output 1.
 
-    In both cases the factor is multiplied by depth^-1/2 for a parameter inside a residual stack
-    of ``depth`` layers.
+    In both cases the factor is multiplied by ``depth^(alpha - 1)`` for a parameter inside a
+    residual stack of ``depth`` layers, ``alpha = info.depth_exponent``: ``depth^-1/2`` at
+    u-muP's (depth-muP's) ``alpha = 1/2``, and 1 at CompleteP's ``alpha = 1`` (Dey et al.,
+    "Don't be lazy: CompleteP enables compute-efficient deep transformers", 2025, table 1:
+    Adam's hidden-weight learning rate ``L^(alpha - 1)``), whose residual branches are
+    weighted ``L^-1`` instead (``ops.transformer_residual_scaling_rule``). CompleteP's other
+    depth corrections (Adam's epsilon, weight decay) are not applied: u-muP's gradients are
+    unit-scaled, so epsilon stays negligible, and weight decay is independent here
+    (``optim.weight_decay``).
 
     Args:
       info: the parameter's ``ParamInfo``.
@@ -61,7 +68,8 @@ def umup_factor(info: ParamInfo, optimizer: str = "adam",
       The factor as a Python float.
     """
     _check_rule(optimizer, readout_constraint)
-    depth_factor = 1.0 if info.depth is None else float(info.depth) ** -0.5
+    depth_factor = (1.0 if info.depth is None
+                    else float(info.depth) ** (float(info.depth_exponent) - 1.0))
     if info.type in ("output",):
         return depth_factor
     if optimizer == "sgd" and readout_constraint == "to_output_scale":

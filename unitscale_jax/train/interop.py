@@ -13,8 +13,8 @@ array with a leading layer axis, unrolled stacks have ``stack.layers.0.attn...``
 layout (kernels ``[fan_in, fan_out]``) and dtype. The header metadata (strings) holds:
 
 - ``format``: ``"unitscale_jax"``; ``format_version``: ``"1"``;
-- ``param_info``: JSON ``{name: {"type", "fan_in", "depth"}}``, the u-muP metadata of each
-  parameter (``unitscale_jax.params.ParamInfo``; ``nn.param_info`` of the model);
+- ``param_info``: JSON ``{name: {"type", "fan_in", "depth", "depth_exponent"}}``, the u-muP
+  metadata of each parameter (``unitscale_jax.params.ParamInfo``; ``nn.param_info`` of the model);
 - ``model``: JSON of the model config: the run's resolved ``ModelConfig`` fields plus
   ``vocab_size`` and ``max_seq_len`` (what ``TransformerConfig`` was built from);
 - ``config``: JSON of the run's ``config.json``;
@@ -73,7 +73,8 @@ def model_metadata(cfg: Config, vocab_size: int) -> dict[str, Any]:
 def _info_dict(abstract_model: nnx.Module) -> dict[str, dict]:
     info = flat_params(nnx.to_pure_dict(nn.param_info(abstract_model)),
                        is_leaf=lambda x: isinstance(x, nn.ParamInfo))
-    return {k: {"type": v.type, "fan_in": v.fan_in, "depth": v.depth} for k, v in info.items()}
+    return {k: {"type": v.type, "fan_in": v.fan_in, "depth": v.depth,
+                "depth_exponent": v.depth_exponent} for k, v in info.items()}
 
 
 def write_params_file(out: Path, params: Any, abstract_model: nnx.Module, model: dict,
