@@ -377,7 +377,7 @@ def grow_parser(prog: str = "unitscale-jax grow") -> Parser:
 
 def prepare_parser(prog: str = "unitscale-jax prepare") -> Parser:
     from unitscale_jax.data.builders import DEFAULT_CHUNK_CHARS, DEFAULT_VALIDATION_FRACTION
-    from unitscale_jax.data.prepared import DEFAULT_PIECE_BYTES, default_workers
+    from unitscale_jax.data.prepared import DEFAULT_PIECE_BYTES
     p = Parser(prog=prog, description="Tokenize a text corpus once into sharded ArrayRecord "
                "files and a manifest.json (token counts per shard, the tokenizer's identity, "
                "the settings), for corpora larger than memory: train --data prepared:OUT "
@@ -394,7 +394,8 @@ def prepare_parser(prog: str = "unitscale-jax prepare") -> Parser:
                         "the same one (default: %(default)s)")
     p.add_argument("--out", required=True, help="the directory to write (or to resume)")
     p.add_argument("--workers", type=_number(int, False, "--workers"), default=None,
-                   help=f"processes (default: the CPUs available, here {default_workers()})")
+                   help="processes, at most one per piece (default: the CPUs this process "
+                        "may use, os.sched_getaffinity)")
     p.add_argument("--validation-fraction", type=_number(float, False, "--validation-fraction"),
                    default=DEFAULT_VALIDATION_FRACTION,
                    help="share of each piece's chunks held out for validation "
