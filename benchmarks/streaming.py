@@ -4,8 +4,8 @@ start-up against corpus size.
 For each size (default 1 MB and 200 MB of text; ``--quick``: 0.1 and 5 MB) it writes a corpus
 of files of at most 20 MB (random lines of the built-in corpus's words), then:
 
-- prepares it (``prepare_corpus``, byte tokenizer, ``--workers`` processes): wall time, MB/s
-  and tokens/s of text in;
+- prepares it (``prepare_corpus``, byte tokenizer, ``--workers`` processes, at most one per
+  64 MiB piece): wall time (with the workers' start), MB/s and tokens/s of text in;
 - ``data_startup_s``: in this process, from ``open_prepared`` to the first batch of the
   training and validation iterators (what ``Trainer`` does with the data), with the number of
   records read meanwhile (counted at ``ArrayRecordDataSource``; bounded by the pipeline's
@@ -140,7 +140,9 @@ def main(argv=None) -> dict:
             prep_s = time.perf_counter() - t0
             tokens = m["splits"]["train"]["tokens"] + m["splits"]["validation"]["tokens"]
             disk = sum(f.stat().st_size for f in out.iterdir())
+            workers = min(args.workers, m["planned"])
             rows.append({"megabytes": n_bytes / 1e6, "files": len(list(text.iterdir())),
+                         "pieces": m["planned"], "workers": workers,
                          "generate_s": gen_s, "prepare_s": prep_s,
                          "prepare_mb_per_s": n_bytes / 1e6 / prep_s,
                          "prepare_tokens_per_s": tokens / prep_s, "tokens": tokens,
@@ -149,7 +151,7 @@ def main(argv=None) -> dict:
                          "prepared_mb_on_disk": disk / 1e6, "out": out})
             print(f"{n_bytes / 1e6:.1f} MB: prepared in {prep_s:.1f} s "
                   f"({n_bytes / 1e6 / prep_s:.1f} MB/s, {tokens / prep_s / 1e6:.2f} M tokens/s, "
-                  f"{args.workers} workers), {disk / 1e6:.1f} MB on disk", flush=True)
+                  f"{workers} worker(s)), {disk / 1e6:.1f} MB on disk", flush=True)
         for row in rows:
             ds = [data_startup(row["out"]) for _ in range(max(args.runs, 3))]
             row["data_startup_s"] = statistics.median(t for t, _ in ds)

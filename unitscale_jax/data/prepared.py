@@ -46,7 +46,7 @@ from unitscale_jax.data import builders, corpus
 from unitscale_jax.data.sources import SplitStats, TextSource
 from unitscale_jax.data.tokenizers import ByteTokenizer, Tokenizer, get_tokenizer
 
-__all__ = ["MANIFEST", "DEFAULT_PIECE_BYTES", "PreparedSource", "prepare_corpus",
+__all__ = ["MANIFEST", "DEFAULT_PIECE_BYTES", "WRITER_OPTIONS", "PreparedSource", "prepare_corpus",
            "open_prepared", "read_manifest", "tokenizer_identity", "default_workers"]
 
 MANIFEST = "manifest.json"
@@ -60,7 +60,10 @@ not the same one, whatever their files are called."""
 
 _SHARD = re.compile(r"^(train|validation)-[0-9a-f]{12}\.arrayrecord$")
 _TEMP = re.compile(r"^\.(train|validation)-[0-9a-f]{12}\.arrayrecord\..*\.tmp$")
-_WRITER_OPTIONS = "group_size:1"  # one record per chunk: what grain's random access wants
+WRITER_OPTIONS = "group_size:1,snappy"
+"""ArrayRecord writer options: one record per group (what grain's random access wants), snappy
+compression (measured on byte-level tokens: writes 2.7x as fast as the default zstd:3 and reads
+at random 2.7x as fast, for 1.5x the disk)."""
 
 
 # ------------------------------------------------------------------------------ identity
@@ -273,7 +276,7 @@ def _prepare_piece(job: Mapping[str, Any]) -> dict:
         name = f"{split}-{job['id']}.arrayrecord"
         final = Path(job["out"]) / name
         with paths.atomic_path(final) as tmp:
-            writer = ArrayRecordWriter(str(tmp), _WRITER_OPTIONS)
+            writer = ArrayRecordWriter(str(tmp), s["writer_options"])
             for record in records[split]:
                 writer.write(record)
             writer.close()
@@ -391,14 +394,15 @@ def prepare_corpus(data: str | Sequence[str], out_dir: str | os.PathLike, *,
     head = {"format": FORMAT, "version": VERSION, "tokenizer": tokenizer_identity(tok),
             "settings": {"validation_fraction": float(validation_fraction),
                          "chunk_chars": int(chunk_chars), "piece_bytes": int(piece_bytes),
-                         "dtype": _dtype(tok.vocab_size)}}
+                         "dtype": _dtype(tok.vocab_size), "writer_options": WRITER_OPTIONS}}
     created = paths.first_missing(out_dir)
     with paths.removed_if_left_empty(created):
         out = paths.output_dir(out_dir, "--out", "pass a new directory, or that of an earlier "
                                "prepare to resume it")
         done = _existing(out, head)
         plan = _plan(files, piece_bytes)
-        done = {pid: p for pid, p in done.items() if pid in {q["id"] for q in plan}}
+        planned = {q["id"] for q in plan}
+        done = {pid: p for pid, p in done.items() if pid in planned}
         todo = [p for p in plan if p["id"] not in done]
         _write_manifest(out, head, done, plan, complete=False)
     n_bytes = sum(p["end"] - p["start"] for p in todo)
@@ -445,7 +449,7 @@ def _run(jobs: Sequence[dict], workers: int):
         for future in concurrent.futures.as_completed(futures):
             try:
                 result = future.result()
-            except concurrent.futures.process.BrokenProcessPool:
+            except concurrent.futures.BrokenExecutor:
                 raise RuntimeError(f"a prepare worker process died (out of memory? {workers} "
                                    "workers each hold one piece); rerun with fewer --workers "
                                    "or a smaller --piece-mb: it resumes where it stopped."
