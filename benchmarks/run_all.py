@@ -12,6 +12,9 @@ Each benchmark runs as its own process (so one's JAX/XLA settings cannot leak in
   only); linear attention against dense at 4k and against chunked at 16k;
 - ``finetune``: ``unitscale-jax finetune``'s train step (sequence classification) against the
   same step written as a plain NNX encoder with optax, in examples/s;
+- ``streaming``: ``unitscale-jax prepare`` throughput (MB/s of text) and the start-up of
+  ``train --data prepared:DIR`` (data, and time to the first step) on a 1 MB and a 200 MB
+  corpus, side by side;
 - ``torch_comparison``: the authors' PyTorch ``unit_scaling.TransformerDecoder`` against ours
   at the same configuration (only where a Python with ``torch`` and ``unit-scaling`` is found:
   ``--torch-python``, ``$UNITSCALE_TORCH_PYTHON`` or this interpreter; otherwise reported as
@@ -52,6 +55,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "fp8_matmul": ("fp8_matmul.py", [], ["--tiny", "--out", "{tmp}"]),
     "attention": ("attention.py", [], ["--quick", "--no-write"]),
     "finetune": ("finetune.py", [], ["--quick", "--no-write"]),
+    "streaming": ("streaming.py", [], ["--quick", "--no-write"]),
 }
 # result file a benchmark writes in full mode, when not ``<name>.json``
 RESULT_FILES = {"fp8_matmul": "fp8_matmul.json"}

@@ -5,8 +5,8 @@
   repository paths, read where they are (nothing is copied into ``docs/``), so their
   relative links keep working.
 * ``on_page_markdown``: a line ``<!-- cli-help: train -->`` (or ``sample``, ``analyse``,
-  ``main``) becomes that command's ``--help`` text, and ``<!-- presets -->`` the table of the
-  trainer's presets, both generated from the code that parses the flags.
+  ``prepare``, ``main``) becomes that command's ``--help`` text, and ``<!-- presets -->`` the
+  table of the trainer's presets, both generated from the code that parses the flags.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _help(command: str) -> str:
     if command == "main":
         return cli.USAGE
     parsers = {"train": lambda: flags.train_parser(presets.get_preset("tiny")),
-               "sample": flags.sample_parser, "analyse": analysis_cli.parser}
+               "sample": flags.sample_parser, "analyse": analysis_cli.parser,
+               "prepare": flags.prepare_parser}
     if command not in parsers:
         raise ValueError(f"docs: unknown command in <!-- cli-help: {command} -->; use one of "
                          f"main, {', '.join(parsers)}.")

@@ -32,6 +32,7 @@ CONVERT = ["convert", "--from-torch", str(TORCH), "--config", str(TORCH_CONFIG)]
 ANALYSE = ["analyse", "--d-model", "16", "--n-layers", "1", "--n-heads", "1"]
 TOKENIZER = ["tokenizer", "train", "--vocab-size", "300"]
 FINETUNE = ["finetune", "--task", "classify", *TINY, "--steps", "2"]
+PREPARE = ["prepare", "--workers", "1"]
 
 # what an interrupted (or foreign) run leaves in a run directory: {run:NAME} is a damaged copy
 DAMAGES = {
@@ -85,6 +86,34 @@ CASES = [
     ("train", "--tokenizer hf: a directory", [*TRAIN, "--tokenizer", "hf:{dir}", "--run-dir",
                                               "{out}/r"],
      "--tokenizer {dir} is a directory; pass the tokenizer's file (tokenizer.json for hf:"),
+    ("train", "--data prepared: a file", [*TRAIN, "--data", "prepared:{file}", "--run-dir",
+                                          "{out}/r"],
+     "--data prepared:{file}: {file} is a file, not a directory; pass the --out directory of "
+     "'unitscale-jax prepare'"),
+    ("train", "--data prepared: no manifest", [*TRAIN, "--data", "prepared:{dir}", "--run-dir",
+                                               "{out}/r"],
+     "--data prepared:{dir}: {dir} holds no manifest.json; pass the --out directory"),
+    ("train", "--data prepared: missing", [*TRAIN, "--data", "prepared:{out}/none", "--run-dir",
+                                           "{out}/r"],
+     "--data prepared:{out}/none: {out}/none: no such directory; prepare the corpus first"),
+
+    ("prepare", "--out is a file", [*PREPARE, "--data", "{file}", "--out", "{file}"],
+     "--out {file} is a file, not a directory; pass a new directory, or that of an earlier "
+     "prepare to resume it"),
+    ("prepare", "--out under a file", [*PREPARE, "--data", "{file}", "--out", "{file}/p"],
+     "--out {file}/p: {file} is a file, not a directory"),
+    ("prepare", "--out cannot be created", [*PREPARE, "--data", "{file}", "--out", f"{PROC}/p"],
+     f"--out {PROC}/p: cannot create it"),
+    ("prepare", "--out holds other files", [*PREPARE, "--data", "{file}", "--out", "{labelled}"],
+     "--out {labelled} is not empty and holds no manifest.json; pass a new or empty directory"),
+    ("prepare", "--data is a directory", [*PREPARE, "--data", "{dir}", "--out", "{out}/p"],
+     "{dir} is a directory; pass its files or a glob"),
+    ("prepare", "--data does not exist", [*PREPARE, "--data", "{out}/none.txt", "--out",
+                                          "{out}/p"],
+     "data file not found: {out}/none.txt"),
+    ("prepare", "--tokenizer hf: a directory", [*PREPARE, "--data", "{file}", "--tokenizer",
+                                                "hf:{dir}", "--out", "{out}/p"],
+     "--tokenizer {dir} is a directory; pass the tokenizer's file"),
 
     ("sample", "run dir is a file", ["sample", "--run-dir", "{file}"],
      "--run-dir {file} is a file, not a directory; pass the run directory"),

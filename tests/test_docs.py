@@ -90,7 +90,7 @@ def test_cli_help_and_presets_are_generated_into_the_training_guide():
     page = (DOCS / "training.md").read_text()
     out = hooks.on_page_markdown(page, page=None, config=None, files=None)
     assert "<!-- cli-help" not in out and "<!-- presets -->" not in out
-    for command in ("train", "sample", "analyse"):
+    for command in ("train", "sample", "analyse", "prepare"):
         assert f"usage: unitscale-jax {command}" in out
     assert "--loss-scale FLOAT" in out
     for name, make in presets.PRESETS.items():

@@ -1,4 +1,5 @@
 """The ``unitscale-jax`` command: ``train`` (default), ``sample``, ``analyse``, ``tokenizer``,
+``prepare`` (a corpus tokenized once into shards, for ``train --data prepared:DIR``),
 ``convert``, ``export``, ``merge`` (a LoRA run's adapters folded into its kernels), ``grow``
 (a finished run's model grown deeper, as a new run), and
 ``finetune`` / ``evaluate`` / ``predict`` (an encoder on labelled data).
@@ -19,8 +20,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,convert,export,merge,grow,
-                      finetune,evaluate,predict} [options]
+USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,prepare,convert,export,merge,
+                      grow,finetune,evaluate,predict} [options]
 
   train    train a model (default when the first argument is an option); --help for options
   sample   what a trained run predicts: --run-dir DIR --prompt TEXT; a decoder continues
@@ -30,6 +31,8 @@ USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,convert,export,m
            coordinate check: --parametrization umup|sp [--coord-check] [--out DIR]
   tokenizer train a subword tokenizer on local text: tokenizer train --data FILES
            --kind wordpiece|bpe|unigram --vocab-size N --out tok.json
+  prepare  tokenize a corpus once into sharded ArrayRecord files (parallel, resumable), for
+           train --data prepared:DIR: --data GLOB --tokenizer T --out DIR [--workers N]
   convert  a unit_scaling (PyTorch) TransformerDecoder state dict as a run directory:
            --from-torch CKPT --config CONFIG.json --run-dir DIR
   export   a run's parameters and u-muP metadata as one file (train --init-from FILE
@@ -173,6 +176,29 @@ def _tokenizer(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
+def _prepare(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax.data.prepared import prepare_corpus
+    from unitscale_jax.paths import PathError
+    from unitscale_jax.train.errors import UsageError
+    from unitscale_jax.train.flags import prepare_parser
+    ns = prepare_parser(prog).parse_all(argv)
+    files = [f.strip() for value in ns.data for f in value.split(",") if f.strip()]
+    if not files:
+        raise UsageError("--data is empty; pass text files or globs.")
+    try:
+        prepare_corpus(files, ns.out, tokenizer=ns.tokenizer, workers=ns.workers,
+                       validation_fraction=ns.validation_fraction, chunk_chars=ns.chunk_chars,
+                       piece_bytes=max(1, round(ns.piece_mb * 2**20)),
+                       log=lambda m: print(m, flush=True))
+    except PathError:
+        raise
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
+        raise UsageError(str(e)) from None
+    print(f"  train:       unitscale-jax train --data prepared:{ns.out} --tokenizer "
+          f"{ns.tokenizer}", flush=True)
+    return 0
+
+
 def _finetune(argv: Sequence[str], prog: str) -> int:
     from unitscale_jax.train.finetune import finetune, format_finetune_summary
     from unitscale_jax.train.flags import parse_finetune_args
@@ -214,9 +240,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
         return 0
     command, rest = (argv[0], argv[1:]) if not argv[0].startswith("-") else ("train", argv)
     commands = {"train": _train, "sample": _sample, "analyse": _analyse,
-                "tokenizer": _tokenizer, "convert": _convert, "export": _export, "merge": _merge,
-                "grow": _grow, "finetune": _finetune, "evaluate": _evaluate,
-                "predict": _predict}
+                "tokenizer": _tokenizer, "prepare": _prepare, "convert": _convert,
+                "export": _export, "merge": _merge, "grow": _grow, "finetune": _finetune,
+                "evaluate": _evaluate, "predict": _predict}
     if command not in commands:
         print(f"{prog}: error: unknown command {command!r}; use {', '.join(commands)}.",
               file=sys.stderr)

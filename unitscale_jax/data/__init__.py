@@ -13,6 +13,12 @@ Typical use (what the trainer does)::
     ckpt["data"] = train.get_state()                   # JSON-serialisable
     train.set_state(ckpt["data"])                      # on a fresh iterator: exact resume
 
+Corpora larger than memory (``unitscale_jax.data.prepared``): tokenized once, read by index::
+
+    data.prepare_corpus("books/*.txt", "prepared/books", tokenizer="bytes", workers=8)
+    source = data.open_prepared("prepared/books", tok)  # a TextSource; counts from manifest
+    train = data.make_iterator(source, "train", seq_len=256, batch_size=32)
+
 Fine-tuning data (``unitscale_jax.data.labelled``)::
 
     splits = data.find_splits("../shared/data/sst2")   # {"train": Path, "dev": Path}
@@ -61,6 +67,12 @@ from unitscale_jax.data.pipeline import (
     make_iterator,
     make_lm_iterator,
 )
+from unitscale_jax.data.prepared import (
+    PreparedSource,
+    open_prepared,
+    prepare_corpus,
+    tokenizer_identity,
+)
 from unitscale_jax.data.sources import (
     SplitStats,
     TextSource,
@@ -91,5 +103,6 @@ __all__ = [
     "special_ids", "encode_words", "train_tokenizer",
     "DataError", "LabelVocab", "encode_tagged", "encode_texts", "find_splits",
     "make_batch_iterator", "read_classification", "read_conll", "read_tfds_classification",
-    "tags_from_subwords",
+    "tags_from_subwords", "PreparedSource", "open_prepared", "prepare_corpus",
+    "tokenizer_identity",
 ]

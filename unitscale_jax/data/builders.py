@@ -32,7 +32,8 @@ from tensorflow_datasets.core import utils as tfds_utils
 from unitscale_jax.data import corpus
 
 __all__ = ["TextConfig", "LocalText", "PydocTopics", "local_text_builder", "builtin_builder",
-           "prepare", "quiet_tfds", "DEFAULT_CHUNK_CHARS", "DEFAULT_VALIDATION_FRACTION"]
+           "prepare", "quiet_tfds", "check_settings", "DEFAULT_CHUNK_CHARS",
+           "DEFAULT_VALIDATION_FRACTION"]
 
 DEFAULT_CHUNK_CHARS = 4096
 DEFAULT_VALIDATION_FRACTION = 0.05
@@ -120,7 +121,7 @@ def local_text_builder(paths, *, data_dir: str | None = None,
     for f in files:
         if os.path.getsize(f) == 0:
             raise ValueError(f"data file {f} is empty (0 bytes); pass a file with text.")
-    _check(validation_fraction, chunk_chars)
+    check_settings(validation_fraction, chunk_chars)
     stats = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
     name = "files-" + corpus.fingerprint([stats, validation_fraction, chunk_chars])
     config = TextConfig(name=name, paths=tuple(files), validation_fraction=validation_fraction,
@@ -137,7 +138,7 @@ def builtin_builder(*, data_dir: str | None = None,
       RuntimeError: ``pydoc_data`` is missing (see ``corpus.builtin_documents``).
     """
     docs = corpus.builtin_documents()
-    _check(validation_fraction, chunk_chars)
+    check_settings(validation_fraction, chunk_chars)
     name = f"py{sys.version_info[0]}{sys.version_info[1]}-" + corpus.fingerprint(
         [docs, validation_fraction, chunk_chars])
     config = TextConfig(name=name, validation_fraction=validation_fraction,
@@ -146,7 +147,9 @@ def builtin_builder(*, data_dir: str | None = None,
     return PydocTopics(config=config, data_dir=data_dir, file_format="array_record")
 
 
-def _check(validation_fraction: float, chunk_chars: int) -> None:
+def check_settings(validation_fraction: float, chunk_chars: int) -> None:
+    """Raises ValueError for a validation fraction outside [0, 0.5] or chunks shorter than
+    ``corpus.MIN_CHUNK_CHARS``."""
     if not 0 <= validation_fraction <= 0.5:
         raise ValueError(f"validation_fraction must be in [0, 0.5], got {validation_fraction}.")
     if chunk_chars < corpus.MIN_CHUNK_CHARS:

@@ -85,7 +85,7 @@ class _Tokenize:
     add_bos: bool
 
     def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(self.source.text(record))
+        ids = self.source.token_ids(record, self.tokenizer)
         head = [self.tokenizer.bos_id] if self.add_bos else []
         return {"tokens": np.concatenate([np.asarray(head, np.int32), ids,
                                           np.asarray([self.tokenizer.eos_id], np.int32)])}
@@ -225,7 +225,7 @@ def check_corpus_length(source: TextSource, split: str, tokenizer: Tokenizer, ro
     idx = range(shard_index, len(ds), shard_count)
     total = docs = 0
     for i in idx:
-        total += len(tokenizer.encode(source.text(ds[i]))) + 1  # + eos
+        total += len(source.token_ids(ds[i], tokenizer)) + 1  # + eos
         docs += 1
         if total >= row_len:
             return total

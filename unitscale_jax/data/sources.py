@@ -65,6 +65,18 @@ class TextSource:
             value = value.item()
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
+    def token_ids(self, record: Mapping[str, Any], tokenizer: Tokenizer) -> np.ndarray:
+        """The token ids of one record (int32, no specials): ``tokenizer.encode`` of its text.
+        The data pipeline reads every record through this (a ``PreparedSource`` returns its
+        stored ids instead)."""
+        return tokenizer.encode(self.text(record))
+
+    def counted_stats(self, split: str) -> SplitStats | None:
+        """The size of ``split`` when it is known without reading it (``corpus_stats`` uses
+        it): None here; a ``PreparedSource`` has its manifest's counts."""
+        del split
+        return None
+
     def documents(self, split: str, limit: int | None = None) -> Iterator[str]:
         """The texts of ``split`` in stored order (at most ``limit``)."""
         ds = self.split(split)
@@ -224,10 +236,15 @@ class SplitStats:
 def corpus_stats(source: TextSource, tokenizer: Tokenizer | None = None,
                  splits: Sequence[str] | None = None) -> dict[str, SplitStats]:
     """Counts documents, bytes and tokens of each split (a full pass: meant for corpora that
-    fit a training run's startup, e.g. local files and the built-in corpus)."""
+    fit a training run's startup, e.g. local files and the built-in corpus; a split whose
+    counts the source knows, ``counted_stats``, is not read)."""
     tokenizer = tokenizer or ByteTokenizer()
     out = {}
     for split in splits or sorted(source.splits):
+        known = source.counted_stats(split)
+        if known is not None:
+            out[split] = known
+            continue
         docs = n_bytes = n_tokens = 0
         for text in source.documents(split):
             docs += 1

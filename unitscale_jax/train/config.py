@@ -111,8 +111,9 @@ ModelConfig = _model_config()
 class DataConfig:
     """The data: source, tokenizer, sequence length and objective parameters."""
 
-    data: Optional[str] = _f(None, "text file or glob (comma-separated for several), or "
-                             "tfds:NAME; default: the built-in corpus (pydoc_data.topics)")
+    data: Optional[str] = _f(None, "text file or glob (comma-separated for several), "
+                             "tfds:NAME, or prepared:DIR (a corpus tokenized by unitscale-jax "
+                             "prepare); default: the built-in corpus (pydoc_data.topics)")
     tokenizer: str = _f("bytes", "tokenizer name (see unitscale_jax.data.get_tokenizer)")
     seq_len: int = _f(64, "tokens per sequence")
     packing: str = _f("pack", "pack documents into rows, or crop one per row",

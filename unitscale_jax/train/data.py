@@ -21,10 +21,16 @@ from unitscale_jax.train.tasks import get_task
 _USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, ImportError, OSError)
 
 
+PREPARED = "prepared:"
+"""``--data prepared:DIR``: a corpus tokenized by ``unitscale-jax prepare``
+(``unitscale_jax.data.prepared``)."""
+
+
 def _spec(value):
     if value is None:
         return None
-    parts = [p.strip() for p in value.split(",")] if not value.startswith("tfds:") else [value]
+    whole = value.startswith(("tfds:", PREPARED))
+    parts = [p.strip() for p in value.split(",")] if not whole else [value]
     parts = [p for p in parts if p]
     if not parts:
         raise UsageError("--data is empty; pass a text file, a glob, tfds:NAME, or leave it out "
@@ -78,6 +84,9 @@ class RunData:
 def load_data(cfg: Config, log: Callable[[str], None] = print) -> RunData:
     """Resolves ``--data`` and ``--tokenizer``, checks both splits hold a sequence.
 
+    ``--data prepared:DIR`` opens a prepared corpus (its tokenizer must be ``--tokenizer``);
+    its sizes come from the manifest, so start-up reads a few records, not the corpus.
+
     Raises:
       UsageError: any problem with the data the user named.
       PathError: a ``--tokenizer`` file or ``--data-dir`` of the wrong kind.
@@ -93,9 +102,13 @@ def load_data(cfg: Config, log: Callable[[str], None] = print) -> RunData:
         paths.output_dir(d.data_dir, "--data-dir", "pass a directory for the prepared "
                          "datasets, or leave it out", probe=False)
     try:
-        source = datalib.resolve_source(_spec(d.data), data_dir=d.data_dir,
-                                        validation_fraction=d.validation_fraction,
-                                        text_key=d.text_key)
+        spec = _spec(d.data)
+        if isinstance(spec, str) and spec.startswith(PREPARED):  # counts from its manifest
+            source = datalib.open_prepared(spec[len(PREPARED):], tokenizer)
+        else:
+            source = datalib.resolve_source(spec, data_dir=d.data_dir,
+                                            validation_fraction=d.validation_fraction,
+                                            text_key=d.text_key)
     except (UsageError, PathError):
         raise
     except _USER_ERRORS as e:

@@ -373,3 +373,38 @@ def grow_parser(prog: str = "unitscale-jax grow") -> Parser:
     p.add_argument("--steps", type=_number(int, True, "--steps"), default=None,
                    help="training steps of the new run (default: the source's)")
     return p
+
+
+def prepare_parser(prog: str = "unitscale-jax prepare") -> Parser:
+    from unitscale_jax.data.builders import DEFAULT_CHUNK_CHARS, DEFAULT_VALIDATION_FRACTION
+    from unitscale_jax.data.prepared import DEFAULT_PIECE_BYTES
+    p = Parser(prog=prog, description="Tokenize a text corpus once into sharded ArrayRecord "
+               "files and a manifest.json (token counts per shard, the tokenizer's identity, "
+               "the settings), for corpora larger than memory: train --data prepared:OUT "
+               "--tokenizer T reads them by index, with no pass over the corpus at start-up. "
+               "Files are cut at line breaks into pieces of about --piece-mb, which a process "
+               "pool tokenizes (one piece -> a train and a validation shard; each chunk of "
+               "--chunk-chars characters is one record). Rerunning the same command resumes an "
+               "interrupted prepare: finished shards are skipped; the result does not depend "
+               "on --workers.")
+    p.add_argument("--data", required=True, action="append",
+                   help="text files or globs (repeatable; also comma-separated)")
+    p.add_argument("--tokenizer", default="bytes",
+                   help="bytes, hf:PATH/tokenizer.json or sentencepiece:PATH.model; train with "
+                        "the same one (default: %(default)s)")
+    p.add_argument("--out", required=True, help="the directory to write (or to resume)")
+    p.add_argument("--workers", type=_number(int, False, "--workers"), default=None,
+                   help="processes, at most one per piece (default: the CPUs this process "
+                        "may use, os.sched_getaffinity)")
+    p.add_argument("--validation-fraction", type=_number(float, False, "--validation-fraction"),
+                   default=DEFAULT_VALIDATION_FRACTION,
+                   help="share of each piece's chunks held out for validation "
+                        "(default: %(default)s)")
+    p.add_argument("--chunk-chars", type=_number(int, False, "--chunk-chars"),
+                   default=DEFAULT_CHUNK_CHARS,
+                   help="characters per record, at most (default: %(default)s)")
+    p.add_argument("--piece-mb", type=_number(float, False, "--piece-mb"),
+                   default=DEFAULT_PIECE_BYTES / 2**20,
+                   help="MiB of input per piece; a worker holds one in memory "
+                        "(default: %(default)s)")
+    return p
