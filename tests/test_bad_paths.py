@@ -33,6 +33,7 @@ ANALYSE = ["analyse", "--d-model", "16", "--n-layers", "1", "--n-heads", "1"]
 TOKENIZER = ["tokenizer", "train", "--vocab-size", "300"]
 FINETUNE = ["finetune", "--task", "classify", *TINY, "--steps", "2"]
 PREPARE = ["prepare", "--workers", "1"]
+PLAN = ["plan", "--preset", "tiny", "--mesh", "fsdp=1"]
 
 # what an interrupted (or foreign) run leaves in a run directory: {run:NAME} is a damaged copy
 DAMAGES = {
@@ -206,6 +207,16 @@ CASES = [
     ("grow", "run dir cannot be created", ["grow", "--from", "{run}", "--depth", "2x",
                                            "--run-dir", f"{PROC}/g"],
      f"--run-dir {PROC}/g: cannot create it"),
+    ("plan", "--json is a directory", [*PLAN, "--json", "{dir}"],
+     "--json {dir} is a directory; pass a file name such as {dir}/plan.json"),
+    ("plan", "--json under a file", [*PLAN, "--json", "{file}/plan.json"],
+     "--json {file}/plan.json: {file} is a file, not a directory"),
+    ("plan", "--json not writable", [*PLAN, "--json", "/proc/plan.json"],
+     "--json /proc/plan.json: cannot write in /proc"),
+    ("plan", "--config is a directory", [*PLAN, "--config", "{dir}"],
+     "--config {dir} is a directory; pass a config.json file"),
+    ("plan", "--tokenizer hf: a directory", [*PLAN, "--tokenizer", "hf:{dir}"],
+     "--tokenizer {dir} is a directory; pass the tokenizer's file"),
     ("finetune", "--data is a file", [*FINETUNE, "--data", "{file}", "--run-dir", "{out}/f"],
      "{file}: not a directory; pass a directory holding train.* / dev.* / test.* files"),
     ("finetune", "--data has no splits", [*FINETUNE, "--data", "{dir}", "--run-dir", "{out}/f"],

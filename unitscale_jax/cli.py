@@ -1,7 +1,8 @@
 """The ``unitscale-jax`` command: ``train`` (default), ``sample``, ``analyse``, ``tokenizer``,
 ``prepare`` (a corpus tokenized once into shards, for ``train --data prepared:DIR``),
 ``convert``, ``export``, ``merge`` (a LoRA run's adapters folded into its kernels), ``grow``
-(a finished run's model grown deeper, as a new run), and
+(a finished run's model grown deeper, as a new run), ``plan`` (a run's per-device memory,
+FLOPs, collectives and predicted step time on a device mesh, compiled for fake devices), and
 ``finetune`` / ``evaluate`` / ``predict`` (an encoder on labelled data).
 
 ``unitscale-jax train --preset tiny`` trains on the built-in corpus; rerunning the same command
@@ -21,7 +22,7 @@ import sys
 from typing import Optional, Sequence
 
 USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,prepare,convert,export,merge,
-                      grow,finetune,evaluate,predict} [options]
+                      grow,plan,finetune,evaluate,predict} [options]
 
   train    train a model (default when the first argument is an option); --help for options
   sample   what a trained run predicts: --run-dir DIR --prompt TEXT; a decoder continues
@@ -41,6 +42,9 @@ USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,prepare,convert,
            model: --run-dir DIR [--out FILE] [--step N]
   grow     a finished run's model grown deeper, as a new run that train continues with the
            same learning rate: --from RUN --depth 2x --run-dir NEW [--mode duplicate|interleave]
+  plan     a run's per-device memory, FLOPs, collectives and predicted step time on a mesh,
+           compiled for fake CPU devices: --preset 7b --mesh fsdp=64,tensor=4
+           [--accelerator tpu-v5p] [--json FILE]
   finetune fine-tune an encoder: --task classify|tag --data DIR (or --train F --dev F)
            [--init-from RUN_DIR] [--freeze-trunk]; --help for options
   evaluate score a fine-tuned run: --run-dir DIR --data FILE (writes report.json)
@@ -145,6 +149,23 @@ def _grow(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
+def _plan(argv: Sequence[str], prog: str) -> int:
+    from unitscale_jax import paths
+    from unitscale_jax.train import plan as planner
+    from unitscale_jax.train.flags import parse_plan_args
+    cfg, ns = parse_plan_args(argv, prog)
+    sizes = planner.parse_mesh(ns.mesh)
+    out = None if ns.json is None else paths.output_file(ns.json, "--json", "plan.json")
+    vocab = ns.vocab_size if ns.vocab_size is not None else planner.default_vocab_size(cfg)
+    result = planner.plan(cfg, sizes, vocab_size=vocab, accelerator=ns.accelerator,
+                          log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(planner.format_plan(result), flush=True)
+    if out is not None:
+        planner.write_plan(result, out)
+        print(f"  plan: {out}", flush=True)
+    return 0
+
+
 def _analyse(argv: Sequence[str], prog: str) -> int:
     from unitscale_jax.analysis.cli import analyse_main
     return analyse_main(list(argv), prog)
@@ -241,8 +262,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
     command, rest = (argv[0], argv[1:]) if not argv[0].startswith("-") else ("train", argv)
     commands = {"train": _train, "sample": _sample, "analyse": _analyse,
                 "tokenizer": _tokenizer, "prepare": _prepare, "convert": _convert,
-                "export": _export, "merge": _merge, "grow": _grow, "finetune": _finetune,
-                "evaluate": _evaluate, "predict": _predict}
+                "export": _export, "merge": _merge, "grow": _grow, "plan": _plan,
+                "finetune": _finetune, "evaluate": _evaluate, "predict": _predict}
     if command not in commands:
         print(f"{prog}: error: unknown command {command!r}; use {', '.join(commands)}.",
               file=sys.stderr)

@@ -64,8 +64,10 @@ from unitscale_jax.data.pipeline import (
     TASKS,
     DataIterator,
     check_corpus_length,
+    example_batch,
     make_iterator,
     make_lm_iterator,
+    row_length,
 )
 from unitscale_jax.data.prepared import (
     PreparedSource,
@@ -96,7 +98,8 @@ __all__ = [
     "builtin_builder", "local_text_builder", "prepare", "builtin_documents", "chunk_text",
     "expand_paths", "split_chunks", "lm_batch", "mask_tokens", "seq2seq_target_len",
     "span_corruption", "TASKS", "DataIterator", "check_corpus_length", "make_iterator",
-    "make_lm_iterator", "known_words", "word_set", "SplitStats", "TextSource", "corpus_stats",
+    "make_lm_iterator", "example_batch", "row_length", "known_words", "word_set", "SplitStats",
+    "TextSource", "corpus_stats",
     "describe_corpus",
     "resolve_source",
     "ByteTokenizer", "SubwordTokenizer", "Tokenizer", "get_tokenizer", "regular_ids",

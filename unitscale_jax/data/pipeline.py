@@ -32,10 +32,10 @@ import numpy as np
 
 from unitscale_jax.data import objectives
 from unitscale_jax.data.sources import TextSource
-from unitscale_jax.data.tokenizers import ByteTokenizer, Tokenizer
+from unitscale_jax.data.tokenizers import ByteTokenizer, Tokenizer, regular_ids
 
 __all__ = ["TASKS", "DataIterator", "EpochShuffle", "make_iterator", "make_lm_iterator",
-           "check_corpus_length"]
+           "check_corpus_length", "row_length", "example_batch"]
 
 TASKS = ("lm", "mlm", "seq2seq")
 _MAX_SEED = 2**32
@@ -117,6 +117,30 @@ class _RepadPacked:
     def __call__(self, element) -> dict[str, np.ndarray]:
         return {"tokens": np.where(element["tokens_segment_ids"] > 0, element["tokens"],
                                    self.pad_id).astype(np.int32)}
+
+
+def row_length(task: str, seq_len: int) -> int:
+    """Tokens per packed row: ``seq_len + 1`` for the LM (inputs and targets are the row
+    shifted by one), ``seq_len`` for the encoder objectives."""
+    return seq_len + 1 if task == "lm" else seq_len
+
+
+def example_batch(task: str, *, seq_len: int, batch_size: int, tokenizer: Tokenizer | None = None,
+                  mask_prob: float = 0.15, noise_density: float = 0.15,
+                  mean_span: float = 3.0) -> dict[str, np.ndarray]:
+    """A batch with the arrays, shapes and dtypes of ``make_iterator``'s for ``task``, made
+    from rows of one repeated regular token (no data read): what a planner traces the train
+    step with (``unitscale_jax.train.plan``).
+
+    Raises:
+      ValueError: an unknown task.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {TASKS}.")
+    tokenizer = tokenizer or ByteTokenizer()
+    row = np.full((batch_size, row_length(task, seq_len)), regular_ids(tokenizer)[0], np.int32)
+    objective = _Objective(task, tokenizer, batch_size, mask_prob, noise_density, mean_span)
+    return objective({"tokens": row}, np.random.default_rng(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +320,7 @@ def make_iterator(source: TextSource, split: str = "train", *, seq_len: int, bat
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}.")
     drop_remainder = (num_epochs is None) if drop_remainder is None else drop_remainder
-    row_len = seq_len + 1 if task == "lm" else seq_len
+    row_len = row_length(task, seq_len)
     crop = packing == "crop"
     if crop:
         source.split(split)  # exists and is not empty; short documents are padded

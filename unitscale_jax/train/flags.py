@@ -408,3 +408,43 @@ def prepare_parser(prog: str = "unitscale-jax prepare") -> Parser:
                    help="MiB of input per piece; a worker holds one in memory "
                         "(default: %(default)s)")
     return p
+
+
+PLAN_SKIP = ("--sharding", "--tensor-parallel", "--distributed", "--run-dir", "--overwrite",
+             "--progress", "--tensorboard", "--plot", "--checkpoint", "--checkpoint-every",
+             "--keep-checkpoints", "--async-checkpointing", "--init-from", "--distill-from",
+             "--distill-temperature", "--distill-weight", "--eval-every", "--eval-batches",
+             "--log-every", "--data", "--data-dir", "--text-key", "--validation-fraction",
+             "--packing")
+"""``train`` flags a plan has no use for: ``--mesh`` sets the sharding, nothing is read,
+written or trained."""
+
+
+def plan_parser(base: Config, prog: str = "unitscale-jax plan") -> Parser:
+    from unitscale_jax.train.plan import ACCELERATORS
+    p = Parser(prog=prog, description="Plan a run for a device mesh without the devices: "
+               "compile its real train step for fake CPU devices (no weights allocated) and "
+               "report per-device memory, FLOPs and collectives, and the step time and MFU "
+               "predicted for an accelerator (unitscale_jax.train.plan).")
+    p.add_argument("--preset", default=base.preset, choices=tuple(PRESETS),
+                   help="starting configuration (default: %(default)s)")
+    p.add_argument("--config", default=None, help="a saved config.json to start from")
+    p.add_argument("--mesh", required=True, metavar="data=D,fsdp=F,tensor=T",
+                   help="mesh axis sizes (left out: 1); their product is the device count")
+    p.add_argument("--accelerator", default=None, choices=tuple(ACCELERATORS),
+                   help="predict step time and MFU on this chip (default: no prediction)")
+    p.add_argument("--vocab-size", type=_number(int, True, "--vocab-size"), default=None,
+                   help="vocabulary (default: the preset's, 32000 for 1b/3b/7b, else the "
+                        "tokenizer's)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the plan here")
+    add_config_flags(p, base, skip=PLAN_SKIP)
+    return p
+
+
+def parse_plan_args(argv: Sequence[str], prog: str = "unitscale-jax plan"
+                    ) -> tuple[Config, argparse.Namespace]:
+    """``(config, namespace)`` of ``unitscale-jax plan`` (the namespace holds ``mesh``,
+    ``accelerator``, ``vocab_size`` and ``json``)."""
+    base, _ = _base_config(argv, prog)
+    ns = plan_parser(base, prog).parse_all(argv)
+    return _config_from(ns, base), ns

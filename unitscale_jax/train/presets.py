@@ -1,9 +1,16 @@
-"""Named starting configurations: ``demo``, ``tiny``, ``small``, ``base``.
+"""Named starting configurations: ``demo``, ``tiny``, ``small``, ``base``, ``1b``, ``3b``, ``7b``.
 
 ``demo`` (what ``make demo`` trains) reaches a validation loss under 2 nats per byte on the
 built-in corpus in about five minutes on two CPU cores; ``tiny`` trains in about a minute
 (the tests' starting point), ``small`` in a few minutes, ``base`` is sized for one
-accelerator. Command-line flags override any field of a preset.
+accelerator. ``1b``, ``3b`` and ``7b`` are pod-sized decoders with Llama-like shapes (RoPE,
+SwiGLU, RMS norm; the widths, depths, heads and MLP sizes of TinyLlama-1.1B, OpenLLaMA-3B and
+Llama-2-7B), 2048-token sequences, bfloat16 compute, FSDP, scanned and rematerialised layers;
+their parameter counts (``PARAMETERS``) assume the 32000-entry vocabulary of
+``VOCAB_SIZES``: train them with a tokenizer of that size (``--tokenizer hf:tok.json``, e.g.
+from ``unitscale-jax tokenizer train --vocab-size 32000``); ``unitscale-jax plan`` sizes
+them for a device mesh (``unitscale_jax.train.plan``). Command-line flags override any field
+of a preset.
 """
 
 from __future__ import annotations
@@ -60,7 +67,42 @@ def _base() -> Config:
                   preset="base")
 
 
-PRESETS = {"demo": _demo, "tiny": _tiny, "small": _small, "base": _base}
+def _llama(d_model: int, n_layers: int, n_heads: int, d_ff: int, n_kv_heads=None, *,
+           batch_size: int, name: str) -> Config:
+    return Config(ModelConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                              n_kv_heads=n_kv_heads, d_ff=d_ff, rope=True, scan_layers=True,
+                              remat=True),
+                  DataConfig(seq_len=2048),
+                  OptimizerConfig(),
+                  TrainingConfig(steps=20000, batch_size=batch_size, eval_every=1000,
+                                 eval_batches=16, log_every=10, precision="bf16",
+                                 sharding="fsdp"),
+                  preset=name)
+
+
+def _1b() -> Config:  # TinyLlama-1.1B's shapes (grouped-query attention, 4 kv heads)
+    return _llama(2048, 22, 32, 5632, n_kv_heads=4, batch_size=256, name="1b")
+
+
+def _3b() -> Config:  # OpenLLaMA-3B's shapes
+    return _llama(3200, 26, 32, 8640, batch_size=512, name="3b")
+
+
+def _7b() -> Config:  # Llama-2-7B's shapes
+    return _llama(4096, 32, 32, 11008, batch_size=1024, name="7b")
+
+
+PRESETS = {"demo": _demo, "tiny": _tiny, "small": _small, "base": _base, "1b": _1b, "3b": _3b,
+           "7b": _7b}
+
+VOCAB_SIZES = {"1b": 32000, "3b": 32000, "7b": 32000}
+"""The vocabulary each pod-sized preset is meant for (its ``PARAMETERS`` count and what
+``unitscale-jax plan`` assumes unless given ``--vocab-size``); the other presets use their
+tokenizer's (``bytes``: 260)."""
+
+PARAMETERS = {"1b": 1_099_956_224, "3b": 3_426_304_000, "7b": 6_738_149_376}
+"""Parameters of the pod-sized presets' decoders at ``VOCAB_SIZES`` (untied embedding and
+readout; u-muP's norms have no gains, so Llama-2-7B's 6,738,415,616 is 65 x 4096 more)."""
 
 
 def get_preset(name: str) -> Config:
