@@ -244,5 +244,5 @@ def test_depth_exponent_carried_by_the_stack(scan):
     for name, (act, grad) in stats.items():
         if not name.endswith(("logits", ".q", ".k")):
             assert 0.5 <= act <= 2 and 0.5 <= grad <= 2, (name, act, grad)
-    with pytest.raises(ValueError, match=r"depth_exponent must be a float in \[0.5, 1\]"):
+    with pytest.raises(ValueError, match=r"depth_exponent must be in \[0.5, 1\]"):
         CFG.replace(depth_exponent=2.0)

@@ -23,6 +23,7 @@ from unitscale_jax.ops.plain import (
     PALLAS_TPU_HEAD_DIM_TILE,
     check_block_sizes,
 )
+from unitscale_jax.params import check_depth_exponent
 
 MLP_KINDS = ("swiglu", "gelu")
 ATTENTION_PATTERN_KINDS = ("local", "global")
@@ -241,9 +242,12 @@ class TransformerConfig:
             if not (v > 0 and math.isfinite(v)):
                 fail(f"{name} must be a finite float > 0, got {getattr(self, name)!r}.")
         if isinstance(self.depth_exponent, bool) or not isinstance(
-                self.depth_exponent, (int, float)) or not 0.5 <= self.depth_exponent <= 1:
-            fail(f"depth_exponent must be a float in [0.5, 1] (0.5: u-muP / depth-muP, 1: "
-                 f"CompleteP), got {self.depth_exponent!r}.")
+                self.depth_exponent, (int, float)):
+            fail(f"depth_exponent must be a float, got {self.depth_exponent!r}.")
+        try:
+            check_depth_exponent(self.depth_exponent)
+        except ValueError as e:
+            fail(str(e))
         if self.sp_init_std is not None and not float(self.sp_init_std) > 0:
             fail(f"sp_init_std must be > 0 or None, got {self.sp_init_std}.")
         if self.n_decoder_layers is not None and (

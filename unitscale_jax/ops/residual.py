@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 from unitscale_jax.ops._scale import is_static, scale_bwd_any, scale_fwd_any
-from unitscale_jax.params import check_depth_exponent
 
 
 def _weights(tau):
@@ -114,14 +113,16 @@ def transformer_residual_scaling_rule(
     Args:
       residual_mult: u-muP's ``alpha_res``.
       residual_attn_ratio: u-muP's ``alpha_res-attn-ratio``.
-      depth_exponent: ``a`` in ``[0.5, 1]``.
+      depth_exponent: ``a > 0``; the models take it in ``[0.5, 1]``
+        (``TransformerConfig.depth_exponent``), where the analyses above hold.
 
     Returns:
       ``tau(index, n_branches) -> float``.
     """
     if residual_mult <= 0 or residual_attn_ratio <= 0:
         raise ValueError("residual_mult and residual_attn_ratio must be > 0.")
-    check_depth_exponent(depth_exponent)
+    if not float(depth_exponent) > 0:
+        raise ValueError(f"depth_exponent must be > 0, got {depth_exponent}.")
     alpha_mlp = residual_mult * (2.0 / (1.0 + residual_attn_ratio**2)) ** 0.5
     alpha_attn = residual_attn_ratio * alpha_mlp
 
