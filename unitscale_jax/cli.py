@@ -93,6 +93,9 @@ def _train(argv: Sequence[str], prog: str) -> int:
     from unitscale_jax.train.loop import format_summary, run
     cfg = parse_train_args(argv, prog)
     summary = run(cfg)
+    import jax
+    if jax.process_index() != 0:  # a multi-process run: process 0 reports
+        return 0
     print(format_summary(summary), flush=True)
     if summary["checkpoint"]:
         prompt = "'The '" if cfg.model.kind == "decoder" else "'The <mask> of the'"
@@ -255,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
     _keep_freed_memory()
     _quiet_logs()
     from unitscale_jax.paths import PathError
-    from unitscale_jax.train.errors import TrainingStopped, UsageError
+    from unitscale_jax.train.errors import PeerLost, TrainingStopped, UsageError
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0
@@ -276,6 +279,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax") -> i
         return 2
     except TrainingStopped as e:
         print(f"{prog}: stopped: {e}", file=sys.stderr)
+        if isinstance(e, PeerLost):  # not JAX's exit barrier, which waits for the dead peer
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted.", file=sys.stderr)

@@ -124,6 +124,12 @@ class DataConfig:
     mask_prob: float = _f(0.15, "masked-LM selection probability (encoder)")
     noise_density: float = _f(0.15, "span-corruption noise density (encdec)")
     mean_span: float = _f(3.0, "span-corruption mean span length (encdec)")
+    data_shards: Optional[int] = _f(None, "record shards the data is read in: shard k reads "
+                                    "records k::N and gives batch_size/N rows of every batch, "
+                                    "each process reads the shards of its rows; runs with the "
+                                    "same value read the same batches on any number of "
+                                    "processes (default: one per process, or a checkpoint's "
+                                    "count when resuming)")
 
 
 @dataclasses.dataclass
@@ -193,6 +199,17 @@ class TrainingConfig:
                                         "and vocabulary; at most 2 for fsdp_tp)")
     distributed: str = _f("auto", "jax.distributed.initialize: auto (when a cluster "
                           "environment is detected), on or off", choices=DISTRIBUTED)
+    coordinator_address: Optional[str] = _f(None, "multi-process run started by hand: "
+                                            "HOST:PORT of process 0's coordinator (with "
+                                            "--num-processes and --process-id, on every "
+                                            "process; see unitscale_jax.train.distributed)")
+    num_processes: Optional[int] = _f(None, "multi-process run started by hand: the number "
+                                      "of processes")
+    process_id: Optional[int] = _f(None, "multi-process run started by hand: this process's "
+                                   "index in [0, --num-processes)")
+    init_timeout: int = _f(300, "multi-process: seconds to wait for every process to join")
+    heartbeat_timeout: int = _f(100, "multi-process: seconds without a heartbeat after which "
+                                "a process counts as dead (the others then stop)")
     progress: bool = _f(True, "show a progress bar")
     tensorboard: bool = _f(True, "write TensorBoard event files")
     plot: bool = _f(True, "write a PNG of the loss curves at the end")
@@ -252,7 +269,8 @@ OPTIONAL_SECTIONS = {"finetune": FinetuneConfig}
 RESUMABLE_CHANGES = {("training", f) for f in (
     "steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "keep_checkpoints",
     "async_checkpointing", "run_dir", "progress", "tensorboard", "plot", "overwrite",
-    "distributed")} | {("finetune", "patience")}
+    "distributed", "coordinator_address", "num_processes", "process_id", "init_timeout",
+    "heartbeat_timeout")} | {("finetune", "patience")}
 
 
 @dataclasses.dataclass
@@ -386,6 +404,10 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"--distill-temperature must be > 0, got {t.distill_temperature}.")
     if not 0 <= t.distill_weight <= 1:
         raise UsageError(f"--distill-weight must be in [0, 1], got {t.distill_weight}.")
+    if d.data_shards is not None and not (d.data_shards >= 1
+                                          and t.batch_size % d.data_shards == 0):
+        raise UsageError(f"--data-shards must be >= 1 and divide --batch-size "
+                         f"({t.batch_size}), got {d.data_shards}.")
     if t.tensor_parallel is not None and t.tensor_parallel < 1:
         raise UsageError(f"--tensor-parallel must be >= 1, got {t.tensor_parallel}.")
     if cfg.finetune is not None:

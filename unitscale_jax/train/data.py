@@ -8,12 +8,20 @@ that names the ``--data`` / ``--seq-len`` value.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
-from typing import Any, Callable
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import numpy as np
 
 from unitscale_jax import data as datalib
 from unitscale_jax import paths
 from unitscale_jax.paths import PathError
+from unitscale_jax.train import distributed
 from unitscale_jax.train.config import Config
 from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train.tasks import get_task
@@ -71,12 +79,19 @@ class RunData:
         return self._iterator(cfg, "train", cfg.training.batch_size // shard_count,
                               shard_index=shard_index, shard_count=shard_count)
 
-    def eval_batches(self, cfg: Config, n: int) -> list[dict]:
+    def eval_batches(self, cfg: Config, n: int, *,
+                     shard: Optional[tuple[int, int]] = None) -> list[dict]:
         """The first ``n`` batches of one in-order pass over the validation split (fewer if
-        the split is smaller); the same batches at every evaluation."""
-        import jax
-        it = self._iterator(cfg, "validation", cfg.training.batch_size // jax.process_count(),
-                            shard_index=jax.process_index(), shard_count=jax.process_count(),
+        the split is smaller); the same batches at every evaluation.
+
+        Args:
+          shard: ``(index, count)``: the rows of record shard ``index`` of ``count``
+            (``batch_size / count`` per batch); default this process's
+            (``jax.process_index()`` of ``jax.process_count()``).
+        """
+        index, count = (jax.process_index(), jax.process_count()) if shard is None else shard
+        it = self._iterator(cfg, "validation", cfg.training.batch_size // count,
+                            shard_index=index, shard_count=count,
                             num_epochs=1, shuffle=False, drop_remainder=False)
         return list(itertools.islice(it, n))
 
@@ -128,3 +143,146 @@ def load_data(cfg: Config, log: Callable[[str], None] = print) -> RunData:
         f"tokenizer {getattr(tokenizer, 'name', type(tokenizer).__name__)} (vocabulary "
         f"{tokenizer.vocab_size})")
     return RunData(source, tokenizer, task, stats["validation"].bytes_per_token)
+
+
+# --------------------------------------------------------------------------- data shards
+
+BATCH_LOG_ENV = "UNITSCALE_JAX_BATCH_LOG"
+"""A directory: each process appends, per training step, the record shards it read and a
+digest of each of its batch rows to ``process-<i>.jsonl`` there (``record_batch``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shards:
+    """How a run reads its batches: ``count`` record shards (shard ``k`` reads records
+    ``k::count`` and gives rows ``[k, k + 1) * batch_size / count`` of every batch); this
+    process reads the shards in ``local``, the rows its devices hold."""
+
+    count: int
+    local: tuple[int, ...]
+
+
+def data_shards(rows: list[tuple[int, int]], batch_size: int,
+                count: Optional[int] = None, *, resuming: bool = False) -> Shards:
+    """The record shards of this process, from every process's batch rows
+    (``train.step.process_rows``).
+
+    Args:
+      count: the number of shards; default the fewest that give every process whole shards
+        (one per process, or per tensor-parallel group of processes).
+      resuming: ``count`` is a checkpoint's (for the error message).
+
+    Raises:
+      UsageError: ``count`` does not divide the batch, or a process's rows are not whole
+        shards.
+    """
+    bounds = sorted({b for r in rows for b in r} | {0, batch_size})
+    fewest = batch_size // np.gcd.reduce(np.asarray(bounds[1:], np.int64))
+    count = int(fewest if count is None else count)
+    if batch_size % count or any(b * count % batch_size for b in bounds):
+        fix = (f"resume it on a number of processes that {count} shard(s) split over (to move "
+               "a run between process counts, start it with --data-shards, e.g. 4)"
+               if resuming else f"pass --data-shards as a multiple of {fewest} that divides "
+               f"{batch_size}")
+        raise UsageError(f"{'the checkpoint was read in ' if resuming else ''}{count} data "
+                         f"shard(s), which do not fit this run: each process reads whole shards "
+                         f"of the --batch-size {batch_size} batch, and its processes hold the "
+                         f"rows {rows}; {fix}.")
+    start, stop = rows[jax.process_index()]
+    per = batch_size // count
+    return Shards(count, tuple(range(start // per, stop // per)))
+
+
+class ShardedBatches:
+    """This process's rows of every training batch: the batches of its record shards
+    (``Shards.local``), one iterator each, joined along the batch axis.
+
+    ``get_state`` is a collective (every process calls it at the same step): the position of
+    every shard of the run, so that a run on any number of processes resumes it.
+
+    Args:
+      make: ``make(index, count)``: the iterator of record shard ``index`` of ``count``.
+      layout: ``layout(count, resuming=False)``: this process's ``Shards`` for ``count``
+        shards (None: the default count; ``data_shards``); called again when a checkpoint was
+        read in another count of shards.
+      count: the ``--data-shards`` given (None: the default, or a checkpoint's count).
+    """
+
+    def __init__(self, make: Callable[[int, int], Iterator], layout: Callable[..., Shards],
+                 count: Optional[int] = None):
+        self._make, self._layout, self._given = make, layout, count
+        self._open(layout(count))
+
+    def _open(self, shards: Shards) -> None:
+        self.shards = shards
+        self.iterators = [self._make(k, shards.count) for k in shards.local]
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        batches = [next(it) for it in self.iterators]
+        if len(batches) == 1:
+            return batches[0]
+        return jax.tree.map(lambda *a: np.concatenate(a), *batches)
+
+    def get_state(self) -> dict:
+        """``{"shards": count, "states": [the state of each shard]}`` (JSON)."""
+        merged: dict[str, Any] = {}
+        for part in distributed.gather_json({str(k): it.get_state() for k, it in
+                                             zip(self.shards.local, self.iterators)}):
+            merged.update(part)
+        return {"shards": self.shards.count,
+                "states": [merged[str(k)] for k in range(self.shards.count)]}
+
+    def set_state(self, state: dict) -> None:
+        """Resumes from ``get_state`` (or a one-iterator state of an older checkpoint).
+
+        Raises:
+          UsageError: the checkpoint's shards do not split over this run's processes, or
+            its data state does not match the data settings.
+        """
+        if not (isinstance(state, dict) and "states" in state):
+            state = {"shards": 1, "states": [state]}
+        count = int(state["shards"])
+        if count != self.shards.count:
+            if self._given is not None:
+                raise UsageError(f"the checkpoint's data was read in {count} shards, not "
+                                 f"--data-shards {self._given}; resume with --data-shards "
+                                 f"{count}.")
+            self._open(self._layout(count, resuming=True))
+        for k, it in zip(self.shards.local, self.iterators):
+            try:
+                it.set_state(state["states"][k])
+            except ValueError as e:
+                raise UsageError(f"cannot resume the data pipeline of shard {k}: {e}") from None
+
+
+def join_eval(per_shard: list[list[dict]]) -> list[dict]:
+    """This process's validation batches from those of its shards: the first ``m`` of each
+    joined along the batch axis, ``m`` the fewest any shard of any process has (so every
+    process evaluates the same number of batches; a collective)."""
+    m = min(distributed.gather_json(min(len(b) for b in per_shard)))
+    return [b[0] if len(b) == 1 else jax.tree.map(lambda *a: np.concatenate(a), *b)
+            for b in zip(*(batches[:m] for batches in per_shard))]
+
+
+def record_batch(step: int, batch: Any, shards: Shards) -> None:
+    """With ``$UNITSCALE_JAX_BATCH_LOG`` set, appends this process's shards and the SHA-1 of
+    each row of ``batch`` (all its arrays) at ``step`` to ``process-<i>.jsonl`` there."""
+    where = os.environ.get(BATCH_LOG_ENV)
+    if not where:
+        return
+    leaves = [np.asarray(a) for a in jax.tree.leaves(batch)]
+    rows = []
+    for i in range(leaves[0].shape[0]):
+        h = hashlib.sha1()
+        for a in leaves:
+            h.update(np.ascontiguousarray(a[i]).tobytes())
+        rows.append(h.hexdigest())
+    line = {"step": int(step), "process": jax.process_index(), "shards": list(shards.local),
+            "count": shards.count, "rows": rows}
+    path = Path(where) / f"process-{jax.process_index()}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")

@@ -9,3 +9,8 @@ class UsageError(Exception):
 
 class TrainingStopped(Exception):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class PeerLost(TrainingStopped):
+    """A process of a multi-process run died (a collective failed); the others stop at once,
+    the last complete checkpoint is kept (``unitscale_jax.train.distributed``)."""

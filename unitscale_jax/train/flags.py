@@ -186,7 +186,8 @@ def parse_train_args(argv: Sequence[str], prog: str = "unitscale-jax train") -> 
 
 
 FINETUNE_SKIP = ("--model", "--packing", "--validation-fraction", "--text-key",
-                 "--mask-prob", "--noise-density", "--mean-span", "--eval-batches")
+                 "--mask-prob", "--noise-density", "--mean-span", "--eval-batches",
+                 "--data-shards")
 """``train`` flags that mean nothing for fine-tuning (the model is an encoder; the whole dev
 split is evaluated)."""
 

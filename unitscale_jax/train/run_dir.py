@@ -51,7 +51,9 @@ def prepare_run_dir(cfg: Config, given: Config) -> Path:
         writes a directory (or the reverse), as an interrupted or foreign run may leave.
     """
     another = "pass another --run-dir"
-    run_dir = paths.output_dir(cfg.training.run_dir, "--run-dir", another)
+    # the other processes of a multi-process run write only their checkpoint shards
+    run_dir = paths.output_dir(cfg.training.run_dir, "--run-dir", another,
+                               probe=jax.process_index() == 0)
     cfg_path = run_dir / "config.json"
     if cfg.training.overwrite and jax.process_index() == 0:
         for name in OUTPUTS:

@@ -243,7 +243,36 @@ def jit_steps(train_step, eval_step, shardings: dict, par: Parallel, *, donate: 
     return train, evaluate
 
 
+def process_rows(par: Parallel, batch_size: int) -> list[tuple[int, int]]:
+    """The rows ``[start, stop)`` of a ``batch_size`` batch that each process's devices hold
+    (in process order; processes in one tensor-parallel group hold the same rows).
+
+    Raises:
+      UsageError: a process whose devices hold rows that are not one contiguous range.
+    """
+    blocks: dict[int, set] = {}
+    for device, index in par.batch.devices_indices_map((batch_size,)).items():
+        rows = index[0]
+        blocks.setdefault(device.process_index, set()).add(
+            (rows.start or 0, batch_size if rows.stop is None else rows.stop))
+    out = []
+    for p in sorted(blocks):
+        ranges = sorted(blocks[p])
+        if any(a[1] != b[0] and a != b for a, b in zip(ranges, ranges[1:])):
+            raise UsageError(f"process {p} holds the batch rows {ranges}, not one contiguous "
+                             f"range ({par.describe()}); use another --sharding.")
+        out.append((ranges[0][0], ranges[-1][1]))
+    return out
+
+
 def put_batch(batch: dict, par: Parallel) -> dict:
-    """This process's rows of a batch -> global arrays sharded over the batch axis."""
-    return {k: jax.make_array_from_process_local_data(par.batch, np.asarray(v))
-            for k, v in batch.items()}
+    """This process's rows of a batch -> global arrays sharded over the batch axis (the
+    processes of a tensor-parallel group give the same rows)."""
+    blocks = {(idx[0].start, idx[0].stop) for idx in par.batch.addressable_devices_indices_map(
+        (par.batch_shards,)).values()}  # this process's blocks of the batch axis
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        rows = v.shape[0] // len(blocks) * par.batch_shards
+        out[k] = jax.make_array_from_process_local_data(par.batch, v, (rows, *v.shape[1:]))
+    return out

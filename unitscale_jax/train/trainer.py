@@ -25,7 +25,14 @@ from unitscale_jax.train import build, distributed, interop
 from unitscale_jax.train import step as steplib
 from unitscale_jax.train.checkpoint import Checkpoints
 from unitscale_jax.train.config import Config, resolve
-from unitscale_jax.train.data import load_data
+from unitscale_jax.train.data import (
+    RunData,
+    ShardedBatches,
+    data_shards,
+    join_eval,
+    load_data,
+    record_batch,
+)
 from unitscale_jax.train.errors import TrainingStopped, UsageError
 from unitscale_jax.train.lora_base import LoRABase, prune, restore_into
 from unitscale_jax.train.metrics import MetricsWriter, read_metrics, truncate
@@ -83,7 +90,8 @@ class Trainer:
         self.given = Config.from_dict(config) if isinstance(config, dict) else config
         self.cfg = cfg = resolve(self.given)
         t = cfg.training
-        distributed.maybe_initialize(t.distributed)
+        distributed.maybe_initialize(t)
+        distributed.check_same_config(cfg.to_dict())
         self.primary = jax.process_index() == 0
         self.quiet = quiet
         self.log = Log(self.primary, quiet)
@@ -131,8 +139,12 @@ class Trainer:
                  f"{cfg.optimizer.schedule}, precision {t.precision}; {par.describe()}")
 
         self.ckpt = self._make_checkpoints() if t.checkpoint else None
-        self.train_it = self.data.train_iterator(cfg, shard_index=jax.process_index(),
-                                                 shard_count=n_proc)
+        rows = steplib.process_rows(par, t.batch_size)
+        self.train_it = ShardedBatches(
+            lambda k, count: self.data.train_iterator(cfg, shard_index=k, shard_count=count),
+            lambda count=None, resuming=False: data_shards(rows, t.batch_size, count,
+                                                           resuming=resuming),
+            cfg.data.data_shards)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._train_step, self._eval_step = steplib.jit_steps(
             steplib.make_train_step(graphdef, self.task, tx, schedule,
@@ -289,11 +301,24 @@ class Trainer:
                                                          self.step_shardings["teacher"])}
         if self.primary:
             paths.write_text_atomic(self.run_dir / "config.json", self.given.to_json() + "\n")
-        self.eval_batches = self.data.eval_batches(self.cfg, t.eval_batches)
+        self.eval_batches = self._eval_batches()
         self.writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard,
                                     purge_step=start + 1 if start else None, enabled=self.primary)
         self.start_step = start
         return start
+
+    def _eval_batches(self) -> Any:
+        """This process's validation batches: those of its record shards
+        (``train.data.join_eval``); another kind of data reads its own per process."""
+        n, shards = self.cfg.training.eval_batches, self.train_it.shards
+        if isinstance(self.data, RunData):
+            return join_eval([self.data.eval_batches(self.cfg, n, shard=(k, shards.count))
+                              for k in shards.local])
+        if shards.local != (jax.process_index(),) or shards.count != jax.process_count():
+            raise UsageError(f"this run reads its evaluation data per process, but its "
+                             f"processes share batch rows ({self.par.describe()}); use "
+                             "--sharding dp or fsdp.")
+        return self.data.eval_batches(self.cfg, n)
 
     def step(self, batch: dict) -> dict:
         """One optimizer step on this process's rows of ``batch``; returns the step's
@@ -408,6 +433,7 @@ class Trainer:
         timing = {"first_step_s": None, "train_s": 0.0, "steps_timed": 0, "ema_tps": None,
                   "tick": time.perf_counter(), "tick_step": start}
         end = t.steps
+        lost = None
         try:
             if start == 0 and t.eval_every:
                 self.evaluate(0)
@@ -415,7 +441,9 @@ class Trainer:
             if self.stop_reason is not None:  # e.g. a resumed run that had already stopped
                 end = start
             for s in range(start + 1, t.steps + 1 if self.stop_reason is None else start + 1):
-                m = self.step(next(self.train_it))
+                batch = next(self.train_it)
+                record_batch(s, batch, self.train_it.shards)
+                m = self.step(batch)
                 if timing["first_step_s"] is None:
                     jax.block_until_ready(m)
                     timing["first_step_s"] = time.perf_counter() - timing["tick"]
@@ -449,11 +477,20 @@ class Trainer:
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the step loop
             raise TrainingStopped("interrupted; the last complete checkpoint is kept; rerun the "
                                   "same command to resume.") from None
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() == 1:
+                raise
+            lost = distributed.peer_lost(e, "the last complete checkpoint in "
+                                         f"{self.run_dir / 'checkpoints'} is kept")
+            raise lost from None
         finally:
             stop.restore()
             bar.close()
             self.log.bar = None
-            self.close()
+            if lost is None:
+                self.close()
+            elif self.writer is not None:  # not the checkpointer: it may wait for the dead peer
+                self.writer.close()
         return self._summary(startup_s, time.perf_counter() - t_loop, timing, end)
 
     def _summary(self, startup_s: float, train_s: float, timing: dict,
