@@ -10,13 +10,12 @@ into the whole batch's (``step.reduce_over_axis``: for SP the mean weighted by t
 device scores, ``jax.lax.pmean`` when they score equally many; for u-muP, whose unit-scaled
 gradients are sums scaled by ``1/sqrt(rows)``, ``jax.lax.psum / sqrt(devices)``) and every
 device applies the same optimizer update, so the replicas stay identical and the updates are
-those of the ``jit`` step. The train state has the classic ``pmap``
-layout: every leaf stacked along a leading device axis (``replicate`` / ``unreplicate``),
-batches split along it (``shard_batch``)::
+those of the ``jit`` step. The train state has the classic ``pmap`` layout: every leaf
+stacked along a leading device axis (``replicate`` / ``unreplicate``), batches split along it
+(``shard_batch``)::
 
     from unitscale_jax import train
     from unitscale_jax.train import pmap_step
-
     from unitscale_jax.train.data import load_data
 
     cfg = train.resolve(train.get_preset("tiny"))
@@ -29,7 +28,8 @@ batches split along it (``shard_batch``)::
 
 On several hosts (``jax.distributed``) each process passes the state replicated over its
 local devices and its own rows (``data.train_iterator(cfg, shard_index=jax.process_index(),
-shard_count=jax.process_count())``); the ``psum`` spans every device of every process.
+shard_count=jax.process_count())``); the ``psum`` spans every device of every process
+(what ``pmap`` documents; the tests here run one process with 8 devices).
 ``jit`` with a mesh remains the recommended path (see the training guide): JAX documents
 ``pmap`` as the old way of parallel mapping, superseded by ``jax.shard_map`` and ``jit``
 with shardings (on which it is now implemented), and only the mesh path shards parameters
