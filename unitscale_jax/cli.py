@@ -48,7 +48,9 @@ USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,prepare,convert,
   finetune fine-tune an encoder: --task classify|tag --data DIR (or --train F --dev F)
            [--init-from RUN_DIR] [--freeze-trunk]; --help for options
   evaluate score a fine-tuned run: --run-dir DIR --data FILE (writes report.json)
+           [--task NAME: a multi-task run's task]
   predict  predictions of a fine-tuned run: --run-dir DIR --data FILE --out FILE
+           [--task NAME]
 """
 
 
@@ -236,9 +238,10 @@ def _evaluate(argv: Sequence[str], prog: str) -> int:
     from unitscale_jax.train.flags import evaluate_parser
     ns = evaluate_parser(prog).parse_all(argv)
     report, table = evaluate_run(ns.run_dir, ns.data, out=ns.out, step=ns.step,
-                                 log=lambda m: print(m, file=sys.stderr))
+                                 log=lambda m: print(m, file=sys.stderr), task_name=ns.task_name)
+    head = f" (task {ns.task_name})" if ns.task_name else ""
     print(f"{ns.data}: {report['n_examples']} examples, step {report['step']} of "
-          f"{ns.run_dir}\n{table}\n  report: {report['report']}", flush=True)
+          f"{ns.run_dir}{head}\n{table}\n  report: {report['report']}", flush=True)
     return 0
 
 
@@ -247,7 +250,7 @@ def _predict(argv: Sequence[str], prog: str) -> int:
     from unitscale_jax.train.flags import predict_parser
     ns = predict_parser(prog).parse_all(argv)
     n = predict_run(ns.run_dir, ns.data, ns.out, step=ns.step,
-                    log=lambda m: print(m, file=sys.stderr))
+                    log=lambda m: print(m, file=sys.stderr), task_name=ns.task_name)
     print(f"predictions for {n} examples -> {ns.out}", flush=True)
     return 0
 

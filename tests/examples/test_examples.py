@@ -132,3 +132,24 @@ def test_finetune_sst2_script(tmp_path):
     missing = subprocess.run(["bash", str(EXAMPLES / "finetune_sst2.sh"), str(tmp_path / "none")],
                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+
+
+def test_pmap_data_parallel():
+    out = run_example("pmap_data_parallel.py", "--steps", "20", "--devices", "4").stdout
+    assert out.startswith("devices: 4 cpu, batch 16 (4 rows per device), 20 steps"), out
+    losses = [float(v) for v in re.findall(rf"^step \d+: train loss ({NUMBER}) \(devices "
+                                           r"agree: yes\)$", out, flags=re.M)]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses), out
+    assert "replicas identical: yes" in out
+    before, after = (float(v) for v in re.search(
+        rf"^validation loss: ({NUMBER}) at initialisation, ({NUMBER}) after 20 steps", out,
+        flags=re.M).groups())
+    assert after < before - 1.0, out  # bytes: ~ln(256) = 5.5 nats at init
+
+
+def test_pmap_data_parallel_batch_not_split_over_devices():
+    proc = run_example("pmap_data_parallel.py", "--steps", "1", "--devices", "4",
+                       "--batch-size", "10", expect_rc=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pmap_data_parallel.py: error: batch entry") \
+        and "use a batch size that is a multiple of 4" in lines[0], proc.stderr

@@ -21,7 +21,8 @@ on labelled data (``unitscale_jax.data.labelled``):
 
 ``evaluate_run`` and ``predict_run`` load a finished run's best checkpoint (``load_finetuned``)
 to score a labelled file (``report.json``) or to write predictions next to the input lines
-(atomically: a temporary file renamed into place).
+(atomically: a temporary file renamed into place); of a multi-task run they use one task's
+head (``--task NAME``, ``Head``: ``multitask.run_head``).
 """
 
 from __future__ import annotations
@@ -615,7 +616,9 @@ def format_finetune_summary(s: dict) -> str:
     for key in ("dev_report", "test_report"):
         if s.get(key):
             lines.append(f"  {key.replace('_', ' ') + ':':<13}{s[key]}")
-    lines.append(f"  evaluate:    unitscale-jax evaluate --run-dir {s['run_dir']} --data FILE")
+    several = any(k.startswith("dev_report_") for k in s)  # a multi-task run's reports
+    lines.append(f"  evaluate:    unitscale-jax evaluate --run-dir {s['run_dir']} --data FILE"
+                 + (" --task NAME" if several else ""))
     return "\n".join(lines)
 
 
@@ -624,7 +627,8 @@ def format_finetune_summary(s: dict) -> str:
 
 @dataclasses.dataclass
 class Finetuned:
-    """A fine-tuned run loaded for scoring or prediction."""
+    """A fine-tuned run loaded for scoring or prediction: ``cfg``, ``vocab`` and ``predict``
+    are those of one task head (``Head``), ``task`` the run's (its whole model)."""
 
     cfg: Config
     vocab: datalib.LabelVocab
@@ -633,15 +637,76 @@ class Finetuned:
     params: Any
     step: int
     predict: Callable
+    task_name: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Head:
+    """The task head of a finished run that ``evaluate`` / ``predict`` score.
+
+    Attributes:
+      cfg: the head's single-task config (its ``--task`` kind, columns, tag scheme).
+      vocab: its label set.
+      task: the run's ``Task`` (what its model is: a ``multitask.MultiTask`` for a
+        multi-task run).
+      make_predict: ``graphdef -> predict(params, batch) -> (loss sums, predictions)`` of
+        the head (to jit).
+      best_metric: what ranks the run's checkpoints (the best one is loaded).
+      name: the task's name in a multi-task run (None in a single-task run).
+    """
+
+    cfg: Config
+    vocab: datalib.LabelVocab
+    task: Task
+    make_predict: Callable[[Any], Callable]
+    best_metric: str
+    name: Optional[str] = None
+
+
+def read_labels(run_dir: Path, name: str = LABELS_FILE) -> datalib.LabelVocab:
+    """The label vocabulary a run saved in ``run_dir/name``.
+
+    Raises:
+      UsageError: the file is missing or unreadable.
+    """
+    try:
+        return datalib.LabelVocab.from_json((run_dir / name).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--run-dir {run_dir}: no readable {name} ({e}); the run never "
+                         "started training.") from None
+
+
+def _head(run_dir: Path, cfg: Config, task_name: Optional[str], vocab_size: int) -> Head:
+    if cfg.finetune.tasks:
+        from unitscale_jax.train.multitask import run_head
+        return run_head(run_dir, cfg, task_name, vocab_size)
+    if task_name is not None:
+        raise UsageError(f"--task {task_name}: --run-dir {run_dir} is a single-task run (a "
+                         f"{cfg.finetune.task} head); drop --task.")
+    vocab = read_labels(run_dir)
+    task = make_task(cfg, vocab)
+    return Head(cfg, vocab, task, lambda graphdef: predict_fn(graphdef, task),
+                TASK_METRICS[cfg.finetune.task])
 
 
 def load_finetuned(run_dir: str | os.PathLike, *, step: Optional[int] = None,
-                   log: Callable[[str], None] = print) -> Finetuned:
+                   log: Callable[[str], None] = print, task_name: Optional[str] = None,
+                   multitask: bool = False) -> Finetuned:
     """A fine-tuning run's config, labels, tokenizer and parameters (its best checkpoint by
     the dev score, or ``step``).
 
+    Args:
+      run_dir: the run directory.
+      step: the checkpoint to load (default the best).
+      log: where notes go.
+      task_name: the head of a multi-task run to score (``--task NAME``; needed when it has
+        several labelled tasks); the run's one head by default.
+      multitask: accept a multi-task run (``evaluate`` / ``predict``); else it is refused.
+
     Raises:
-      UsageError: not a directory, not a fine-tuning run, no checkpoint, no such step.
+      UsageError: not a directory, not a fine-tuning run, a multi-task run (unless
+        ``multitask``) without ``task_name`` naming one of its tasks, no checkpoint, no
+        such step.
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -651,17 +716,14 @@ def load_finetuned(run_dir: str | os.PathLike, *, step: Optional[int] = None,
         raise UsageError(f"--run-dir {run_dir} is not a fine-tuning run (it is a 'train "
                          f"--model {given.model.kind}' run); pass a run of 'unitscale-jax "
                          "finetune'.")
-    if given.finetune.tasks:
-        raise UsageError(f"--run-dir {run_dir} is a multi-task run; evaluate / predict load "
-                         "single-task runs (its per-task scores are in dev_report_NAME.json).")
+    if given.finetune.tasks and not multitask:
+        raise UsageError(f"--run-dir {run_dir} is a multi-task run; only evaluate / predict "
+                         "(with --task NAME) read one (its per-task scores are in "
+                         "dev_report_NAME.json).")
     cfg = resolve(given)
-    try:
-        vocab = datalib.LabelVocab.from_json((run_dir / LABELS_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--run-dir {run_dir}: no readable {LABELS_FILE} ({e}); the run never "
-                         "started training.") from None
     tokenizer = load_tokenizer(cfg.data.tokenizer, "tokenizer of the run:")
-    task = make_task(cfg, vocab)
+    head = _head(run_dir, cfg, task_name, tokenizer.vocab_size)
+    task = head.task
     abstract_model = nnx.eval_shape(lambda: build.build_model(cfg, tokenizer.vocab_size,
                                                               task=task))
     graphdef, _ = nnx.split(abstract_model, nnx.Param)
@@ -673,7 +735,7 @@ def load_finetuned(run_dir: str | os.PathLike, *, step: Optional[int] = None,
     if not ckpt_dir.is_dir():
         raise UsageError(f"--run-dir {run_dir}: no checkpoints directory; the run saved none.")
     ckpt = Checkpoints(ckpt_dir, async_save=False, log=log,
-                       best_metric=TASK_METRICS[cfg.finetune.task])
+                       best_metric=head.best_metric)
     base = LoRABase.read(run_dir) if build.uses_lora(cfg) else None
     try:
         have = ckpt.steps()
@@ -692,8 +754,8 @@ def load_finetuned(run_dir: str | os.PathLike, *, step: Optional[int] = None,
             step, state, _ = found
     finally:
         ckpt.close()
-    return Finetuned(cfg, vocab, tokenizer, task, state["params"], step,
-                     jax.jit(predict_fn(graphdef, task)))
+    return Finetuned(head.cfg, head.vocab, tokenizer, task, state["params"], step,
+                     jax.jit(head.make_predict(graphdef)), head.name)
 
 
 def _read_input(run: Finetuned, path: str | os.PathLike, *, with_labels: bool, log):
@@ -725,27 +787,36 @@ def _predict_all(run: Finetuned, encoded) -> np.ndarray:
 
 def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *,
                  out: Optional[str | os.PathLike] = None, step: Optional[int] = None,
-                 log: Callable[[str], None] = print) -> tuple[dict, str]:
+                 log: Callable[[str], None] = print,
+                 task_name: Optional[str] = None) -> tuple[dict, str]:
     """Scores a fine-tuned run on a labelled file; writes the report (default
-    ``RUN_DIR/report.json``, plus ``report_confusion.png`` for classification).
+    ``RUN_DIR/report.json``, for task ``NAME`` of a multi-task run ``report_NAME.json``,
+    plus ``<report>_confusion.png`` for classification).
+
+    A multi-task run is scored on one task (``task_name``, ``--task NAME``; needed when it
+    has several labelled tasks): that task's kind, labels and metric, as a single-task run
+    of it.
 
     Returns:
       ``(report, table)``: the report dict as written and the printed table.
 
     Raises:
-      UsageError: a bad run directory or data file (one line).
+      UsageError: a bad run directory, data file or task name (one line).
     """
-    run = load_finetuned(run_dir, step=step, log=log)
+    run = load_finetuned(run_dir, step=step, log=log, task_name=task_name, multitask=True)
     examples, encoded = _read_input(run, data, with_labels=True, log=log)
     if run.cfg.finetune.task == "tag" and examples.tags is None:
         raise UsageError(f"{data}: no tags to score against.")
     pred = _predict_all(run, encoded)
     scores, _ = score(run.cfg, examples, encoded, pred, run.vocab)
-    out_path = Path(out) if out is not None else Path(run_dir) / "report.json"
+    default = "report.json" if run.task_name is None else f"report_{run.task_name}.json"
+    out_path = Path(out) if out is not None else Path(run_dir) / default
     png = out_path.with_name(out_path.stem + "_confusion.png")
+    named = {} if run.task_name is None else {"task_name": run.task_name}
     report = write_report(run.cfg, scores, out_path, confusion=png,
-                          extra={"run_dir": str(run_dir), "data": str(data), "step": run.step,
-                                 "truncated": int(encoded.truncated), "report": str(out_path)},
+                          extra={**named, "run_dir": str(run_dir), "data": str(data),
+                                 "step": run.step, "truncated": int(encoded.truncated),
+                                 "report": str(out_path)},
                           title=f"{Path(data).name} (step {run.step})")
     return report, format_report(run.cfg.finetune.task, scores)
 
@@ -789,19 +860,21 @@ def _conll_output(path, examples, tags: list[list[str]]) -> str:
 
 
 def predict_run(run_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
-                step: Optional[int] = None, log: Callable[[str], None] = print) -> int:
+                step: Optional[int] = None, log: Callable[[str], None] = print,
+                task_name: Optional[str] = None) -> int:
     """Writes a fine-tuned run's predictions for ``data`` to ``out``: every input line with its
     columns unchanged and the prediction appended (a ``prediction`` column / key for
     TSV/CSV/JSONL, a tag column for CoNLL token lines; blank and ``-DOCSTART-`` lines kept).
-    Nothing is written unless all of it is. Returns the number of examples.
+    Nothing is written unless all of it is. A multi-task run predicts with the head of
+    ``task_name`` (as ``evaluate_run``). Returns the number of examples.
 
     Raises:
-      UsageError: a bad run directory, input or output path (one line).
+      UsageError: a bad run directory, input or output path, or task name (one line).
     """
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; pass a file path.")
-    run = load_finetuned(run_dir, step=step, log=log)
+    run = load_finetuned(run_dir, step=step, log=log, task_name=task_name, multitask=True)
     examples, encoded = _read_input(run, data, with_labels=False, log=log)
     pred = _predict_all(run, encoded)
     if run.cfg.finetune.task == "classify":
@@ -816,6 +889,6 @@ def predict_run(run_dir: str | os.PathLike, data: str | os.PathLike, out: str | 
 
 __all__ = ["TRUNK", "FineTuner", "LabelledData", "finetune", "format_finetune_summary",
            "check_pretrained", "restore_trunk", "with_trunk", "finetune_optimizer",
-           "load_finetuned", "evaluate_run", "predict_run", "resolve_splits", "is_tfds",
-           "read_tfds_splits", "read_split",
+           "Finetuned", "Head", "read_labels", "load_finetuned", "evaluate_run", "predict_run",
+           "resolve_splits", "is_tfds", "read_tfds_splits", "read_split",
            "make_vocab", "encode_split", "make_task", "score"]

@@ -241,10 +241,18 @@ def evaluate_parser(prog: str = "unitscale-jax evaluate") -> Parser:
     p.add_argument("--run-dir", required=True, help="the fine-tuning run directory")
     p.add_argument("--data", required=True, help="a labelled file in the run's format")
     p.add_argument("--out", default=None, help="the report to write (default: "
-                   "RUN_DIR/report.json)")
+                   "RUN_DIR/report.json; RUN_DIR/report_NAME.json with --task NAME)")
     p.add_argument("--step", type=_number(int, True, "--step"), default=None,
                    help="checkpoint step to load (default: the best by the dev score)")
+    _head_option(p, "score")
     return p
+
+
+def _head_option(p: Parser, verb: str) -> None:
+    """``--task NAME``: the head of a multi-task run (``finetune --task NAME=KIND:PATH``)."""
+    p.add_argument("--task", dest="task_name", metavar="NAME", default=None,
+                   help=f"the task to {verb}, for a multi-task run (finetune --task "
+                   "NAME=KIND:PATH ...); needed when it has several")
 
 
 def predict_parser(prog: str = "unitscale-jax predict") -> Parser:
@@ -256,6 +264,7 @@ def predict_parser(prog: str = "unitscale-jax predict") -> Parser:
     p.add_argument("--out", required=True, help="the file to write (written atomically)")
     p.add_argument("--step", type=_number(int, True, "--step"), default=None,
                    help="checkpoint step to load (default: the best by the dev score)")
+    _head_option(p, "predict")
     return p
 
 

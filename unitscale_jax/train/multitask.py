@@ -13,7 +13,9 @@
   / ``TokenClassification`` on ``MultiTaskEncoder.view``), each head a readout of its task
   only, the trunk's gradient scaled by the add rule ``nn.trunk_grad_scale(weights)`` so it
   keeps the single-task scale whatever the number of tasks. With every other weight 0 a task
-  trains exactly as it does alone.
+  trains exactly as it does alone;
+- ``run_head``: one task's head of a finished run, which ``evaluate`` / ``predict --task
+  NAME`` score as a single-task run of that task.
 """
 
 from __future__ import annotations
@@ -461,6 +463,43 @@ def _task_predict_fn(graphdef, task: MultiTask, name: str):
     return predict
 
 
+def run_head(run_dir: Path, cfg: Any, name: Optional[str], vocab_size: int) -> ft.Head:
+    """The head of task ``name`` of a finished multi-task run, for ``evaluate`` / ``predict``
+    (``finetune.load_finetuned``): the task's single-task config (``task_config``), its
+    labels (``labels_<name>.json``), the run's ``MultiTask`` and the task's predictions;
+    checkpoints ranked by the run's ``SCORE``.
+
+    Args:
+      run_dir: the run directory.
+      cfg: its resolved config.
+      name: the task (``--task NAME``); may be None when the run has one labelled task.
+      vocab_size: the tokenizer's vocabulary (an MLM task's head).
+
+    Raises:
+      UsageError: no ``name`` with several labelled tasks, or a name that is not one of
+        them (both list the tasks).
+    """
+    specs, weights, _ = check_multitask_config(cfg)
+    labelled = {s.name: s for s in specs if s.kind != "mlm"}
+    tasks = ", ".join(f"{n} ({s.kind})" for n, s in labelled.items())
+    if name is None and len(labelled) > 1:
+        raise UsageError(f"--run-dir {run_dir} is a multi-task run of the tasks {tasks}; pick "
+                         "one with --task NAME.")
+    if name is not None and name not in labelled:
+        what = ("is the run's auxiliary mlm task, which has no labels to score" if
+                any(s.name == name for s in specs) else "is not a task of the run")
+        raise UsageError(f"--task {name} {what}; the tasks of --run-dir {run_dir} are "
+                         f"{tasks}: pass one of them.")
+    spec = labelled[name] if name is not None else next(iter(labelled.values()))
+    vocabs = {n: ft.read_labels(run_dir, f"labels_{n}.json") for n in labelled}
+    heads = {s.name: (s.kind, vocab_size if s.kind == "mlm" else len(vocabs[s.name]))
+             for s in specs}
+    task = MultiTask(heads, weights, pooling=cfg.finetune.pooling)
+    return ft.Head(task_config(cfg, spec), vocabs[spec.name], task,
+                   lambda graphdef: _task_predict_fn(graphdef, task, spec.name), SCORE,
+                   spec.name)
+
+
 class MultiTaskFineTuner(ft.FineTuner):
     """Fine-tunes one ``MultiTaskEncoder`` on every ``--task NAME=KIND:PATH`` (a
     ``FineTuner`` whose data is ``MultiTaskData`` and task ``MultiTask``). Each
@@ -607,4 +646,4 @@ __all__ = ["KINDS", "TaskSpec", "is_multitask_spec", "parse_task_spec", "parse_t
            "parse_task_weights", "parse_sampling", "sampling_probabilities", "allocate_rows",
            "keep_rows", "MultiTaskBatches", "make_single_task", "MultiTask", "multitask_argv",
            "check_multitask_config", "task_config", "MultiTaskData", "CorpusTask", "SCORE",
-           "MultiTaskFineTuner", "multitask_finetune"]
+           "run_head", "MultiTaskFineTuner", "multitask_finetune"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -174,7 +174,8 @@ def new_state(params, tx: optax.GradientTransformation, seed: int = 0) -> dict:
 
 def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
                     schedule: Callable, *, use_value: bool,
-                    loss_scale: Optional[float] = None, activations: bool = False) -> Callable:
+                    loss_scale: Optional[float] = None, activations: bool = False,
+                    axis_name: Optional[str] = None, unit_scaled: bool = False) -> Callable:
     """``train_step(state, batch) -> (state, metrics)`` (not jitted).
 
     With ``loss_scale`` S the step differentiates ``S * loss`` and divides the gradients by
@@ -184,10 +185,18 @@ def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
     task through ``Task.bind`` and is returned unchanged. With ``activations`` the metrics
     carry ``activations``: every value the model taps
     (``unitscale_jax.taps.capture_activations``) in the step's forward pass.
+
+    With ``axis_name`` the step runs on one device's rows under ``jax.pmap`` over that axis
+    (``unitscale_jax.train.pmap_step``): each device folds its axis index into the dropout key,
+    and the loss and gradients are combined over the axis into those of the whole batch
+    (``reduce_over_axis``; ``unit_scaled``: the model's parametrization is, which changes how
+    gradients add up) before the optimizer, so every device applies the same update.
     """
 
     def train_step(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        if axis_name is not None:  # this device's own dropout masks
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
         bound = task.bind(state["teacher"]) if "teacher" in state else task
 
         def loss_fn(params):
@@ -202,6 +211,9 @@ def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
         (_, (loss, aux)), grads = jax.value_and_grad(scaled, has_aux=True)(state["params"])
         count, acts = aux if activations else (aux, None)
         grads = precision.unscale_grads(grads, loss_scale)
+        if axis_name is not None:
+            loss, count, grads = reduce_over_axis(axis_name, loss, count, grads,
+                                                  unit_scaled=unit_scaled)
         extra = {"value": loss} if use_value else {}
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"], **extra)
         params = optax.apply_updates(state["params"], updates)
@@ -219,6 +231,34 @@ def make_train_step(graphdef, task: Task, tx: optax.GradientTransformation,
         return new, metrics
 
     return train_step
+
+
+def reduce_over_axis(axis_name: str, loss: jax.Array, count: jax.Array, grads: Any, *,
+                     unit_scaled: bool = False) -> tuple[jax.Array, jax.Array, Any]:
+    """One device's ``(mean loss, items scored, gradients)`` of its equal share of a batch
+    -> those of the whole batch, over the devices of ``axis_name`` (inside ``jax.pmap``).
+
+    The loss is the mean over every scored item: each device's weighted by its ``count``
+    (``jax.lax.psum``). Standard-parametrization gradients are those of that mean, so they
+    combine the same way (``jax.lax.pmean`` when the counts are equal). Unit-scaled
+    gradients (``unit_scaled``; ``unitscale_jax.ops``) are sums over the batch's items times
+    ``1/sqrt(rows)`` (the loss has no ``1/B`` in its backward pass, each weight gradient a
+    ``batch^-1/2``), so the whole batch's is the devices' sum over ``sqrt(devices)``
+    whatever the counts. Either way the result is what one device computing the whole
+    batch gets, up to float rounding.
+    """
+    total = jax.lax.psum(count, axis_name)
+    weight = count.astype(jnp.float32) / jnp.maximum(total, 1).astype(jnp.float32)
+
+    def mean(x):
+        return jax.lax.psum(x * weight.astype(x.dtype), axis_name)
+
+    if unit_scaled:
+        devices = jax.lax.psum(1, axis_name)
+        grads = jax.tree.map(lambda g: jax.lax.psum(g, axis_name) * devices ** -0.5, grads)
+    else:
+        grads = jax.tree.map(mean, grads)
+    return mean(loss), total, grads
 
 
 def make_eval_step(graphdef, task: Task) -> Callable:
