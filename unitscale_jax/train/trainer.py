@@ -56,6 +56,22 @@ def place(tree: Any, shardings: Any) -> Any:
         host, shardings)
 
 
+def check_pipeline_batch(batch_size: int, microbatches: int, par: steplib.Parallel) -> None:
+    """Raises ``UsageError`` unless ``microbatches`` divides each data-parallel replica's rows
+    and, across processes, each process holds whole pipelines (its rows of the batch are then
+    its own, as the data iterators assume)."""
+    rows = batch_size // par.batch_shards
+    if rows % microbatches:
+        raise UsageError(f"--microbatches {microbatches} does not divide the {rows} rows of "
+                         f"each data-parallel replica (--batch-size {batch_size} over "
+                         f"{par.batch_shards}); use a divisor of {rows}, or a --batch-size "
+                         f"that is a multiple of {par.batch_shards * microbatches}.")
+    stages, local = par.mesh.shape["stage"], jax.local_device_count()
+    if jax.process_count() > 1 and local % stages:
+        raise UsageError(f"--pipeline-stages {stages} must divide the {local} devices of each "
+                         "process (a pipeline's stages live in one process).")
+
+
 class Trainer:
     """Trains (or resumes) the run described by a config.
 
@@ -101,13 +117,16 @@ class Trainer:
         self.par = par = steplib.make_parallel(
             t.sharding, tensor_parallel=t.tensor_parallel,
             tensor_dims=(tcfg.n_heads, tcfg.kv_heads, tcfg.ffn_dim, tcfg.vocab_size),
-            devices=devices)
+            devices=devices, pipeline_stages=t.pipeline_stages, microbatches=t.microbatches,
+            pipeline_schedule=t.pipeline_schedule, pipeline_chunks=t.pipeline_chunks)
         n_proc = jax.process_count()
         if t.batch_size % par.batch_shards or t.batch_size % n_proc:
             raise UsageError(f"--batch-size {t.batch_size} is not divisible by the "
                              f"{par.batch_shards} device(s) the batch is split over "
                              f"({par.describe()}); use a multiple of "
                              f"{math.lcm(par.batch_shards, n_proc)}.")
+        if par.pipeline is not None:
+            check_pipeline_batch(t.batch_size, t.microbatches, par)
 
         abstract_model = nnx.eval_shape(lambda: build.build_model(cfg, self.data.vocab_size,
                                                                   task=self.task))
