@@ -398,13 +398,19 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"--distill-weight must be in [0, 1], got {t.distill_weight}.")
     if t.tensor_parallel is not None and t.tensor_parallel < 1:
         raise UsageError(f"--tensor-parallel must be >= 1, got {t.tensor_parallel}.")
-    _validate_pipeline(cfg)
+    validate_pipeline(cfg.model, cfg.training)
     if cfg.finetune is not None:
         _validate_finetune(cfg)
 
 
-def _validate_pipeline(cfg: Config) -> None:
-    m, t = cfg.model, cfg.training
+def validate_pipeline(m: Any, t: TrainingConfig) -> None:
+    """Checks the pipeline flags of ``t`` against the model ``m`` (a ``ModelConfig``): the
+    stacked layers of ``--scan-layers``, stages (times chunks) dividing every stack's depth,
+    circular microbatches a multiple of the stages.
+
+    Raises:
+      UsageError: naming the flags and what to change.
+    """
     p, mb, chunks = t.pipeline_stages, t.microbatches, t.pipeline_chunks
     for flag, v in [("--pipeline-stages", p), ("--microbatches", mb),
                     ("--pipeline-chunks", chunks)]:

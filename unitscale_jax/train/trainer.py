@@ -24,7 +24,7 @@ from unitscale_jax import nn, paths
 from unitscale_jax.train import build, distributed, interop
 from unitscale_jax.train import step as steplib
 from unitscale_jax.train.checkpoint import Checkpoints
-from unitscale_jax.train.config import Config, resolve
+from unitscale_jax.train.config import Config, resolve, validate_pipeline
 from unitscale_jax.train.data import load_data
 from unitscale_jax.train.errors import TrainingStopped, UsageError
 from unitscale_jax.train.lora_base import LoRABase, prune, restore_into
@@ -127,6 +127,11 @@ class Trainer:
                              f"{math.lcm(par.batch_shards, n_proc)}.")
         if par.pipeline is not None:
             check_pipeline_batch(t.batch_size, t.microbatches, par)
+            if self.teacher is not None:  # its stack runs through the pipeline too
+                try:
+                    validate_pipeline(self.teacher.cfg.model, t)
+                except UsageError as e:
+                    raise UsageError(f"the --distill-from teacher's layers: {e}") from None
 
         abstract_model = nnx.eval_shape(lambda: build.build_model(cfg, self.data.vocab_size,
                                                                   task=self.task))
