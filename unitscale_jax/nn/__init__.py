@@ -57,7 +57,12 @@ from unitscale_jax.nn.sharding import (
     logical_to_spec,
     partition_specs,
 )
-from unitscale_jax.nn.transformer import TransformerLayer, TransformerStack, branch_taus
+from unitscale_jax.nn.transformer import (
+    TransformerLayer,
+    TransformerStack,
+    branch_taus,
+    stack_runner,
+)
 from unitscale_jax.params import PARAM_TYPES, ParamInfo, info_of, param_info, umup_param
 
 __all__ = [
@@ -68,6 +73,7 @@ __all__ = [
     "partition_specs",
     "Embedding", "LayerNorm", "Linear", "LinearReadout", "RMSNorm", "MLP",
     "MultiHeadAttention", "rope", "TransformerLayer", "TransformerStack", "branch_taus",
+    "stack_runner",
     "TransformerDecoder", "TransformerEncoder", "TransformerEncoderDecoder",
     "lora", "LORA_TARGETS", "LoRAAdapter", "LoRASpec", "merge_lora",
     "MultiTaskEncoder", "trunk_grad_scale",

@@ -28,12 +28,18 @@ that mixes them keeps one such stack per group, ``{"global": {"k", "v"}, "local"
 slots), and layer ``l`` owns entry ``cache_layout(windows)[l]`` of it: unrolled stacks index it
 directly; scanned ones carry the groups through the scan (their sizes differ) and each layer
 reads and writes its entry of every group (the others unchanged) around its ``lax.switch``.
+
+Stack runners (``stack_runner``): inside ``with stack_runner(runner):`` a scanned stack called
+without a cache hands its layers to ``runner`` instead of ``jax.lax.scan`` (pipeline
+parallelism, ``unitscale_jax.train.pipeline``); the layer function it gets is the scan's body.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +55,28 @@ from unitscale_jax.nn.sharding import constrain
 from unitscale_jax.taps import suspend_taps, tap
 
 _STREAM = ("batch", "sequence", "embed")
+_RUNNER: contextvars.ContextVar = contextvars.ContextVar("unitscale_jax.nn.stack_runner",
+                                                         default=None)
+
+
+@contextlib.contextmanager
+def stack_runner(runner: Optional[Callable]) -> Iterator[None]:
+    """Runs every scanned ``TransformerStack`` traced inside (without a KV cache) through
+    ``runner`` instead of ``jax.lax.scan`` over its layers.
+
+    ``runner(layer_fn, x, xs, batched) -> y``: ``x`` the stack's input ``[batch, ...]``,
+    ``xs`` the per-layer inputs (stacked on a leading ``layers`` axis), ``batched`` a dict of
+    the arrays whose leading axis is the batch (the attention masks, cross-attention context);
+    ``layer_fn(h, layer_xs, batched_rows, microbatch)`` applies one layer to rows ``h`` of the
+    stream with those rows of ``batched``; ``microbatch`` (an int32 scalar) is folded into
+    the layer's dropout key. ``y`` must equal ``jax.lax.scan`` of ``layer_fn`` over ``xs``.
+    ``None`` restores the scan.
+    """
+    token = _RUNNER.set(runner)
+    try:
+        yield
+    finally:
+        _RUNNER.reset(token)
 
 
 def branch_taus(kinds: Sequence[str], residual_mult: float = 1.0,
@@ -326,6 +354,9 @@ class TransformerStack(nnx.Module):
         if layout is not None:
             self._check_grouped_cache(cache)
         if not self.scan:
+            if _RUNNER.get() is not None and cache is None:
+                raise ValueError("TransformerStack: a stack runner (pipeline parallelism) "
+                                 "needs the stacked layers of scan_layers=True.")
             new = []
             for l, layer in enumerate(self.layers):
                 c = None if cache is None else self._layer_cache(cache, l)
@@ -345,6 +376,9 @@ class TransformerStack(nnx.Module):
                  else jnp.asarray(np.array(self.window_index, np.int32)))
         if layout is not None:
             return self._scan_grouped(graphdef, state, x, taus, keys, cache, index, kw)
+        runner = _RUNNER.get()
+        if runner is not None and cache is None:
+            return self._run_with(runner, graphdef, (state, taus, keys, index), x, kw)
 
         def body(carry, xs):
             st, tau, key, c, idx = xs
@@ -357,6 +391,26 @@ class TransformerStack(nnx.Module):
         with suspend_taps():
             x, new_cache = jax.lax.scan(body, x, (state, taus, keys, cache, index))
         return x if cache is None else (x, new_cache)
+
+    def _run_with(self, runner: Callable, graphdef, xs: tuple, x: jax.Array, kw: dict):
+        """The scanned stack through a ``stack_runner``: the scan's body with the batch-led
+        arguments (masks, context) handed over per microbatch, the rest closed over."""
+        names = ("mask", "context", "context_mask")
+        batched = {k: kw[k] for k in names
+                   if kw[k] is not None and jnp.ndim(kw[k]) and kw[k].shape[0] == x.shape[0]}
+        shared = {k: v for k, v in kw.items() if k not in batched}
+
+        def layer_fn(h, layer_xs, rows, microbatch):
+            st, tau, key, idx = layer_xs
+            if key is not None:
+                key = jax.random.fold_in(key, microbatch)
+            layer = nnx.merge(graphdef, st)
+            return layer(h, tau, rng=key, window_index=idx, **shared, **rows)
+
+        if self.remat:
+            layer_fn = jax.checkpoint(layer_fn, prevent_cse=False)
+        with suspend_taps():
+            return runner(layer_fn, x, xs, batched)
 
     def _check_grouped_cache(self, cache: dict) -> None:
         groups = sorted({g for g, _ in self.cache_layout})

@@ -11,7 +11,7 @@ cores with no scales), which the standard and muP parametrizations use.
 
 from unitscale_jax.ops import patterns as patterns
 from unitscale_jax.ops import plain as plain
-from unitscale_jax.ops._scale import scale_bwd, scale_fwd
+from unitscale_jax.ops._scale import microbatches, scale_bwd, scale_fwd
 from unitscale_jax.ops.activations import dropout, gelu, silu, silu_glu, softmax
 from unitscale_jax.ops.attention import (
     attention_scale,
@@ -42,7 +42,8 @@ __all__ = [
     "block_sparse_mask", "cross_entropy", "dropout",
     "embedding", "gelu", "kl_divergence", "layer_norm", "linear", "linear_attention",
     "linear_attention_scales", "linear_readout", "logarithmic_interpolation",
-    "matmul", "mse_loss", "residual_add", "residual_apply", "residual_split", "rms_norm",
+    "matmul", "microbatches", "mse_loss", "residual_add", "residual_apply", "residual_split",
+    "rms_norm",
     "scale_bwd", "scale_fwd", "scaled_dot_product_attention", "silu", "silu_glu", "softmax",
     "transformer_residual_scaling_rule", "validate_constraint",
 ]

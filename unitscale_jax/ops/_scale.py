@@ -7,10 +7,36 @@ from static shapes (Blake et al., "Unit Scaling", ICML 2023, section 4).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
+
+_ROW_MULTIPLE: contextvars.ContextVar = contextvars.ContextVar("unitscale_jax.ops.microbatches",
+                                                               default=1)
+
+
+@contextlib.contextmanager
+def microbatches(m: int) -> Iterator[None]:
+    """Ops traced inside see one of ``m`` equal microbatches of the batch: the parameter
+    gradient scales that count the rows a gradient sums over (``linear``'s kernel and bias,
+    the norms' gain and bias: ``B^-1/2``) count ``m`` times the rows they see, so the ``m``
+    microbatch gradients sum to the whole batch's (pipeline parallelism)."""
+    if int(m) < 1:
+        raise ValueError(f"microbatches: m must be >= 1, got {m}.")
+    token = _ROW_MULTIPLE.set(int(m) * _ROW_MULTIPLE.get())
+    try:
+        yield
+    finally:
+        _ROW_MULTIPLE.reset(token)
+
+
+def row_multiple() -> int:
+    """The rows of the whole batch per row an op sees (``microbatches``; 1 outside)."""
+    return _ROW_MULTIPLE.get()
 
 
 def _check_scale(scale: float, name: str) -> float:

@@ -15,7 +15,7 @@ import numpy as np
 
 from unitscale_jax.ops import _wide, plain
 from unitscale_jax.ops._checks import check_linear_inputs, require_float, require_min_rank
-from unitscale_jax.ops._scale import scale_bwd, scale_fwd
+from unitscale_jax.ops._scale import row_multiple, scale_bwd, scale_fwd
 from unitscale_jax.ops.constraints import Constraint, apply_constraint
 from unitscale_jax.ops.plain import DotGeneral
 
@@ -23,7 +23,7 @@ from unitscale_jax.ops.plain import DotGeneral
 def _linear(x, kernel, bias, constraint, output_power: float, op: str, dot_general):
     check_linear_inputs(x, kernel, bias, op)
     fan_in, fan_out = kernel.shape
-    batch = max(x.size // fan_in, 1)
+    batch = max(x.size // fan_in, 1) * row_multiple()  # the whole batch's (microbatches)
     output_scale = fan_in ** -output_power
     grad_x_scale = fan_out ** -0.5
     grad_w_scale = batch ** -0.5

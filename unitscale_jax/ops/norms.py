@@ -12,10 +12,12 @@ from typing import Optional
 import jax
 
 from unitscale_jax.ops import plain
+from unitscale_jax.ops._scale import row_multiple
 
 
 def _param_grad_scale(x) -> float:
-    return (x.shape[-1] / max(x.size, 1)) ** 0.5 if x.ndim else 1.0
+    # the tokens of the whole batch when x is one of several microbatches (ops.microbatches)
+    return (x.shape[-1] / max(x.size * row_multiple(), 1)) ** 0.5 if x.ndim else 1.0
 
 
 def layer_norm(

@@ -25,6 +25,7 @@ import docstring_parser
 
 from unitscale_jax.ops.plain import ATTENTION_IMPLEMENTATIONS, ATTENTION_KINDS
 from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from unitscale_jax.train.tasks import TASKS
 
 MODEL_KINDS = tuple(TASKS)
@@ -197,6 +198,16 @@ class TrainingConfig:
     tensor_parallel: Optional[int] = _f(None, "devices per tensor-parallel group (default: "
                                         "the most that divide the devices, heads, MLP width "
                                         "and vocabulary; at most 2 for fsdp_tp)")
+    pipeline_stages: int = _f(1, "pipeline-parallel stages: the scanned layer stack split over "
+                              "a 'stage' mesh axis of this size (unitscale_jax.train.pipeline); "
+                              "must divide the devices and --n-layers")
+    microbatches: Optional[int] = _f(None, "microbatches per step of the pipeline (default: "
+                                     "--pipeline-stages); must divide each data-parallel "
+                                     "replica's rows of the batch")
+    pipeline_schedule: str = _f("gpipe", "gpipe, or circular (--pipeline-chunks layer chunks "
+                                "per stage, a smaller bubble)", choices=PIPELINE_SCHEDULES)
+    pipeline_chunks: Optional[int] = _f(None, "layer chunks per stage (circular; default 2; "
+                                        "gpipe has 1)")
     distributed: str = _f("auto", "jax.distributed.initialize: auto (when a cluster "
                           "environment is detected), on or off", choices=DISTRIBUTED)
     coordinator_address: Optional[str] = _f(None, "multi-process run started by hand: "
@@ -410,8 +421,50 @@ def validate(cfg: Config) -> None:
                          f"({t.batch_size}), got {d.data_shards}.")
     if t.tensor_parallel is not None and t.tensor_parallel < 1:
         raise UsageError(f"--tensor-parallel must be >= 1, got {t.tensor_parallel}.")
+    validate_pipeline(cfg.model, cfg.training)
     if cfg.finetune is not None:
         _validate_finetune(cfg)
+
+
+def validate_pipeline(m: Any, t: TrainingConfig) -> None:
+    """Checks the pipeline flags of ``t`` against the model ``m`` (a ``ModelConfig``): the
+    stacked layers of ``--scan-layers``, stages (times chunks) dividing every stack's depth,
+    circular microbatches a multiple of the stages.
+
+    Raises:
+      UsageError: naming the flags and what to change.
+    """
+    p, mb, chunks = t.pipeline_stages, t.microbatches, t.pipeline_chunks
+    for flag, v in [("--pipeline-stages", p), ("--microbatches", mb),
+                    ("--pipeline-chunks", chunks)]:
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}.")
+    if p == 1:
+        given = [f for f, v in [("--microbatches", mb not in (None, 1)),
+                                ("--pipeline-schedule", t.pipeline_schedule != "gpipe"),
+                                ("--pipeline-chunks", chunks not in (None, 1))] if v]
+        if given:
+            raise UsageError(f"{', '.join(given)} configure the pipeline: set "
+                             "--pipeline-stages 2 or more (or leave them out).")
+        return
+    if not m.scan_layers:
+        raise UsageError(f"--pipeline-stages {p} splits the stacked layers of --scan-layers; "
+                         "drop --no-scan-layers.")
+    v = chunks or (2 if t.pipeline_schedule == "circular" else 1)
+    if t.pipeline_schedule == "gpipe" and v != 1:
+        raise UsageError(f"--pipeline-chunks {v}: the gpipe schedule has one chunk per stage; "
+                         "use --pipeline-schedule circular.")
+    depths = {"--n-layers": m.n_layers}
+    if m.kind == "encdec":
+        depths["--n-decoder-layers"] = m.n_decoder_layers or m.n_layers
+    for flag, n in depths.items():
+        if n % (p * v):
+            what = f"--pipeline-stages {p}" + (f" x --pipeline-chunks {v}" if v > 1 else "")
+            raise UsageError(f"{what} does not divide {flag} {n} (every stage runs an equal "
+                             "share of the layers); choose a divisor.")
+    if t.pipeline_schedule == "circular" and (mb or p) % p:
+        raise UsageError(f"--microbatches {mb}: the circular schedule needs a multiple of "
+                         f"--pipeline-stages {p}.")
 
 
 def _validate_finetune(cfg: Config) -> None:
@@ -459,6 +512,10 @@ def resolve(cfg: Config) -> Config:
         opt["weight_decay"] = ((1e-4 if _unit_scaled(m.parametrization) else 0.01)
                                if o.name == "adamw" else 0.0)
     train = {}
+    if t.microbatches is None:
+        train["microbatches"] = t.pipeline_stages
+    if t.pipeline_chunks is None:
+        train["pipeline_chunks"] = 2 if t.pipeline_schedule == "circular" else 1
     if t.checkpoint_every is None:
         train["checkpoint_every"] = t.eval_every
     if t.run_dir is None:

@@ -187,9 +187,10 @@ def parse_train_args(argv: Sequence[str], prog: str = "unitscale-jax train") -> 
 
 FINETUNE_SKIP = ("--model", "--packing", "--validation-fraction", "--text-key",
                  "--mask-prob", "--noise-density", "--mean-span", "--eval-batches",
-                 "--data-shards")
+                 "--data-shards", "--pipeline-stages", "--microbatches", "--pipeline-schedule",
+                 "--pipeline-chunks")
 """``train`` flags that mean nothing for fine-tuning (the model is an encoder; the whole dev
-split is evaluated)."""
+split is evaluated; pipeline parallelism is ``train``'s)."""
 
 
 def finetune_parser(base: Config, prog: str = "unitscale-jax finetune") -> Parser:

@@ -1,7 +1,7 @@
 """The sharded train and eval steps: one ``jax.jit`` each over a ``Mesh`` of every device.
 
-The mesh has axes ``("data", "fsdp", "tensor")``; ``--sharding`` picks their sizes and the
-logical-axis rule table of ``unitscale_jax.nn.sharding``:
+The mesh has axes ``("data", "fsdp", "tensor", "stage")``; ``--sharding`` picks the sizes of
+the first three and the logical-axis rule table of ``unitscale_jax.nn.sharding``:
 
 ====================  ====================  =================================================
 ``--sharding``        mesh (data, fsdp, tp)  parameters
@@ -11,6 +11,11 @@ logical-axis rule table of ``unitscale_jax.nn.sharding``:
 ``tp``                (N/t, 1, t)           ``heads``/``mlp``/``vocab`` split over ``tensor``
 ``fsdp_tp``           (1, N/t, t)           both
 ====================  ====================  =================================================
+
+``--pipeline-stages P`` (default 1) sizes ``stage``, the innermost axis (a process's devices
+hold whole pipelines): the stacked layers' ``layers`` axis is split over it and the steps run
+the layer stack by ``unitscale_jax.train.pipeline``'s schedule; the table's ``N`` is then the
+devices per stage, ``devices / P``.
 
 Parameters, optimizer state and batches are placed with ``NamedSharding``; the model's
 activation annotations (``nn.constrain``) take effect because the steps are traced under
@@ -39,9 +44,10 @@ from unitscale_jax import nn, taps
 from unitscale_jax.train import precision
 from unitscale_jax.train.build import plateau_scale
 from unitscale_jax.train.errors import UsageError
+from unitscale_jax.train.pipeline import Pipeline, make_schedule
 from unitscale_jax.train.tasks import Task
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "stage")
 
 
 @dataclasses.dataclass
@@ -49,11 +55,13 @@ class Parallel:
     """The device mesh, rule table and the shardings every run needs.
 
     Attributes:
-      mesh: ``Mesh`` with axes ``("data", "fsdp", "tensor")``.
-      rules: logical -> mesh axis rules (``nn.logical_rules(kind, mesh)``).
+      mesh: ``Mesh`` with axes ``("data", "fsdp", "tensor", "stage")``.
+      rules: logical -> mesh axis rules (``nn.logical_rules(kind, mesh)``; with a pipeline,
+        ``layers`` -> ``stage``).
       batch: ``NamedSharding`` of ``[batch, ...]`` arrays (split on the batch axis only).
       replicated: fully replicated ``NamedSharding``.
       batch_shards: how many ways the batch axis is split.
+      pipeline: the ``train.pipeline.Pipeline`` run by the steps (None: one stage).
     """
 
     kind: str
@@ -62,18 +70,25 @@ class Parallel:
     batch: NamedSharding
     replicated: NamedSharding
     batch_shards: int
+    pipeline: Optional[Pipeline] = None
 
     @contextlib.contextmanager
     def context(self):
-        """Mesh and logical rules active: trace and run the steps inside this."""
-        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+        """Mesh and logical rules active (and the pipeline as the layer stacks' runner):
+        trace and run the steps inside this."""
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules), \
+                nn.stack_runner(self.pipeline):
             yield
 
     def describe(self) -> str:
-        shape = dict(zip(self.mesh.axis_names, self.mesh.devices.shape))
+        shape = {a: n for a, n in zip(self.mesh.axis_names, self.mesh.devices.shape)
+                 if a != "stage" or n > 1}
         kinds = {d.platform for d in self.mesh.devices.flat}
-        return (f"{self.mesh.devices.size} {'/'.join(sorted(kinds))} device(s), sharding "
+        text = (f"{self.mesh.devices.size} {'/'.join(sorted(kinds))} device(s), sharding "
                 f"{self.kind}, mesh {shape}")
+        if self.pipeline is not None:
+            text += f", {self.pipeline.describe()}"
+        return text
 
 
 def _default_tensor(n: int, divisible: tuple[int, ...]) -> int:
@@ -81,8 +96,10 @@ def _default_tensor(n: int, divisible: tuple[int, ...]) -> int:
 
 
 def make_parallel(kind: str = "dp", *, tensor_parallel: Optional[int] = None,
-                  tensor_dims: tuple[int, ...] = (), devices=None) -> Parallel:
-    """Builds the mesh for ``--sharding kind``.
+                  tensor_dims: tuple[int, ...] = (), devices=None,
+                  pipeline_stages: int = 1, microbatches: int = 1,
+                  pipeline_schedule: str = "gpipe", pipeline_chunks: int = 1) -> Parallel:
+    """Builds the mesh for ``--sharding kind`` (and ``--pipeline-stages``).
 
     Args:
       kind: ``dp``, ``fsdp``, ``tp`` or ``fsdp_tp``.
@@ -91,12 +108,21 @@ def make_parallel(kind: str = "dp", *, tensor_parallel: Optional[int] = None,
         ``fsdp_tp`` the same capped at 2.
       tensor_dims: sizes split over ``tensor`` (heads, MLP width, vocabulary).
       devices: default ``jax.devices()`` (every device of every process).
+      pipeline_stages: size of the ``stage`` axis (``unitscale_jax.train.pipeline``).
+      microbatches: microbatches per step of the pipeline.
+      pipeline_schedule: ``gpipe`` or ``circular``.
+      pipeline_chunks: layer chunks per stage (``circular``).
 
     Raises:
-      UsageError: a tensor-parallel size that does not divide the devices or the dims.
+      UsageError: a tensor-parallel size that does not divide the devices or the dims; a
+        stage count that does not divide the devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
+    stages = int(pipeline_stages)
+    if len(devices) % stages:
+        raise UsageError(f"--pipeline-stages {stages} does not divide the {len(devices)} "
+                         "devices; choose a divisor.")
+    n = len(devices) // stages
     if kind in ("dp", "fsdp"):
         if tensor_parallel not in (None, 1):
             raise UsageError(f"--tensor-parallel {tensor_parallel} needs --sharding tp or "
@@ -114,10 +140,18 @@ def make_parallel(kind: str = "dp", *, tensor_parallel: Optional[int] = None,
                              f"dimension(s) {bad} (heads, MLP width, vocabulary); choose a "
                              "divisor of all of them.")
     rest = n // t
-    shape = (rest, 1, t) if kind in ("dp", "tp") else (1, rest, t)
-    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    shape = ((rest, 1, t) if kind in ("dp", "tp") else (1, rest, t)) + (stages,)
+    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
                          devices=devices)
     rules = nn.logical_rules(kind, mesh)
+    pipe = None
+    if stages > 1:  # each stage keeps its share of the stacked layers
+        rules = tuple((name, "stage" if name == "layers" else axes) for name, axes in rules)
+        try:
+            pipe = Pipeline(mesh, make_schedule(pipeline_schedule, stages, microbatches,
+                                                pipeline_chunks))
+        except ValueError as e:
+            raise UsageError(f"--pipeline-schedule {pipeline_schedule}: {e}") from None
     spec = nn.logical_to_spec(("batch", None), rules)
     axes = spec[0] if spec and spec[0] is not None else ()
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
@@ -125,7 +159,7 @@ def make_parallel(kind: str = "dp", *, tensor_parallel: Optional[int] = None,
     # the batch axis only: the same placement for [batch, length] arrays, and valid for the
     # [batch] arrays of fine-tuning (labels, valid) too
     return Parallel(kind, mesh, rules, NamedSharding(mesh, P(*tuple(spec)[:1])),
-                    NamedSharding(mesh, P()), shards)
+                    NamedSharding(mesh, P()), shards, pipe)
 
 
 # --------------------------------------------------------------------------- shardings

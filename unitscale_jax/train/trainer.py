@@ -24,7 +24,7 @@ from unitscale_jax import nn, paths
 from unitscale_jax.train import build, distributed, interop
 from unitscale_jax.train import step as steplib
 from unitscale_jax.train.checkpoint import Checkpoints
-from unitscale_jax.train.config import Config, resolve
+from unitscale_jax.train.config import Config, resolve, validate_pipeline
 from unitscale_jax.train.data import (
     RunData,
     ShardedBatches,
@@ -61,6 +61,22 @@ def place(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx, a=a: a[idx]),
         host, shardings)
+
+
+def check_pipeline_batch(batch_size: int, microbatches: int, par: steplib.Parallel) -> None:
+    """Raises ``UsageError`` unless ``microbatches`` divides each data-parallel replica's rows
+    and, across processes, each process holds whole pipelines (its rows of the batch are then
+    its own, as the data iterators assume)."""
+    rows = batch_size // par.batch_shards
+    if rows % microbatches:
+        raise UsageError(f"--microbatches {microbatches} does not divide the {rows} rows of "
+                         f"each data-parallel replica (--batch-size {batch_size} over "
+                         f"{par.batch_shards}); use a divisor of {rows}, or a --batch-size "
+                         f"that is a multiple of {par.batch_shards * microbatches}.")
+    stages, local = par.mesh.shape["stage"], jax.local_device_count()
+    if jax.process_count() > 1 and local % stages:
+        raise UsageError(f"--pipeline-stages {stages} must divide the {local} devices of each "
+                         "process (a pipeline's stages live in one process).")
 
 
 class Trainer:
@@ -109,13 +125,21 @@ class Trainer:
         self.par = par = steplib.make_parallel(
             t.sharding, tensor_parallel=t.tensor_parallel,
             tensor_dims=(tcfg.n_heads, tcfg.kv_heads, tcfg.ffn_dim, tcfg.vocab_size),
-            devices=devices)
+            devices=devices, pipeline_stages=t.pipeline_stages, microbatches=t.microbatches,
+            pipeline_schedule=t.pipeline_schedule, pipeline_chunks=t.pipeline_chunks)
         n_proc = jax.process_count()
         if t.batch_size % par.batch_shards or t.batch_size % n_proc:
             raise UsageError(f"--batch-size {t.batch_size} is not divisible by the "
                              f"{par.batch_shards} device(s) the batch is split over "
                              f"({par.describe()}); use a multiple of "
                              f"{math.lcm(par.batch_shards, n_proc)}.")
+        if par.pipeline is not None:
+            check_pipeline_batch(t.batch_size, t.microbatches, par)
+            if self.teacher is not None:  # its stack runs through the pipeline too
+                try:
+                    validate_pipeline(self.teacher.cfg.model, t)
+                except UsageError as e:
+                    raise UsageError(f"the --distill-from teacher's layers: {e}") from None
 
         abstract_model = nnx.eval_shape(lambda: build.build_model(cfg, self.data.vocab_size,
                                                                   task=self.task))
