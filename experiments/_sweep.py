@@ -498,11 +498,11 @@ def apply_quick(args, argv: Optional[Sequence[str]], quick: dict) -> str:
     return "quick"
 
 
-def parametrizations(s: str) -> list[str]:
-    """``"umup,sp"`` -> ``["umup", "sp"]``; anything else is a ``SystemExit``."""
+def parametrizations(s: str, allowed: Sequence[str] = ("umup", "sp")) -> list[str]:
+    """``"umup,sp"`` -> ``["umup", "sp"]``; a name not in ``allowed`` is a ``SystemExit``."""
     pars = [p for p in s.split(",") if p]
-    if not pars or any(p not in ("umup", "sp") for p in pars):
-        raise SystemExit(f"--parametrizations takes umup and/or sp, got {s!r}")
+    if not pars or any(p not in allowed for p in pars):
+        raise SystemExit(f"--parametrizations takes {' and/or '.join(allowed)}, got {s!r}")
     return pars
 
 

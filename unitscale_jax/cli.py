@@ -29,7 +29,7 @@ USAGE = """usage: unitscale-jax {train,sample,analyse,tokenizer,prepare,convert,
            TEXT, an encoder fills each <mask> in it (top-k tokens with probabilities), an
            encdec generates each <mask> span of it; --help for options
   analyse  scale table and plot of every op, weight and gradient at init, and the
-           coordinate check: --parametrization umup|sp [--coord-check] [--out DIR]
+           coordinate check: --parametrization umup|sp|mup [--coord-check] [--out DIR]
   tokenizer train a subword tokenizer on local text: tokenizer train --data FILES
            --kind wordpiece|bpe|unigram --vocab-size N --out tok.json
   prepare  tokenize a corpus once into sharded ArrayRecord files (parallel, resumable), for

@@ -78,7 +78,7 @@ def test_analyse_cli_writes_csv_and_png(tmp_path, capsys):
 
 
 
-def test_analyse_cli_coord_check_wiring(tmp_path, monkeypatch):
+def test_analyse_cli_coord_check_wiring(tmp_path, monkeypatch, capsys):
     """The CLI passes its options to coord_check and writes its CSV and PNG (coord_check
     itself is tested in test_coord_check.py; a stand-in keeps this test fast)."""
     from unitscale_jax.analysis import coord as cc_mod
@@ -87,7 +87,8 @@ def test_analyse_cli_coord_check_wiring(tmp_path, monkeypatch):
     def fake(parametrizations, widths, steps, **kw):
         calls.append((parametrizations, list(widths), steps, kw))
         return [{"parametrization": p, "width": w, "step": t, "index": i, "name": n,
-                 "rms": 1.0 + 0.01 * w * t * (p == "sp"), "loss": 1.0, "learning_rate": 0.1}
+                 "mean_abs": 1.0 + 0.01 * w * t * (p == "sp"), "rms": 1.0, "loss": 1.0,
+                 "learning_rate": 0.1}
                 for p in parametrizations for w in widths for t in range(steps + 1)
                 for i, n in enumerate(["embed", "L0.mlp.out", "logits"])]
 
@@ -97,15 +98,23 @@ def test_analyse_cli_coord_check_wiring(tmp_path, monkeypatch):
                          "--n-layers", "3", "--vocab-size", "300", "--seq-len", "100",
                          "--batch-size", "5", "--out", out]) == 0
     (params, widths, steps, kw), = calls
-    assert params == ("umup", "sp") and widths == [16, 32] and steps == 2
+    assert params == ("umup", "sp", "mup") and widths == [16, 32] and steps == 2
     assert kw["config"].n_layers == 3 and kw["config"].vocab_size == 300
     assert kw["seq_len"] == 64 and kw["batch_size"] == 5
     cc = read_csv(os.path.join(out, "coord_check.csv"))
-    assert len(cc) == 2 * 2 * 3 * 3
+    assert len(cc) == 3 * 2 * 3 * 3
     assert os.path.getsize(os.path.join(out, "coord_check.png")) > 1000
+    # the ratio table at the last step: SP's stand-in grows 1 + 0.02 t w across 16 -> 32
+    table = capsys.readouterr().out
+    assert "coordinate check, step 2: max/min of mean_abs" in table
+    sp_ratio = (1 + 0.02 * 32) / (1 + 0.02 * 16)
+    assert "L0.mlp.out" in table and f"{sp_ratio:6.2f}" in table
+    last = [ln for ln in table.splitlines() if ln.startswith("largest ratio")]
+    assert last[0].split()[2:] == ["1.00", f"{sp_ratio:.2f}", "1.00"]
     calls.clear()
-    assert analyse_main(["--coord-check", "--no-scales", "--full", "--out", out]) == 0
-    assert calls[0][1] == [64, 128, 256, 512, 1024] and calls[0][2] == 8
+    assert analyse_main(["--coord-check", "--no-scales", "--full", "--coord-parametrizations",
+                         "mup", "--coord-stat", "rms", "--out", out]) == 0
+    assert calls[0][:3] == (("mup",), [64, 128, 256, 512, 1024, 2048], 5)
 
 
 def test_analyse_cli_bad_arguments(tmp_path):

@@ -27,6 +27,8 @@ def abstract():
     ("sp", "adamw", "warmup_cosine", {}),
     ("sp", "adam", "plateau", {}),
     ("sp", "sgd", "constant", {"weight_decay": 0.01}),
+    ("mup", "adamw", "warmup_cosine", {"mup_base_fan_in": 32}),
+    ("mup", "adam", "plateau", {}),
 ])
 def test_optimizer_takes_a_finite_step(abstract, parametrization, optimizer, schedule, extra):
     cfg, info, params = abstract
@@ -58,7 +60,7 @@ def test_optimizer_takes_a_finite_step(abstract, parametrization, optimizer, sch
 
 def test_default_learning_rates_follow_the_parametrization():
     for p, opt, lr in [("umup", "adamw", 1.0), ("umup", "sgd", 0.5), ("sp", "adam", 1e-3),
-                       ("sp", "sgd", 0.1)]:
+                       ("sp", "sgd", 0.1), ("mup", "adamw", 1e-3)]:
         cfg = train.resolve(train.get_preset("tiny").replace(
             model={"parametrization": p}, optimizer={"name": opt}))
         assert cfg.optimizer.lr == lr

@@ -4,14 +4,18 @@
 
     unitscale-jax analyse --model decoder --parametrization umup --out analysis/
     unitscale-jax analyse --parametrization sp --d-model 256 --n-layers 4
-    unitscale-jax analyse --coord-check            # quick: widths 64..512, 4 steps
-    unitscale-jax analyse --coord-check --full     # widths 64..1024, 8 steps
+    unitscale-jax analyse --coord-check            # quick: widths 64..512, 5 steps
+    unitscale-jax analyse --coord-check --full     # widths 64..2048, 5 steps
+    unitscale-jax analyse --coord-check --no-scales --coord-parametrizations umup mup
 
 writes ``scales_<model>_<parametrization>.csv`` / ``.png`` (one forward and backward pass of
 a freshly initialised model, ``track_scales`` + ``plot_scales``) and, with ``--coord-check``,
-``coord_check.csv`` / ``.png`` (u-muP against SP). The batch is byte-level text (vocabulary
-256): the built-in corpus (Python's ``pydoc_data`` topics, offline), a text file
-(``--data FILE``), or uniformly random ids (``--data random``).
+``coord_check.csv`` / ``.png`` (u-muP, muP and SP; ``coord.coord_check``) and prints the
+table of ``coord.width_ratios`` at the last step: per module, the max / min of its mean |x|
+(``--coord-stat``) across the widths, and the slope against width. The batch of the scale
+pass is byte-level text (vocabulary 256): the built-in corpus (Python's ``pydoc_data``
+topics, offline), a text file (``--data FILE``), or uniformly random ids (``--data random``);
+the coordinate check's is random ids.
 """
 
 from __future__ import annotations
@@ -50,9 +54,13 @@ def parser(prog: str = "unitscale-jax analyse") -> argparse.ArgumentParser:
     p.add_argument("--out", default="analysis", help="output folder")
     p.add_argument("--coord-check", action="store_true", help="also run the coordinate check")
     p.add_argument("--full", action="store_true",
-                   help="coordinate check at widths 64..1024 with 8 steps (default: quick)")
+                   help="coordinate check at widths 64..2048 (default: quick, 64..512)")
     p.add_argument("--widths", type=int, nargs="+", help="coordinate-check widths")
-    p.add_argument("--steps", type=int, help="coordinate-check steps")
+    p.add_argument("--steps", type=int, help="coordinate-check steps (default 5)")
+    p.add_argument("--coord-parametrizations", nargs="+", choices=PARAMETRIZATIONS,
+                   default=list(PARAMETRIZATIONS), help="coordinate-check parametrizations")
+    p.add_argument("--coord-stat", choices=("mean_abs", "rms"), default="mean_abs",
+                   help="coordinate-check statistic of the figure and the ratio table")
     # the coordinate check uses --n-layers, --vocab-size, --batch-size, --seq-len (<= 64),
     # --seed; its heads are width / 16 and its learning rates coord_check.LEARNING_RATES
     p.add_argument("--no-scales", action="store_true", help="skip the scale-tracking pass")
@@ -116,16 +124,19 @@ def _coord_check(ns, log) -> None:
     from unitscale_jax.nn import TransformerConfig
 
     widths = ns.widths or (cc.WIDTHS if ns.full else cc.QUICK_WIDTHS)
-    steps = ns.steps if ns.steps is not None else (8 if ns.full else 4)
+    steps = ns.steps if ns.steps is not None else cc.STEPS
     seq_len = min(ns.seq_len, 64)
     config = TransformerConfig(vocab_size=ns.vocab_size, d_model=min(widths), n_layers=ns.n_layers,
                                n_heads=1, max_seq_len=seq_len, sp_init_std=None)
-    records = cc.coord_check(("umup", "sp"), widths, steps, batch_size=ns.batch_size,
+    pars = tuple(dict.fromkeys(ns.coord_parametrizations))
+    records = cc.coord_check(pars, widths, steps, batch_size=ns.batch_size,
                              seq_len=seq_len, config=config, seed=ns.seed, progress=log)
     stem = os.path.join(ns.out, "coord_check")
     write_csv(records, stem + ".csv")
-    cc.plot_coord_check(records, stem + ".png")
+    cc.plot_coord_check(records, stem + ".png", stat=ns.coord_stat, lines="step")
+    log(cc.ratio_table(cc.width_ratios(records, stat=ns.coord_stat), ns.coord_stat))
     log(f"wrote {stem}.csv and {stem}.png ({len(records)} records)")
+
 
 
 def analyse_main(argv: Optional[Sequence[str]] = None, prog: str = "unitscale-jax analyse") -> int:

@@ -136,3 +136,30 @@ class InfoLookup:
                 "param_info=unitscale_jax.nn.param_info(model), "
                 "or opt in with default=ParamInfo(...) or allow_missing=True (factor 1).")
         return out
+
+
+def scale_by_info(param_info: Any, factor: Callable[[ParamInfo], float], *,
+                  default: Optional[ParamInfo] = None,
+                  allow_missing: bool = False) -> optax.GradientTransformationExtraArgs:
+    """Multiplies each update leaf by ``factor(its ParamInfo)`` (1 for a leaf without one when
+    ``allow_missing``): the body of ``scale_by_umup`` and ``scale_by_mup``.
+
+    The metadata of every parameter is checked at ``init`` and ``update`` (``InfoLookup``);
+    leaves whose factor is exactly 1 are passed through untouched.
+    """
+    lookup = InfoLookup(param_info, default=default, allow_missing=allow_missing)
+
+    def factors_for(tree):
+        infos = lookup.resolve(array_keys(tree))
+        return {k: 1.0 if i is None else factor(i) for k, i in infos.items()}
+
+    def init_fn(params):
+        factors_for(params)  # validates that every parameter has metadata
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        factors = factors_for(updates)
+        return map_arrays(lambda k, u: u * factors[k] if factors[k] != 1.0 else u, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

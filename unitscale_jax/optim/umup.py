@@ -13,7 +13,7 @@ from typing import Any, Optional
 import jax
 import optax
 
-from unitscale_jax.optim._tree import InfoLookup, array_keys, map_arrays
+from unitscale_jax.optim._tree import scale_by_info
 from unitscale_jax.params import ParamInfo
 
 OPTIMIZERS = ("adam", "sgd")
@@ -118,20 +118,5 @@ def scale_by_umup(param_info: Any, *, optimizer: str = "adam",
         ``default`` or ``allow_missing`` is given; or for an unknown rule.
     """
     _check_rule(optimizer, readout_constraint)
-    lookup = InfoLookup(param_info, default=default, allow_missing=allow_missing)
-
-    def factors_for(tree):
-        infos = lookup.resolve(array_keys(tree))
-        return {k: 1.0 if i is None else umup_factor(i, optimizer, readout_constraint)
-                for k, i in infos.items()}
-
-    def init_fn(params):
-        factors_for(params)  # validates that every parameter has metadata
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        factors = factors_for(updates)
-        return map_arrays(lambda k, u: u * factors[k] if factors[k] != 1.0 else u, updates), state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return scale_by_info(param_info, lambda i: umup_factor(i, optimizer, readout_constraint),
+                         default=default, allow_missing=allow_missing)

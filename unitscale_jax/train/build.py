@@ -4,7 +4,8 @@
 (``unitscale_jax.train.tasks``); ``build_optimizer(cfg, param_info)`` the Optax transform and
 learning-rate schedule: u-muP runs get ``unitscale_jax.optim``'s optimizers (per-tensor u-muP
 factors from ``param_info``, independent weight decay relative to the peak learning rate
-``--lr``), SP runs get plain ``optax`` ones.
+``--lr``), muP runs ``unitscale_jax.optim.mup_adam(w)`` (hidden weights at
+``--mup-base-fan-in / fan_in`` of ``--lr``), SP runs plain ``optax`` ones.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def build_optimizer(cfg: Config, param_info: Any) -> tuple[optax.GradientTransfo
 
     Args:
       cfg: a resolved config (``unitscale_jax.train.config.resolve``).
-      param_info: ``unitscale_jax.nn.param_info(model)`` (u-muP only; may be a pure dict).
+      param_info: ``unitscale_jax.nn.param_info(model)`` (u-muP and muP only; may be a pure
+        dict).
 
     Returns:
       ``(tx, schedule)``. ``tx.update`` needs ``value=loss`` when the schedule is
@@ -103,11 +105,16 @@ def build_optimizer(cfg: Config, param_info: Any) -> tuple[optax.GradientTransfo
     """
     o = cfg.optimizer
     schedule = build_schedule(cfg)
-    if nn.get_parametrization(cfg.model.parametrization).unit_scaled:
+    parametrization = nn.get_parametrization(cfg.model.parametrization)
+    if parametrization.unit_scaled:
         kw = dict(param_info=param_info, weight_decay=o.weight_decay,
                   peak_learning_rate=float(o.lr))
         core = (optim.sgd(schedule, momentum=o.momentum, **kw) if o.name == "sgd" else
                 getattr(optim, o.name)(schedule, b1=o.b1, b2=o.b2, eps=o.eps, **kw))
+    elif isinstance(parametrization, nn.MuP):  # adam or adamw (config.validate)
+        core = optim.mup_adamw(schedule, param_info=param_info, base_fan_in=o.mup_base_fan_in,
+                               b1=o.b1, b2=o.b2, eps=o.eps,
+                               weight_decay=o.weight_decay if o.name == "adamw" else 0.0)
     elif o.name == "adamw":
         core = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                            mask=_matrices)

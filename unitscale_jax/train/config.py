@@ -24,12 +24,13 @@ from typing import Any, Optional
 import docstring_parser
 
 from unitscale_jax.ops.plain import ATTENTION_IMPLEMENTATIONS, ATTENTION_KINDS
+from unitscale_jax.optim.mup import DEFAULT_BASE_FAN_IN
 from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from unitscale_jax.train.tasks import TASKS
 
 MODEL_KINDS = tuple(TASKS)
-PARAMETRIZATIONS = ("umup", "sp")
+PARAMETRIZATIONS = ("umup", "sp", "mup")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "warmup_cosine", "exponential", "plateau")
 SHARDINGS = ("dp", "fsdp", "tp", "fsdp_tp")
@@ -53,7 +54,8 @@ SET_BY_RUN = ("vocab_size", "max_seq_len", "dtype", "param_dtype", "precision")
 MODEL_FIELDS: dict[str, tuple[type, Any, dict]] = {
     "kind": (str, "decoder", dict(help="decoder (causal LM), encoder (masked LM) or encdec "
                                   "(span corruption)", flag="--model", choices=MODEL_KINDS)),
-    "parametrization": (str, "umup", dict(help="umup (unit-scaled muP) or sp (standard)",
+    "parametrization": (str, "umup", dict(help="umup (unit-scaled muP), sp (standard) or mup "
+                                          "(muP, with muP's Adam rule)",
                                           choices=PARAMETRIZATIONS)),
     "d_model": (int, 64, {}),
     "n_layers": (int, 2, {}),
@@ -137,10 +139,11 @@ class DataConfig:
 class OptimizerConfig:
     """The optimizer and learning-rate schedule."""
 
-    name: str = _f("adamw", "optimizer (u-muP runs use unitscale_jax.optim's, SP runs optax's)",
-                   flag="--optimizer", choices=OPTIMIZERS)
+    name: str = _f("adamw", "optimizer (u-muP and muP runs use unitscale_jax.optim's, SP runs "
+                   "optax's)", flag="--optimizer", choices=OPTIMIZERS)
     lr: Optional[float] = _f(None, "peak learning rate (default: 1.0 for u-muP Adam(W), 0.5 "
-                             "for u-muP SGD; 1e-3 for SP Adam(W), 0.1 for SP SGD)", flag="--lr")
+                             "for u-muP SGD; 1e-3 for SP and muP Adam(W), 0.1 for SP SGD)",
+                             flag="--lr")
     schedule: str = _f("warmup_cosine", "learning-rate schedule", choices=SCHEDULES)
     warmup_steps: Optional[int] = _f(None, "warmup steps (default: 10% of steps, at most 1000)")
     end_lr_fraction: float = _f(0.1, "final / peak learning rate (warmup_cosine, exponential)")
@@ -149,13 +152,15 @@ class OptimizerConfig:
     plateau_accumulation: int = _f(10, "reduce_on_plateau: training losses averaged per "
                                    "evaluation")
     weight_decay: Optional[float] = _f(None, "weight decay (default: adamw 1e-4 u-muP "
-                                       "(independent) / 0.01 SP (decoupled); else 0)")
+                                       "(independent) / 0.01 SP and muP (decoupled); else 0)")
     b1: float = _f(0.9, "Adam beta1")
     b2: float = _f(0.999, "Adam beta2")
     eps: float = _f(1e-8, "Adam epsilon")
     momentum: Optional[float] = _f(0.9, "SGD momentum (None: plain SGD)")
     grad_clip: Optional[float] = _f(None, "clip gradients to this global norm")
     unit_scale_grads: bool = _f(False, "chain unitscale_jax.optim.unit_scale() first")
+    mup_base_fan_in: int = _f(DEFAULT_BASE_FAN_IN, "muP runs: the fan-in at which a hidden "
+                              "weight takes --lr itself (others get --lr * base / fan_in)")
 
 
 @dataclasses.dataclass
@@ -383,7 +388,8 @@ def validate(cfg: Config) -> None:
                 ("--eval-batches", t.eval_batches), ("--log-every", t.log_every),
                 ("--keep-checkpoints", t.keep_checkpoints),
                 ("--plateau-patience", o.plateau_patience),
-                ("--plateau-accumulation", o.plateau_accumulation)]
+                ("--plateau-accumulation", o.plateau_accumulation),
+                ("--mup-base-fan-in", o.mup_base_fan_in)]
     for flag, v in positive:
         if v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}.")
@@ -395,6 +401,9 @@ def validate(cfg: Config) -> None:
             raise UsageError(f"{flag} must be >= 0, got {v}.")
     if not 0 <= t.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32), got {t.seed}.")
+    if m.parametrization == "mup" and o.name == "sgd":
+        raise UsageError("--parametrization mup trains with muP's Adam rule only: use "
+                         "--optimizer adam or adamw (muP's SGD rule is not implemented).")
     if o.lr is not None and not o.lr > 0:
         raise UsageError(f"--lr must be > 0, got {o.lr}.")
     if not 0 <= m.dropout < 1:
