@@ -60,6 +60,13 @@ for name, model, mesh_text in [("unscanned", {"scan_layers": False}, "fsdp=4"),
     real = real_step(cfg.replace(training={"sharding": kind, "tensor_parallel": tp}), name)
     results[name] = {"plan": p, "real": real}
 
+cfg = BASE.replace(model={"n_layers": 2, "scan_layers": True},
+                   training={"microbatches": 4})
+sizes = planner.parse_mesh("fsdp=2,stage=2")
+p = planner.plan(cfg, sizes, vocab_size=260, accelerator="tpu-v5p")
+real = real_step(cfg.replace(training={"sharding": "fsdp", "pipeline_stages": 2}), "pipelined")
+results["pipelined"] = {"plan": p, "real": real}
+
 # the plan of the run whose resident memory test_plan.py measures
 rss_cfg = train.get_preset("tiny").replace(**rss_config)
 results["rss_plan"] = planner.plan(rss_cfg, planner.parse_mesh("fsdp=4"), vocab_size=260)

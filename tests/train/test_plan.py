@@ -50,11 +50,13 @@ def test_mesh_flag():
     assert planner.mesh_sharding(planner.parse_mesh("data=2,tensor=4")) == ("tp", 4)
     assert planner.mesh_sharding(planner.parse_mesh("fsdp=64,tensor=4")) == ("fsdp_tp", 4)
     assert planner.mesh_sharding(planner.parse_mesh("stage=1")) == ("dp", None)
+    assert planner.parse_mesh("fsdp=4,stage=2") == {"data": 1, "fsdp": 4, "tensor": 1,
+                                                    "stage": 2}
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--mesh", "fsdp=8,stage=2"], "stage=2: the trainer has no pipeline stages yet; plan with "
-                                   "stage=1"),
+    (["--mesh", "fsdp=8,stage=2", "--pipeline-stages", "2"],
+     "unknown option(s): --pipeline-stages"),
     (["--mesh", "data=2,fsdp=4"], "no mesh with both data and fsdp above 1"),
     (["--mesh", "fdsp=8"], "'fdsp=8' is not AXIS=SIZE with AXIS one of data, fsdp, tensor, "
                            "stage"),
@@ -164,6 +166,19 @@ def test_plan_is_the_real_step_and_a_real_run_fits_it(tmp_path, shared_dirs):
     assert scanned["flops_per_device"] == pytest.approx(unscanned["flops_per_device"], rel=0.01)
     pred = unscanned["prediction"]
     assert pred["accelerator"] == "tpu-v5p" and 0 < pred["mfu"] <= pred["mfu_overlapped"] < 1
+
+    # a pipelined run (fsdp=2 x stage=2, GPipe, 4 microbatches): memory and collectives are the
+    # real pipelined step's, the bubble the schedule table's, which slows the predicted compute
+    plan, real = res["pipelined"]["plan"], res["pipelined"]["real"]
+    assert {f: plan["per_device"][f] for f in fields} == {f: real[f] for f in fields}
+    assert plan["collectives"] == real["collectives"]
+    assert plan["collectives"]["collective-permute"]["count"] > 0  # stages pass activations
+    assert plan["pipeline"] == {"stages": 2, "microbatches": 4, "chunks": 1,
+                                "schedule": "gpipe", "bubble_fraction": pytest.approx(1 / 5)}
+    assert plan["flops_method"].startswith("extrapolated")
+    pred = plan["prediction"]
+    assert pred["compute_s"] == pytest.approx(plan["flops_per_device"] / (1 - 1 / 5)
+                                              / planner.ACCELERATORS["tpu-v5p"].peak_flops)
 
     cli = res["cli"]
     assert cli["rc"] == 0, cli["stderr"]

@@ -426,9 +426,10 @@ PLAN_SKIP = ("--sharding", "--tensor-parallel", "--distributed", "--run-dir", "-
              "--keep-checkpoints", "--async-checkpointing", "--init-from", "--distill-from",
              "--distill-temperature", "--distill-weight", "--eval-every", "--eval-batches",
              "--log-every", "--data", "--data-dir", "--text-key", "--validation-fraction",
-             "--packing")
-"""``train`` flags a plan has no use for: ``--mesh`` sets the sharding, nothing is read,
-written or trained."""
+             "--packing", "--pipeline-stages", "--data-shards", "--coordinator-address",
+             "--num-processes", "--process-id", "--init-timeout", "--heartbeat-timeout")
+"""``train`` flags a plan has no use for: ``--mesh`` sets the sharding and the pipeline
+stages, nothing is read, written or trained, and it runs in one process."""
 
 
 def plan_parser(base: Config, prog: str = "unitscale-jax plan") -> Parser:

@@ -68,7 +68,14 @@ Accelerator figures (per chip), from the vendors' spec pages:
 ``--mesh data=D,fsdp=F,tensor=T`` maps onto the trainer's ``--sharding``: ``data`` alone is
 ``dp``, ``fsdp`` alone ``fsdp``, ``data x tensor`` is ``tp``, ``fsdp x tensor`` is
 ``fsdp_tp`` (``--tensor-parallel T``); the trainer has no mesh with both ``data`` and
-``fsdp`` above 1, and no pipeline stages (``stage=1`` only).
+``fsdp`` above 1. ``stage=S`` is ``--pipeline-stages S`` (``unitscale_jax.train.pipeline``;
+``--microbatches``, ``--pipeline-schedule`` and ``--pipeline-chunks`` as in ``train``): the
+memory and collectives are the pipelined step's as compiled; its FLOPs are extrapolated from
+1- and 2-layer unpipelined compiles over the same devices (the useful work per device, as
+if the stages were data parallel), and the predicted compute time is divided by
+``1 - bubble``, the schedule table's idle share of stage-ticks (``Schedule.bubble_fraction``),
+during which a stage waits. The embedding and readout, which every stage runs on the whole
+batch, are not added to the compute time.
 """
 
 from __future__ import annotations
@@ -90,7 +97,7 @@ from unitscale_jax.train.errors import UsageError
 from unitscale_jax.train.trainer import Trainer
 
 MESH_AXES = ("data", "fsdp", "tensor", "stage")
-"""The axes ``--mesh`` accepts (``stage`` only as 1)."""
+"""The axes ``--mesh`` accepts (``stage``: pipeline stages)."""
 
 MAX_DEVICES = 256
 """The most fake CPU devices a plan compiles for (XLA:CPU's partitioner and this machine's
@@ -140,8 +147,8 @@ def parse_mesh(text: str) -> dict[str, int]:
     (axes left out are 1).
 
     Raises:
-      UsageError: an unknown axis, a size that is not a positive integer, ``stage`` above 1,
-        or more than ``MAX_DEVICES`` devices.
+      UsageError: an unknown axis, a size that is not a positive integer, or more than
+        ``MAX_DEVICES`` devices.
     """
     sizes = dict.fromkeys(MESH_AXES, 1)
     example = "e.g. --mesh data=1,fsdp=8,tensor=1"
@@ -159,9 +166,6 @@ def parse_mesh(text: str) -> dict[str, int]:
             raise UsageError(f"--mesh {text!r}: the size of {name} must be a positive integer, "
                              f"got {value.strip()!r} ({example}).")
         sizes[name] = size
-    if sizes["stage"] > 1:
-        raise UsageError(f"--mesh {text!r}: stage={sizes['stage']}: the trainer has no pipeline "
-                         "stages yet; plan with stage=1 (the default).")
     n = math.prod(sizes.values())
     if n > MAX_DEVICES:
         raise UsageError(f"--mesh {text!r} has {n} devices; plans compile for at most "
@@ -240,7 +244,8 @@ def plan_config(cfg: Config, sizes: dict[str, int], run_dir: str) -> Config:
     if cfg.model.attention_impl == "auto" and cfg.model.dropout == 0:
         model["attention_impl"] = "chunked"  # what auto's flash kernels do, as the CPU can
     return cfg.replace(model=model, training={
-        "sharding": kind, "tensor_parallel": tp, "distributed": "off", "run_dir": run_dir,
+        "sharding": kind, "tensor_parallel": tp, "pipeline_stages": sizes["stage"],
+        "distributed": "off", "run_dir": run_dir,
         "checkpoint": False, "tensorboard": False, "plot": False, "progress": False,
         "init_from": None})
 
@@ -426,7 +431,9 @@ def _layer_cost(cfg: Config, vocab_size: int, devices, n_layers: int) -> tuple[d
     FLOPs, no loop to undercount)."""
     impl = "xla" if cfg.model.attention_impl == "chunked" else cfg.model.attention_impl
     variant = cfg.replace(model={"n_layers": n_layers, "scan_layers": False,
-                                 "attention_impl": impl})
+                                 "attention_impl": impl},
+                          training={"pipeline_stages": 1, "microbatches": None,
+                                    "pipeline_schedule": "gpipe", "pipeline_chunks": None})
     trainer = build_trainer(variant, vocab_size, devices)
     return _cost(compile_step(trainer)), _cost(compile_eval_step(trainer))
 
@@ -543,11 +550,17 @@ def plan(cfg: Config, sizes: dict[str, int], *, vocab_size: int,
         "while_loops": hlo["loops"], "compile_s": compile_s,
         "jax_version": jax.__version__, "compiled_on": "XLA:CPU (fake devices)",
     }
+    pipe = trainer.par.pipeline
+    bubble = pipe.schedule.bubble_fraction() if pipe is not None else 0.0
+    out["pipeline"] = None if pipe is None else {
+        "stages": pipe.schedule.stages, "microbatches": pipe.schedule.microbatches,
+        "chunks": pipe.schedule.chunks, "schedule": pipe.schedule.kind,
+        "bubble_fraction": bubble}
     if accelerator is not None:
         acc = ACCELERATORS[accelerator]
         out["prediction"] = {
-            **predict(acc, cost["flops"], per_device["hbm_traffic_bytes"], wire, mflops, n,
-                      bytes_accessed=cost["bytes_accessed"]),
+            **predict(acc, cost["flops"] / (1.0 - bubble), per_device["hbm_traffic_bytes"],
+                      wire, mflops, n, bytes_accessed=cost["bytes_accessed"]),
             "hbm_bytes": acc.hbm_bytes,
             "fits": per_device["peak_donated_bytes"] <= acc.hbm_bytes}
     return out
