@@ -438,6 +438,28 @@ def optimum(rows: Sequence[dict], x: str = "lr_log2") -> dict:
             "n_runs": len(rows), "n_diverged": sum(r["diverged"] for r in rows)}
 
 
+def line_fit(xs: Sequence[float], ys: Sequence[float]) -> dict:
+    """The least-squares line ``y = c + k x`` (``scipy.stats.linregress``): ``k``, ``c``,
+    ``n_points``, and with more than two points the standard error ``k_se`` of ``k`` and its
+    95% interval ``k_lo .. k_hi`` (Student t, ``n - 2`` degrees of freedom; None otherwise)."""
+    from scipy import stats
+
+    out = {"n_points": len(xs), "k": None, "c": None, "k_se": None, "k_lo": None,
+           "k_hi": None}
+    if len(set(xs)) < 2:
+        return out
+    res = stats.linregress(xs, ys)
+    out.update(k=float(res.slope), c=float(res.intercept))
+    if len(xs) > 2:
+        # the textbook standard error (linregress' is nan when every y is the same)
+        mx = sum(xs) / len(xs)
+        resid = sum((y - out["c"] - out["k"] * x) ** 2 for x, y in zip(xs, ys))
+        se = math.sqrt(resid / (len(xs) - 2) / sum((x - mx) ** 2 for x in xs))
+        half = float(stats.t.ppf(0.975, len(xs) - 2)) * se
+        out.update(k_se=se, k_lo=out["k"] - half, k_hi=out["k"] + half)
+    return out
+
+
 def write_csv(path: Path, rows: Sequence[dict]) -> Path:
     with Path(path).open("w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))

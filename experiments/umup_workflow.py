@@ -54,7 +54,7 @@ EXPERIMENT = "umup_workflow"
 LR_LIMITS = {"umup": (-8, 8), "sp": (-20, 0)}
 ARMS = ("sp_tuned", "umup_default_tuned", "umup_transferred")
 QUICK = {"proxy_width": 16, "widths": "32,64", "depth": 2, "steps": 40, "batch_size": 8,
-         "seq_len": 32, "eval_batches": 8, "umup_lrs": "-2:0", "sp_offsets": "-1:1",
+         "seq_len": 32, "eval_batches": 8, "umup_lrs": "-2:0", "sp_offsets": "-1:2",
          "values": "-1,1", "transfer_offsets": "0", "no_extend": True}
 
 
