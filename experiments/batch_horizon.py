@@ -20,11 +20,11 @@ seed's optimum, with the standard error of ``k`` and its 95% interval (Student t
 sqrt(B) (k = 1/2), LR ∝ B (k = 1); horizon -- constant (k = 0), LR ∝ T^-1/2, LR ∝ 1/T.
 
 Outputs in ``--out`` (default ``experiments/results/``; ``.../quick/`` with ``--quick``):
-``batch_horizon_runs.csv`` (every run; resumable), ``batch_horizon_summary.csv`` (each
-curve's optimum), ``batch_horizon_fits.csv`` (k, its standard error and interval, the rules
-consistent with it), ``batch_horizon.png`` and ``batch_horizon_meta.json``. ``--estimate``
-times a few steps of every shape and writes the projected cost to
-``batch_horizon_estimate.json`` instead of training.
+``batch_horizon_runs.csv`` (every run; resumable, also with more ``--seeds``),
+``batch_horizon_summary.csv`` (each curve's optimum), ``batch_horizon_fits.csv`` (k, its
+standard error and interval, the rules consistent with it), ``batch_horizon.png`` and
+``batch_horizon_meta.json``. ``--estimate`` times a few steps of every shape and writes the
+projected cost to ``batch_horizon_estimate.json`` instead of training.
 
     python experiments/batch_horizon.py --seeds 0,1,2   # full
     python experiments/batch_horizon.py --estimate      # its cost on this machine
@@ -125,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     settings = {"experiment": EXPERIMENT, "width": args.width, "depth": args.depth,
                 "d_head": args.d_head, "seq_len": args.seq_len, "tokens": args.tokens,
                 "points": {k: [list(p) for p in v] for k, v in axes.items()},
-                "schedule": args.schedule, "eval_batches": args.eval_batches, "seeds": seeds,
+                "schedule": args.schedule, "eval_batches": args.eval_batches, "seed": seeds[0],
                 "data": data, "grids": grids, "parametrizations": pars,
                 "extend": not args.no_extend, "optimizer": "adam (no weight decay)",
                 "sp_init_std": 0.02}
@@ -143,8 +143,8 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
                 for par in pars for b, t in configs]
         log(f"batch_horizon --estimate: timing {args.estimate_steps} steps of each shape")
         est = _sweep.estimate_cost(plan, steps=args.estimate_steps, log=log)
-        est.update(settings=settings, note="initial grids only: each extension adds a group "
-                   "of 2 lanes; validation passes not counted")
+        est.update(settings=settings, seeds=seeds, note="initial grids only: each extension "
+                   "adds a group of 2 lanes; validation passes not counted")
         path = out / f"{tag}_estimate.json"
         path.write_text(json.dumps(est, indent=2, default=str) + "\n")
         for i in est["items"]:
@@ -158,6 +158,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     est = json.loads(est_path.read_text()) if est_path.exists() else None
     store.write_meta(command="python experiments/batch_horizon.py "
                      + " ".join(shlex.quote(a) for a in argv), machine=_sweep.machine(),
+                     seeds=seeds,
                      cost_estimate=est if est and est.get("settings") == settings else None)
     t0 = time.perf_counter()
     log(f"batch_horizon ({mode}): width {args.width}, depth {args.depth}; batch axis "

@@ -24,12 +24,13 @@ data order); per-seed differences are in the meta.
 
 Outputs in ``--out`` (default ``experiments/results/``; ``.../quick/`` with ``--quick``):
 ``umup_workflow_runs.csv`` (every run; resumable: a rerun with the same settings trains only
-what is missing), ``umup_workflow_summary.csv`` (per width and arm), ``umup_workflow.png``
-(loss against width; the proxy's multiplier sweeps; the LR curves at the largest width) and
+what is missing, and ``--seeds 0`` then ``--seeds 0,1,2`` trains only seeds 1 and 2),
+``umup_workflow_summary.csv`` (per width and arm), ``umup_workflow.png`` (loss against width;
+the proxy's multiplier sweeps; the LR curves at the largest width) and
 ``umup_workflow_meta.json`` (settings, command, machine, the claims, the combined multipliers).
 ``--estimate`` trains nothing: it times a few steps of every shape of the full plan and writes
-the projected cost to ``umup_workflow_estimate.json`` (copied into the meta of a later run
-with the same settings).
+the projected cost to ``umup_workflow_estimate.json`` (copied into the meta of a later run with
+the same settings).
 
     python experiments/umup_workflow.py --seeds 0,1,2   # full
     python experiments/umup_workflow.py --estimate      # its cost on this machine, no training
@@ -138,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
                 "widths": a["widths"], "depth": args.depth, "d_head": args.d_head,
                 "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                 "schedule": args.schedule, "eval_batches": args.eval_batches,
-                "seeds": a["seeds"], "data": data, "umup_lrs": a["umup_lrs"],
+                "seed": a["seeds"][0], "data": data, "umup_lrs": a["umup_lrs"],
                 "sp_offsets": a["sp_offsets"], "values_log2": a["values"],
                 "multipliers": a["mults"], "transfer_offsets": a["offsets"],
                 "extend": not args.no_extend, "optimizer": "adam (no weight decay)",
@@ -159,6 +160,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     est = json.loads(est_path.read_text()) if est_path.exists() else None
     store.write_meta(command="python experiments/umup_workflow.py "
                      + " ".join(shlex.quote(x) for x in argv), machine=_sweep.machine(),
+                     seeds=a["seeds"],
                      cost_estimate=est if est and est.get("settings") == settings else None)
     t0 = time.perf_counter()
     seeds, extend = a["seeds"], not args.no_extend
@@ -375,8 +377,9 @@ def estimate(args, a: dict, settings: dict, cfg_for, path: Path,
                   "lanes": len(a["offsets"]), "groups": n_seeds}]
     log(f"umup_workflow --estimate: timing {args.estimate_steps} steps of each shape")
     est = _sweep.estimate_cost(plan, steps=args.estimate_steps, log=log)
-    est.update(settings=settings, note="initial grids only: each extension of a grid adds a "
-               "group of 2 lanes (LR) or 1 run (multiplier); validation passes not counted")
+    est.update(settings=settings, seeds=a["seeds"], note="initial grids only: each "
+               "extension of a grid adds a group of 2 lanes (LR) or 1 run (multiplier); "
+               "validation passes not counted")
     path.write_text(json.dumps(est, indent=2, default=str) + "\n")
     for i in est["items"]:
         log(f"  {i['label']:34} {i['groups']:3d} x {i['lanes']} lanes x {i['steps']} steps: "
