@@ -100,9 +100,10 @@ def train_lr_group(cfg, lrs: Sequence[float], *, log: Callable[[str], None] = pr
 
     Returns:
       ``{"lanes": [{"lr", "val_loss", "train_loss", "diverged", "diverged_step"}, ...],
-      "n_params", "tokens", "wall_s", "compile_s"}``. ``train_loss`` is the mean training loss
-      of the last 10% of steps; ``val_loss`` the loss on the trainer's validation batches
-      after the last step.
+      "n_params", "tokens", "wall_s", "compile_s", "step_s"}``. ``train_loss`` is the mean
+      training loss of the last 10% of steps; ``val_loss`` the loss on the trainer's validation
+      batches after the last step; ``step_s`` the mean wall time of one step of all the lanes
+      after the first (compiled) one, None when only one step ran.
     """
     import jax
     import jax.numpy as jnp
@@ -155,7 +156,8 @@ def train_lr_group(cfg, lrs: Sequence[float], *, log: Callable[[str], None] = pr
         state, m = step_fn(state, batch)
         if compile_s is None:
             jax.block_until_ready(m)
-            compile_s = time.perf_counter() - t0
+            t_first = time.perf_counter()
+            compile_s = t_first - t0
         losses.append(m["loss"])
         if i >= steps - tail:
             tail_sum = tail_sum + m["loss"]
@@ -169,6 +171,8 @@ def train_lr_group(cfg, lrs: Sequence[float], *, log: Callable[[str], None] = pr
             if (first_bad >= 0).all():
                 log(f"    every lane diverged by step {i + 1}; stopping early")
                 break
+    steps_done = i + 1  # the losses up to step i were fetched above: the lanes are synced
+    step_s = (time.perf_counter() - t_first) / (steps_done - 1) if steps_done > 1 else None
     total, count = np.zeros((n,)), 0.0
     for b in data.eval_batches(cfg, cfg.training.eval_batches):
         s, c = eval_fn(state["params"], {k: jnp.asarray(v) for k, v in b.items()})["loss"]
@@ -184,7 +188,44 @@ def train_lr_group(cfg, lrs: Sequence[float], *, log: Callable[[str], None] = pr
                       "diverged_step": int(first_bad[lane]) if first_bad[lane] >= 0 else None})
     return {"lanes": lanes, "n_params": n_params,
             "tokens": steps * cfg.training.batch_size * cfg.data.seq_len,
-            "wall_s": time.perf_counter() - t0, "compile_s": compile_s}
+            "wall_s": time.perf_counter() - t0, "compile_s": compile_s, "step_s": step_s}
+
+
+def estimate_cost(plan: Sequence[dict], *, steps: int = 3,
+                  log: Callable[[str], None] = print) -> dict:
+    """The projected wall time of a sweep, from a few timed steps of each of its shapes.
+
+    Args:
+      plan: one entry per kind of group: ``{"label", "cfg", "lanes", "groups"}`` (``groups``
+        vmapped groups of ``lanes`` lanes of ``cfg`` at its own ``training.steps``).
+      steps: steps timed per shape (the first one, compilation included, is timed apart).
+      log: progress printer.
+
+    Returns:
+      ``{"items": [... with "compile_s", "step_s", "n_params", "projected_s"], "total_s"}``;
+      ``projected_s = groups * (compile_s + cfg steps * step_s)``, the validation passes not
+      counted. Shapes that differ only in their learning rates are timed once.
+    """
+    cache: dict = {}
+    items = []
+    for e in plan:
+        cfg = e["cfg"]
+        key = (repr(cfg.replace(training={"steps": steps, "seed": 0})), e["lanes"])
+        if key not in cache:
+            g = train_lr_group(cfg.replace(training={"steps": steps, "eval_batches": 1}),
+                               [1e-6] * e["lanes"], log=log)
+            cache[key] = {"compile_s": round(g["compile_s"], 2),
+                          "step_s": round(g["step_s"], 4), "n_params": g["n_params"]}
+            log(f"  timed {e['label']}: {e['lanes']} lane(s), {g['n_params']:,} params: "
+                f"{g['step_s']:.3f} s/step, first step {g['compile_s']:.1f} s")
+        t = cache[key]
+        run_steps = cfg.training.steps
+        items.append({"label": e["label"], "lanes": e["lanes"], "groups": e["groups"],
+                      "steps": run_steps, **t,
+                      "projected_s": round(e["groups"] * (t["compile_s"]
+                                                          + run_steps * t["step_s"]), 1)})
+    return {"items": items, "total_s": round(sum(i["projected_s"] for i in items), 1),
+            "timed_steps": steps, "machine": machine()}
 
 
 # --------------------------------------------------------------------------- results on disk
@@ -268,7 +309,8 @@ def run_group(store: Store, experiment: str, cfg, lr_log2s: Sequence[float], *,
     lrs = [2.0 ** k for k in lr_log2s]
     label = par_label(m)
     log(f"  {experiment}: {label} width {m.d_model} depth {m.n_layers}"
-        + (f" {multiplier}={multiplier_value:g}" if multiplier else "")
+        + (f" {multiplier}" if multiplier else "")
+        + (f"={multiplier_value:g}" if multiplier and multiplier_value is not None else "")
         + f", log2 lr {list(lr_log2s)}")
     g = train_lr_group(cfg, lrs, log=log)
     rows = []
@@ -325,38 +367,50 @@ def mean_curve(rows: Sequence[dict], x: str = "lr_log2") -> list[dict]:
 
 
 def sweep_curve(store: Store, experiment: str, cfg_for_seed: Callable[[int], Any],
-                initial: Sequence[int], limits: tuple[int, int], *, extend: bool, key: dict,
-                seeds: Sequence[int] = (0,), log: Callable[[str], None] = print) -> list[dict]:
+                initial: Sequence[float], limits: tuple[float, float], *, extend: bool,
+                key: dict, seeds: Sequence[int] = (0,), log: Callable[[str], None] = print,
+                x: str = "lr_log2", run_points: Optional[Callable[[int, list], Any]] = None,
+                extra: Sequence[dict] = (), step: int = 2) -> list[dict]:
     """Sweeps ``log2 lr`` over ``initial`` for every seed (``cfg_for_seed(seed)`` is the
-    config); with ``extend``, adds two more powers of 2 beyond an end of the evaluated range
-    while the best point of the seed-averaged curve sits at that end (within ``limits``), so
-    its optimum ends up with an evaluated, worse neighbour on each side. Every seed evaluates
-    the same learning rates. Returns the seed-averaged curve (``mean_curve``)."""
+    config); with ``extend``, adds ``step`` more powers of 2 beyond an end of the evaluated
+    range while the best point of the seed-averaged curve sits at that end (within ``limits``),
+    so its optimum ends up with an evaluated, worse neighbour on each side. Every seed
+    evaluates the same points. Returns the seed-averaged curve (``mean_curve``).
+
+    Another axis: ``x`` names the row field swept (e.g. ``multiplier_value_log2``) and
+    ``run_points(seed, todo)`` trains and stores the missing points of one seed (default: one
+    vmapped group of ``cfg_for_seed(seed)`` at learning rates ``2**todo``). ``extra`` rows
+    (points evaluated elsewhere, e.g. a shared baseline) count as evaluated for their seeds.
+    """
     def runs(seed=None):
-        sel = store.select(experiment=experiment, **key)
+        sel = store.select(experiment=experiment, **key) + list(extra)
         return [r for r in sel if seed is None or r["seed"] == seed]
 
-    grid = set(initial) | {r["lr_log2"] for r in runs() if r["seed"] in seeds}
+    if run_points is None:
+        def run_points(seed, todo):
+            run_group(store, experiment, cfg_for_seed(seed), todo, log=log)
+
+    grid = set(initial) | {r[x] for r in runs() if r["seed"] in seeds}
     while True:
         for seed in seeds:
-            todo = sorted(grid - {r["lr_log2"] for r in runs(seed)})
+            todo = sorted(grid - {r[x] for r in runs(seed)})
             if todo:
-                run_group(store, experiment, cfg_for_seed(seed), todo, log=log)
-        curve = mean_curve([r for r in runs() if r["seed"] in seeds])
+                run_points(seed, todo)
+        curve = mean_curve([r for r in runs() if r["seed"] in seeds], x)
         if not extend:
             return curve
-        e = {r["lr_log2"]: r for r in curve}
+        e = {r[x]: r for r in curve}
         lo, hi = min(e), max(e)
         finite = {k: score(r) for k, r in e.items() if math.isfinite(score(r))}
         nxt = []
         if not finite:
-            nxt = [lo - 1, lo - 2]
+            nxt = [lo - j for j in range(1, step + 1)]
         else:
             best = min(finite, key=finite.get)
             if best == hi:
-                nxt += [hi + 1, hi + 2]
+                nxt += [hi + j for j in range(1, step + 1)]
             if best == lo:
-                nxt += [lo - 1, lo - 2]
+                nxt += [lo - j for j in range(1, step + 1)]
         nxt = [k for k in nxt if limits[0] <= k <= limits[1] and k not in e]
         if not nxt:
             return curve
@@ -382,6 +436,28 @@ def optimum(rows: Sequence[dict], x: str = "lr_log2") -> dict:
             vertex = rows[i][x] + 0.5 * h1 * (s[i - 1] - s[i + 1]) / curv
     return {"best": rows[i][x], "loss": s[i], "bracketed": bracketed, "vertex": vertex,
             "n_runs": len(rows), "n_diverged": sum(r["diverged"] for r in rows)}
+
+
+def line_fit(xs: Sequence[float], ys: Sequence[float]) -> dict:
+    """The least-squares line ``y = c + k x`` (``scipy.stats.linregress``): ``k``, ``c``,
+    ``n_points``, and with more than two points the standard error ``k_se`` of ``k`` and its
+    95% interval ``k_lo .. k_hi`` (Student t, ``n - 2`` degrees of freedom; None otherwise)."""
+    from scipy import stats
+
+    out = {"n_points": len(xs), "k": None, "c": None, "k_se": None, "k_lo": None,
+           "k_hi": None}
+    if len(set(xs)) < 2:
+        return out
+    res = stats.linregress(xs, ys)
+    out.update(k=float(res.slope), c=float(res.intercept))
+    if len(xs) > 2:
+        # the textbook standard error (linregress' is nan when every y is the same)
+        mx = sum(xs) / len(xs)
+        resid = sum((y - out["c"] - out["k"] * x) ** 2 for x, y in zip(xs, ys))
+        se = math.sqrt(resid / (len(xs) - 2) / sum((x - mx) ** 2 for x in xs))
+        half = float(stats.t.ppf(0.975, len(xs) - 2)) * se
+        out.update(k_se=se, k_lo=out["k"] - half, k_hi=out["k"] + half)
+    return out
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> Path:
