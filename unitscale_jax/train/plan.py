@@ -488,6 +488,7 @@ def plan(cfg: Config, sizes: dict[str, int], *, vocab_size: int,
         raise UsageError(f"--accelerator {accelerator!r} is not known; choose one of "
                          f"{', '.join(ACCELERATORS)}.")
     log = log or (lambda msg: None)
+    mesh_sharding(sizes)  # a mesh the trainer cannot build fails before JAX is asked for devices
     n = math.prod(sizes.values())
     devices = use_cpu_devices(n)
     run = plan_config(cfg, sizes, "unused")
