@@ -228,6 +228,17 @@ def estimate_cost(plan: Sequence[dict], *, steps: int = 3,
             "timed_steps": steps, "machine": machine()}
 
 
+def write_estimate(path: Path, est: dict, log: Callable[[str], None] = print) -> dict:
+    """Writes an ``estimate_cost`` result (with whatever was added to it) to ``path`` as JSON
+    and prints its items and total; returns ``est``."""
+    path.write_text(json.dumps(est, indent=2, default=str) + "\n")
+    for i in est["items"]:
+        log(f"  {i['label']:34} {i['groups']:3d} x {i['lanes']} lanes x {i['steps']} steps: "
+            f"{i['projected_s'] / 3600:7.2f} h")
+    log(f"projected total: {est['total_s'] / 3600:.1f} h (wrote {path})")
+    return est
+
+
 # --------------------------------------------------------------------------- results on disk
 
 COLUMNS = ("experiment", "parametrization", "width", "depth", "d_head", "n_heads", "multiplier",

@@ -145,13 +145,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
         est = _sweep.estimate_cost(plan, steps=args.estimate_steps, log=log)
         est.update(settings=settings, seeds=seeds, note="initial grids only: each extension "
                    "adds a group of 2 lanes; validation passes not counted")
-        path = out / f"{tag}_estimate.json"
-        path.write_text(json.dumps(est, indent=2, default=str) + "\n")
-        for i in est["items"]:
-            log(f"  {i['label']:28} {i['groups']} x {i['lanes']} lanes: "
-                f"{i['projected_s'] / 3600:6.2f} h")
-        log(f"projected total: {est['total_s'] / 3600:.1f} h (wrote {path})")
-        return est
+        return _sweep.write_estimate(out / f"{tag}_estimate.json", est, log)
 
     store = _sweep.Store(out, tag, settings, resume=not args.fresh, log=log)
     est_path = out / f"{tag}_estimate.json"

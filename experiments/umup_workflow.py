@@ -380,12 +380,7 @@ def estimate(args, a: dict, settings: dict, cfg_for, path: Path,
     est.update(settings=settings, seeds=a["seeds"], note="initial grids only: each "
                "extension of a grid adds a group of 2 lanes (LR) or 1 run (multiplier); "
                "validation passes not counted")
-    path.write_text(json.dumps(est, indent=2, default=str) + "\n")
-    for i in est["items"]:
-        log(f"  {i['label']:34} {i['groups']:3d} x {i['lanes']} lanes x {i['steps']} steps: "
-            f"{i['projected_s'] / 3600:7.2f} h")
-    log(f"projected total: {est['total_s'] / 3600:.1f} h (wrote {path})")
-    return est
+    return _sweep.write_estimate(path, est, log)
 
 
 if __name__ == "__main__":
