@@ -81,7 +81,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_decoder_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                                        + " --xla_force_host_platform_device_count=8").strip(),
                JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,

@@ -124,7 +124,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_chunked_sharded_over_a_4_device_mesh():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                                        + " --xla_force_host_platform_device_count=4").strip(),
                JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,

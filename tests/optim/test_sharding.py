@@ -92,7 +92,8 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_optimizer_state_keeps_shapes_dtypes_shardings_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                                        + " --xla_force_host_platform_device_count=8").strip(),
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(

@@ -49,7 +49,8 @@ class Process:
 def run_env(cache_dir: str, devices: int, batch_log: Optional[Path] = None) -> dict:
     env = subprocess_env(cache_dir)
     env.update({"JAX_NUM_CPU_DEVICES": str(devices), "PYTHONUNBUFFERED": "1"})
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
     if batch_log is not None:
         env["UNITSCALE_JAX_BATCH_LOG"] = str(batch_log)
     return env
@@ -58,12 +59,13 @@ def run_env(cache_dir: str, devices: int, batch_log: Optional[Path] = None) -> d
 def launch(n: int, devices: int, args: list, work: Path, cache_dir: str, *,
            timeout: float = 240, per_process: Optional[Callable[[int], list]] = None,
            batch_log: Optional[Path] = None,
-           watch: Optional[Callable[[list], None]] = None) -> list[Process]:
+           watch: Optional[Callable[[list], None]] = None, poll: float = 0.2) -> list[Process]:
     """Runs the ``n`` processes to the end (``n == 1``: a plain single-process run).
 
     Args:
       per_process: extra arguments of process ``i``.
-      watch: called about every 0.2 s with the running ``Popen`` objects (e.g. to kill one).
+      watch: called about every ``poll`` seconds with the running ``Popen`` objects (e.g. to
+        kill one).
     """
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -90,7 +92,7 @@ def launch(n: int, devices: int, args: list, work: Path, cache_dir: str, *,
             for i, p in enumerate(procs):
                 if ended[i] is None and p.poll() is not None:
                     ended[i] = time.monotonic()
-            time.sleep(0.2)
+            time.sleep(poll)
     finally:
         for p in procs:
             if p.poll() is None:

@@ -19,9 +19,10 @@ from tests.train.conftest import ROOT, read_rows
 from tests.train.multiprocess_harness import batch_log, launch, reference_rows, run_env
 from unitscale_jax.cli import main
 
+CHECKPOINT_EVERY = 4
 BASE = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "16",
         "--batch-size", "8", "--eval-every", "4", "--eval-batches", "1", "--checkpoint-every",
-        "4", "--schedule", "constant", "--warmup-steps", "0", "--no-progress",
+        str(CHECKPOINT_EVERY), "--schedule", "constant", "--warmup-steps", "0", "--no-progress",
         "--heartbeat-timeout", "10", "--init-timeout", "120"]
 STEPS = 12
 TIMEOUT = 400  # seconds per launch (a loaded 2-core machine)
@@ -180,18 +181,31 @@ def test_killed_process_stops_the_others_and_the_rerun_resumes(tmp_path, shared_
     killed = {}
 
     def kill_after_first_checkpoint(procs):
+        # Process 1 is frozen (SIGSTOP) first, at a step that is neither a checkpoint step nor
+        # the one before it. Process 0 cannot then be more than a step ahead, so within the
+        # second it waits it is blocked in that step's collective, never in a checkpoint's
+        # barrier (a death seen there is JAX's heartbeat check's to report, after
+        # --heartbeat-timeout, see unitscale_jax.train.distributed). The
+        # SIGKILL then fails that collective.
         if killed or not (run / "checkpoints" / "4").is_dir():
             return
         log = logs / "process-1.jsonl"
-        if log.exists() and any(json.loads(x)["step"] >= 5
-                                for x in log.read_text().splitlines()):
-            os.kill(procs[1].pid, signal.SIGKILL)
-            killed["at"] = time.monotonic()
-            killed["complete"] = sorted(int(p.name) for p in (run / "checkpoints").iterdir()
-                                        if p.name.isdigit())
+        if not (log.exists() and any(json.loads(x)["step"] >= 5
+                                     for x in log.read_text().splitlines())):
+            return
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        at = max(json.loads(x)["step"] for x in log.read_text().splitlines() if x.strip())
+        if at % CHECKPOINT_EVERY in (0, CHECKPOINT_EVERY - 1):
+            os.kill(procs[1].pid, signal.SIGCONT)  # try again at the next poll
+            return
+        time.sleep(1.0)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        killed["at"], killed["step"] = time.monotonic(), at
+        killed["complete"] = sorted(int(p.name) for p in (run / "checkpoints").iterdir()
+                                    if p.name.isdigit())
 
     procs = launch(2, 2, args, tmp_path / "killed", shared_dirs[1], batch_log=logs,
-                   timeout=TIMEOUT, watch=kill_after_first_checkpoint)
+                   timeout=TIMEOUT, watch=kill_after_first_checkpoint, poll=0.05)
     assert killed, "the run ended before process 1 was killed"
     assert procs[1].rc == -signal.SIGKILL
     assert procs[0].rc != 0

@@ -16,7 +16,10 @@ the wait for every process to join; ``--heartbeat-timeout`` how long a silent pr
 as alive. Once initialised, ``check_same_config`` refuses to start unless every process was
 given the same config (``--process-id`` aside). A process whose collective fails because a
 peer died raises ``PeerLost``; ``unitscale-jax`` then exits at once with status 1 instead of
-waiting for the dead peer at JAX's shutdown barrier.
+waiting for the dead peer at JAX's shutdown barrier. A peer that dies while this process
+waits somewhere other than a collective (a checkpoint's barrier, the start-up exchanges) is
+JAX's own heartbeat check's to report: after ``--heartbeat-timeout`` seconds JAX ends the
+process with its message ("another task died"), which this module cannot intercept.
 """
 
 from __future__ import annotations
