@@ -53,6 +53,9 @@ def build_parser():
     p.add_argument("--steps", type=int, default=1000, help="student steps (both students)")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--student-lr-log2", type=float, default=None, help="log2 of both "
+                   "students' learning rate (default: the parametrization's default, as the "
+                   "teacher's)")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--weight", type=float, default=0.5, help="distillation weight a")
     p.add_argument("--batch-size", type=int, default=32)
@@ -82,6 +85,8 @@ def one_run(args, work: Path, par: str, role: str, seed: int) -> dict:
     steps = args.teacher_steps if teacher else args.steps
     run_dir = work / (f"teacher_{par}" if teacher else f"{role}_{par}_{seed}")
     flags = _flags(args, par, width, seed, steps, run_dir)
+    if not teacher and args.student_lr_log2 is not None:
+        flags += ["--lr", repr(2.0 ** args.student_lr_log2)]
     if role == "distilled":
         flags += ["--distill-from", str(work / f"teacher_{par}"), "--distill-temperature",
                   repr(args.temperature), "--distill-weight", repr(args.weight)]

@@ -1,5 +1,6 @@
 """``experiments/distill.py --quick`` at its smallest (u-muP, one seed, a few steps): the
-rows, summary, plot and metadata are written, and a second call resumes without training."""
+students' own learning rate, the rows, summary, plot and metadata are written, and a second
+call resumes without training."""
 
 import csv
 import json
@@ -16,7 +17,8 @@ def _rows(path):
 
 def test_distill_quick_writes_and_resumes(tmp_path):
     argv = ["--quick", "--out", str(tmp_path / "o"), "--parametrizations", "umup", "--seeds",
-            "0", "--teacher-steps", "6", "--steps", "4", "--eval-every", "4"]
+            "0", "--teacher-steps", "6", "--steps", "4", "--eval-every", "4",
+            "--student-lr-log2", "-1"]
     res = experiment.main(argv, log=lambda m: None)
     out = tmp_path / "o"
     runs = _rows(out / "distill_quick_runs.csv")
@@ -29,6 +31,10 @@ def test_distill_quick_writes_and_resumes(tmp_path):
     work = out / "distill_quick_work"
     cfg = json.loads((work / "distilled_umup_0" / "config.json").read_text())
     assert cfg["training"]["distill_from"] == str(work / "teacher_umup")
+    # --student-lr-log2 sets both students' learning rate; the teacher keeps the default (None)
+    lrs = {run: json.loads((work / run / "config.json").read_text())["optimizer"]["lr"]
+           for run in ("teacher_umup", "alone_umup_0", "distilled_umup_0")}
+    assert lrs == {"teacher_umup": None, "alone_umup_0": 0.5, "distilled_umup_0": 0.5}
     (s,) = _rows(out / "distill_quick_summary.csv")
     assert float(s["alone_mean_val_loss"]) == pytest.approx(float(alone["val_loss"]), rel=1e-5)
     gain = float(alone["val_loss"]) - float(distilled["val_loss"])
