@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import _sweep
+import numpy as np
 
 QUICK = {"width": 32, "d_head": 16, "depth": 1, "steps": 20, "eval_every": 5,
          "batch_size": 8, "seq_len": 32}
@@ -136,9 +137,14 @@ def summarise(curves: Sequence[dict], grow_step: int) -> tuple[list[dict], dict]
              "grown_step0_val_loss": by["grown"][0]["val_loss"],
              "grown_final_val_loss": by["grown"][-1]["val_loss"],
              "grown_flops": by["grown"][-1]["flops"], "grow_step": grow_step}
+        s["scratch_val_loss_at_grown_flops"] = float(np.interp(
+            s["grown_flops"], [r["flops"] for r in by["scratch"]],
+            [r["val_loss"] for r in by["scratch"]]))
         summary.append(s)
         claims[f"{par}_grown_at_most_scratch_loss"] = (
             s["grown_final_val_loss"] <= s["scratch_final_val_loss"])
+        claims[f"{par}_grown_at_most_scratch_loss_at_equal_flops"] = (
+            s["grown_final_val_loss"] <= s["scratch_val_loss_at_grown_flops"])
         claims[f"{par}_jump_at_growth"] = s["grown_step0_val_loss"] - s["small_final_val_loss"]
         claims[f"{par}_flops_saved_fraction"] = 1.0 - s["grown_flops"] / s["scratch_flops"]
     return summary, claims

@@ -7,6 +7,7 @@ import json
 import math
 
 import grow as experiment
+import pytest
 
 
 def _rows(path):
@@ -38,6 +39,16 @@ def test_grow_quick_writes_the_three_arms(tmp_path):
     assert float(s["grown_step0_val_loss"]) == float(by["grown"][0]["val_loss"])
     assert res["claims"]["umup_grown_at_most_scratch_loss"] == (
         float(s["grown_final_val_loss"]) <= float(s["scratch_final_val_loss"]))
+    # the scratch run's loss at the grown run's FLOPs: its curve interpolated in FLOPs
+    sc = by["scratch"]
+    f, (lo, hi) = float(s["grown_flops"]), (float(sc[0]["flops"]), float(sc[-1]["flops"]))
+    assert lo < f < hi
+    i = next(k for k in range(1, len(sc)) if float(sc[k]["flops"]) >= f)
+    (f0, l0), (f1, l1) = ((float(sc[k]["flops"]), float(sc[k]["val_loss"])) for k in (i - 1, i))
+    assert float(s["scratch_val_loss_at_grown_flops"]) == pytest.approx(
+        l0 + (l1 - l0) * (f - f0) / (f1 - f0), rel=1e-6)
+    assert res["claims"]["umup_grown_at_most_scratch_loss_at_equal_flops"] == (
+        float(s["grown_final_val_loss"]) <= float(s["scratch_val_loss_at_grown_flops"]))
     with open(out / "grow_quick.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     meta = json.loads((out / "grow_quick_meta.json").read_text())
