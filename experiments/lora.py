@@ -10,7 +10,9 @@
 
 Outputs in ``--out`` (default ``experiments/results/``, ``.../quick/`` for ``--quick``):
 ``<tag>_pretrain.csv``, ``<tag>_runs.csv`` (a row per fine-tuning run, appended as each
-finishes; a rerun with the same settings resumes), ``<tag>_summary.csv`` (per
+finishes; a rerun with the same settings resumes, and one that only widens the grid of LRs,
+ranks, widths or parametrizations keeps its rows and adds the new points),
+``<tag>_summary.csv`` (per
 parametrization, width, method and rank: the best LR, its accuracy, the trainable share),
 ``<tag>.png`` (accuracy against log2 LR, a panel per parametrization) and ``<tag>_meta.json``
 (settings, command, machine, timings, the claims as computed: the spread of the LoRA
@@ -41,6 +43,17 @@ QUICK = {"widths": "16,32", "depth": 1, "d_head": 8, "pretrain_steps": 30, "fine
          "eval_every": 10, "batch_size": 16, "seq_len": 32, "vocab_size": 500,
          "max_train": 512, "max_dev": 128, "ranks": "2,8", "umup_lrs": "-2,0",
          "sp_lrs": "-8,-6"}
+
+
+GRID_ARGS = ("parametrizations", "widths", "ranks", "umup_lrs", "sp_lrs")
+"""The sweep's grid: every row and pretrained model is keyed by its point on it, so a rerun
+with a larger grid (another LR, rank or width) keeps the rows it has and adds the rest."""
+
+
+def _same_setup(old: Optional[dict], new: dict) -> bool:
+    """Whether a run with settings ``old`` can be resumed under ``new``: equal but for the grid."""
+    strip = lambda s: {k: v for k, v in s.items() if k not in GRID_ARGS}  # noqa: E731
+    return old is not None and strip(old) == strip(new)
 
 
 def build_parser():
@@ -219,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     settings["mode"] = mode
     meta_path = out / f"{tag}_meta.json"
     old = json.loads(meta_path.read_text()) if meta_path.exists() else None
-    resume = not args.fresh and old is not None and old.get("settings") == settings
+    resume = not args.fresh and old is not None and _same_setup(old.get("settings"), settings)
     work = out / f"{tag}_work"
     if not resume and work.exists():
         shutil.rmtree(work)

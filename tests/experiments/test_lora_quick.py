@@ -1,6 +1,7 @@
 """``experiments/lora.py --quick`` on small files of its own (one width, one rank, u-muP only):
 the full and LoRA rows with their trainable shares, the summary, plot and metadata, and a
-second call that resumes without training."""
+second call that resumes without training, a third with a wider LR grid that adds only the
+new points, and a changed setting that starts over."""
 
 import csv
 import json
@@ -48,3 +49,18 @@ def test_lora_quick_writes_and_resumes(tmp_path):
     again = experiment.main(argv, log=lambda m: None)
     meta = json.loads((out / "lora_quick_meta.json").read_text())
     assert meta["runs_this_call"] == 0 and again["summary"] == res["summary"]
+    # a wider LR grid keeps the rows it has and adds only the new points
+    i = argv.index("--umup-lrs")
+    wider = [*argv[:i], "--umup-lrs=-1,0", *argv[i + 2:]]
+    more = experiment.main(wider, log=lambda m: None)
+    meta = json.loads((out / "lora_quick_meta.json").read_text())
+    assert meta["runs_this_call"] == 2
+    rows = _rows(out / "lora_quick_runs.csv")
+    assert sorted((r["method"], float(r["lr_log2"])) for r in rows) == [
+        ("full", -1.0), ("full", 0.0), ("lora", -1.0), ("lora", 0.0)]
+    assert [r for r in rows if float(r["lr_log2"]) == -1] == list(runs.values())
+    assert len(more["runs"]) == 4
+    # any other change starts over
+    other = [*argv, "--seed", "1"]
+    experiment.main(other, log=lambda m: None)
+    assert len(_rows(out / "lora_quick_runs.csv")) == 2
