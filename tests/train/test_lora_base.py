@@ -114,3 +114,30 @@ def test_a_changed_or_missing_base_is_one_clear_error(runs, tmp_path, shared_dir
     assert (run / "checkpoints" / "2").is_dir()  # nothing quarantined or lost
     shutil.rmtree(copy_base)
     fails(capsys, ["merge", "--run-dir", str(run)], "is missing", str(copy_base.absolute()))
+
+
+def test_a_deleted_base_reference_is_one_clear_error_not_a_restart(runs, tmp_path, shared_dirs,
+                                                                    capsys):
+    """Without ``lora_base.json`` the adapter-only checkpoints cannot be restored: every reader
+    and a resumed ``train`` refuse with one line naming the file (they used to set the
+    checkpoints aside as corrupt and start the run over); put back, the run resumes."""
+    base, whole, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(whole, run)
+    kept = (run / BASE_FILE).read_text()
+    (run / BASE_FILE).unlink()
+    flags = [*SMALL, "--eval-every", "0", "--data-dir", shared_dirs[0]]
+    lora = [*flags, "--init-from", str(base), *LORA, "--checkpoint-every", "2"]
+    capsys.readouterr()
+    needles = (f"{run / BASE_FILE} is missing", "holds only this LoRA run's trainable",
+               "--overwrite")
+    fails(capsys, ["train", *lora, "--steps", "6", "--run-dir", str(run)], *needles)
+    fails(capsys, ["sample", "--run-dir", str(run), "--prompt", "a"], *needles)
+    fails(capsys, ["sample", "--run-dir", str(run), "--prompt", "a", "--step", "2"],
+          "checkpoint at step 2", *needles[1:])
+    fails(capsys, ["merge", "--run-dir", str(run)], *needles)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+    assert not (run / "corrupt_checkpoints").exists()
+    (run / BASE_FILE).write_text(kept)
+    assert main(["train", *lora, "--steps", "6", "--run-dir", str(run)]) == 0
+    assert "resumed from the checkpoint at step 4" in capsys.readouterr().out

@@ -130,6 +130,15 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def state_metadata(self, step: int) -> Any:
+        """Orbax's metadata tree of the train state saved at ``step`` (its structure, with
+        shapes and dtypes for leaves), read without restoring any array.
+
+        Raises:
+          Exception: whatever orbax raises for a missing or unreadable checkpoint.
+        """
+        return ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+
     def save(self, step: int, state: Any, data_state: dict, *, force: bool = False,
              metrics: Optional[dict] = None) -> bool:
         """Starts saving ``state`` at ``step`` (returns at once when async); ``metrics``

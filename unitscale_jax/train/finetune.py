@@ -746,9 +746,10 @@ def load_finetuned(run_dir: str | os.PathLike, *, step: Optional[int] = None,
             step = ckpt.best_step()
         if step is not None:
             at = step
-            state, _ = restore_into(base, run_dir, target, lambda t: ckpt.restore(at, t), log)
+            state, _ = restore_into(base, run_dir, target, lambda t: ckpt.restore(at, t), log,
+                                    ckpt=ckpt, step=at)
         else:
-            found = restore_into(base, run_dir, target, ckpt.restore_latest, log)
+            found = restore_into(base, run_dir, target, ckpt.restore_latest, log, ckpt=ckpt)
             if found is None:
                 raise UsageError(f"--run-dir {run_dir}: no complete checkpoint to load.")
             step, state, _ = found

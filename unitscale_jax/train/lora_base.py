@@ -17,7 +17,8 @@ Whoever restores such a checkpoint (resume, ``sample``, ``export``, ``merge``, `
 fingerprint and reassembles base + trainable parameters; a source that is gone, unreadable or
 changed is a one-line ``UsageError`` naming it. A LoRA run without ``--init-from`` (a random
 base) and runs without ``lora_base.json`` (LoRA runs made before this file existed) keep whole
-checkpoints.
+checkpoints; a run whose ``lora_base.json`` was deleted while its checkpoints hold only the
+adapters is refused with a one-line ``UsageError`` (``refuse_adapter_only``), never restarted.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 
 from unitscale_jax import paths
 from unitscale_jax.train import interop
-from unitscale_jax.train.checkpoint import state_digest
+from unitscale_jax.train.checkpoint import Checkpoints, state_digest
 from unitscale_jax.train.errors import UsageError
 
 BASE_FILE = "lora_base.json"
@@ -135,10 +136,39 @@ class LoRABase:
                                       {**interop.flat_params(stored_params), **base})
 
 
+def refuse_adapter_only(run_dir: str | Path, ckpt: Checkpoints, step: Optional[int],
+                        target: dict) -> None:
+    """Refuses a LoRA run whose ``BASE_FILE`` is gone but whose checkpoint (at ``step``, None:
+    the newest) holds only the trainable parameters: restored as whole checkpoints they would
+    not fit, and a trainer would set them aside as corrupt and start the run over.
+
+    Raises:
+      UsageError: the checkpoint's parameters (orbax's metadata of it) are a strict subset of
+        ``target["params"]``.
+    """
+    steps = ckpt.steps()
+    at = (steps[-1] if steps else None) if step is None else step
+    if at is None:
+        return
+    try:
+        stored = set(interop.flat_params(ckpt.state_metadata(at)["params"]))
+    except Exception:  # no readable metadata: restoring reports the checkpoint itself
+        return
+    want = set(interop.flat_params(target["params"]))
+    if stored and stored < want:
+        raise UsageError(
+            f"{Path(run_dir) / BASE_FILE} is missing, but the checkpoint at step {at} in "
+            f"{ckpt.directory} holds only this LoRA run's trainable parameters ({len(stored)} of "
+            f"{len(want)}): that file names the frozen base they need. Put it back (from a "
+            "backup, or copy it from a run made with the same --init-from), or start the run "
+            "again with --overwrite.")
+
+
 def restore_into(base: Optional[LoRABase], run_dir: str | Path, target: dict,
                  restore: Callable[[dict], Any], log: Callable[[str], None] = print,
                  place: Optional[Callable[[Any], Any]] = None,
-                 arrays: Optional[dict[str, np.ndarray]] = None) -> Any:
+                 arrays: Optional[dict[str, np.ndarray]] = None,
+                 ckpt: Optional[Checkpoints] = None, step: Optional[int] = None) -> Any:
     """Calls ``restore(checkpoint target)`` and returns its result with the state's
     parameters reassembled (``base`` None: whole checkpoints, ``restore(target)`` as is).
 
@@ -152,11 +182,17 @@ def restore_into(base: Optional[LoRABase], run_dir: str | Path, target: dict,
       place: puts the frozen tree (pruned like ``target["params"]``) on devices (default: the
         target's shardings, one device).
       arrays: the frozen parameters if already loaded (``LoRABase.load``).
+      ckpt: the checkpoints ``restore`` reads; with ``base`` None, checked first by
+        ``refuse_adapter_only`` (at ``step``, None: the newest).
+      step: see ``ckpt``.
 
     Raises:
-      UsageError: see ``LoRABase.load`` (checked before any checkpoint is read).
+      UsageError: see ``LoRABase.load`` and ``refuse_adapter_only`` (checked before any
+        checkpoint is read).
     """
     if base is None:
+        if ckpt is not None:
+            refuse_adapter_only(run_dir, ckpt, step, target)
         return restore(target)
     arrays = base.load(run_dir, log) if arrays is None else arrays
     result = restore(base.checkpoint_state(target))

@@ -103,14 +103,16 @@ def restore_params(run_dir: str | Path, cfg: Config, *, step: Optional[int] = No
             base_arrays = base.load(run_dir, log) if base is not None else None
             try:
                 state, _ = restore_into(base, run_dir, target, lambda t: ckpt.restore(step, t),
-                                        log, arrays=base_arrays)
+                                        log, arrays=base_arrays, ckpt=ckpt, step=step)
+            except UsageError:
+                raise
             except Exception as e:  # orbax raises many kinds for a damaged checkpoint
                 raise UsageError(f"--step {step}: the checkpoint in {ckpt_dir / str(step)} is "
                                  f"corrupt or incomplete ({failure(e)}); pick another --step "
                                  "or leave it out for the latest valid one.") from None
             found = (step, state, None)
         else:
-            found = restore_into(base, run_dir, target, ckpt.restore_latest, log)
+            found = restore_into(base, run_dir, target, ckpt.restore_latest, log, ckpt=ckpt)
     finally:
         ckpt.close()
     if found is None:

@@ -254,7 +254,8 @@ class Trainer:
                               self.abstract_state, self.shardings)
         base = self.lora_base
         if base is None:
-            return restore(target)
+            return restore_into(None, self.run_dir, target, restore,
+                                ckpt=self.ckpt if build.uses_lora(self.cfg) else None)
         frozen = set(base.frozen)
         shardings = prune(self.shardings["params"], lambda name: name in frozen)
         return restore_into(base, self.run_dir, target, restore, self.log,
