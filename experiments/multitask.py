@@ -9,8 +9,11 @@ WordPiece tokenizer trained on the SST-2 sentences).
 
 Outputs in ``--out`` (default ``experiments/results/``, ``.../quick/`` for ``--quick``):
 ``<tag>_runs.csv`` (a row per run and task: the setting, the task, its best dev score and
-loss) and ``<tag>_meta.json`` (settings, command, machine, timings and the claims as computed:
-per task, the multi-task score minus the single-task one).
+loss), ``<tag>_curves.csv`` (every dev evaluation: setting, task, step, score), ``<tag>.png``
+(the dev metric against the step, a panel per task) and ``<tag>_meta.json`` (settings,
+command, machine, timings and the claims as computed: per task, the multi-task score minus
+the single-task one). A rerun resumes each run from its checkpoint (a finished one at once);
+``--fresh`` starts them over.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--tag", default=None)
+    p.add_argument("--fresh", action="store_true", help="start every run over (default: a "
+                   "rerun resumes each run from its checkpoint, a finished one at once)")
     return p
 
 
@@ -64,7 +69,7 @@ def _flags(args, prepared: dict, run_dir: Path) -> list[str]:
     return [*ft._model_flags(args, "umup", args.width), "--tokenizer", prepared["tokenizer"],
             "--steps", str(args.steps), "--eval-every", str(args.eval_every),
             "--lr", repr(2.0 ** args.lr_log2), "--run-dir", str(run_dir),
-            "--keep-checkpoints", "1", "--overwrite"]
+            "--keep-checkpoints", "1", *(["--overwrite"] if args.fresh else [])]
 
 
 def run_setting(args, prepared: dict, work: Path, setting: str) -> list[dict]:
@@ -97,6 +102,47 @@ def run_setting(args, prepared: dict, work: Path, setting: str) -> list[dict]:
     return rows
 
 
+def curves(work: Path) -> list[dict]:
+    """Every dev evaluation of every run: a row per (setting, task, step) with its score
+    (the runs' ``metrics.jsonl``)."""
+    rows = []
+    for setting in (*(f"single_{t}" for t in ft.TASKS), "multi"):
+        tasks = list(ft.TASKS) if setting == "multi" else [setting.removeprefix("single_")]
+        for line in (work / setting / "metrics.jsonl").read_text().splitlines():
+            m = json.loads(line)
+            if m.get("split") != "validation":
+                continue
+            for t in tasks:
+                metric = ft.TASKS[t][1]
+                key = f"{t}_{metric}" if setting == "multi" else metric
+                if key in m:
+                    rows.append({"setting": "multi" if setting == "multi" else "single",
+                                 "task": t, "metric": metric, "step": m["step"],
+                                 "score": m[key]})
+    return rows
+
+
+def plot(rows: Sequence[dict], path: Path, title: str) -> Path:
+    """The dev metric against the step, a panel per task, single- and multi-task runs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(ft.TASKS), figsize=(5 * len(ft.TASKS), 3.6),
+                             squeeze=False)
+    for ax, (t, (_, metric)) in zip(axes[0], ft.TASKS.items()):
+        for setting, style in (("single", "s--"), ("multi", "o-")):
+            rs = sorted((r for r in rows if (r["setting"], r["task"]) == (setting, t)),
+                        key=lambda r: r["step"])
+            ax.plot([r["step"] for r in rs], [r["score"] for r in rs], style, ms=3,
+                    label=f"{setting}-task")
+        ax.set_title(f"{t} (dev {metric})")
+        ax.set_xlabel("step (all tasks together)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _sweep.save_figure(fig, path, title, fontsize=9)
+
+
 def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = print) -> dict:
     args = build_parser().parse_args(argv)
     mode = _sweep.apply_quick(args, argv, QUICK)
@@ -113,6 +159,11 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
         log(f"{setting} ...")
         rows += run_setting(args, prepared, work, setting)
     _sweep.write_csv(out / f"{tag}_runs.csv", [{k: r[k] for k in RUN_COLUMNS} for r in rows])
+    curve_rows = curves(work)
+    _sweep.write_csv(out / f"{tag}_curves.csv", curve_rows)
+    plot(curve_rows, out / f"{tag}.png",
+         title=f"multi-task vs single-task ({mode}): width {args.width}, depth {args.depth}, "
+         f"{args.steps} steps x {args.batch_size} each, sampling {args.sampling}")
     by = {(r["setting"], r["task"]): r["score"] for r in rows}
     claims = {t: {"single": by[("single", t)], "multi": by[("multi", t)],
                   "multi_minus_single": by[("multi", t)] - by[("single", t)]}
