@@ -72,11 +72,26 @@ def _flags(args, prepared: dict, run_dir: Path) -> list[str]:
             "--keep-checkpoints", "1", *(["--overwrite"] if args.fresh else [])]
 
 
+SETTINGS = (*(f"single_{t}" for t in ft.TASKS), "multi")
+"""The runs: one per task alone, and the multi-task one."""
+
+
+def _tasks(setting: str) -> list[str]:
+    """The tasks a run (one of ``SETTINGS``) trains."""
+    return list(ft.TASKS) if setting == "multi" else [setting.removeprefix("single_")]
+
+
+def _metric_key(setting: str, task: str) -> str:
+    """The name of ``task``'s dev metric in the run's metrics and summary."""
+    metric = ft.TASKS[task][1]
+    return f"{task}_{metric}" if setting == "multi" else metric
+
+
 def run_setting(args, prepared: dict, work: Path, setting: str) -> list[dict]:
     """One run (``single_<task>`` or ``multi``): a row per task it trains."""
     from unitscale_jax.train.finetune import finetune
     from unitscale_jax.train.flags import parse_finetune_args
-    tasks = list(ft.TASKS) if setting == "multi" else [setting.removeprefix("single_")]
+    tasks = _tasks(setting)
     run_dir = work / setting
     if setting == "multi":
         flags = [a for t in tasks for a in
@@ -89,8 +104,7 @@ def run_setting(args, prepared: dict, work: Path, setting: str) -> list[dict]:
     wall = round(time.perf_counter() - t0, 2)
     rows = []
     for t in tasks:
-        metric = ft.TASKS[t][1]
-        key = f"{t}_{metric}" if setting == "multi" else metric
+        metric, key = ft.TASKS[t][1], _metric_key(setting, t)
         report = json.loads((run_dir / (f"dev_report_{t}.json" if setting == "multi" else
                                         "dev_report.json")).read_text())
         value = (s.get("best_dev") or {}).get(key, math.nan)
@@ -106,19 +120,16 @@ def curves(work: Path) -> list[dict]:
     """Every dev evaluation of every run: a row per (setting, task, step) with its score
     (the runs' ``metrics.jsonl``)."""
     rows = []
-    for setting in (*(f"single_{t}" for t in ft.TASKS), "multi"):
-        tasks = list(ft.TASKS) if setting == "multi" else [setting.removeprefix("single_")]
+    for setting in SETTINGS:
         for line in (work / setting / "metrics.jsonl").read_text().splitlines():
             m = json.loads(line)
             if m.get("split") != "validation":
                 continue
-            for t in tasks:
-                metric = ft.TASKS[t][1]
-                key = f"{t}_{metric}" if setting == "multi" else metric
-                if key in m:
+            for t in _tasks(setting):
+                if _metric_key(setting, t) in m:
                     rows.append({"setting": "multi" if setting == "multi" else "single",
-                                 "task": t, "metric": metric, "step": m["step"],
-                                 "score": m[key]})
+                                 "task": t, "metric": ft.TASKS[t][1], "step": m["step"],
+                                 "score": m[_metric_key(setting, t)]})
     return rows
 
 
@@ -155,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     t0 = time.perf_counter()
     prepared = ft.prepare_data(args, work, list(ft.TASKS))
     rows = []
-    for setting in (*(f"single_{t}" for t in ft.TASKS), "multi"):
+    for setting in SETTINGS:
         log(f"{setting} ...")
         rows += run_setting(args, prepared, work, setting)
     _sweep.write_csv(out / f"{tag}_runs.csv", [{k: r[k] for k in RUN_COLUMNS} for r in rows])
