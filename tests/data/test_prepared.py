@@ -5,7 +5,6 @@ directories, and start-up that reads a bounded number of records whatever the co
 import json
 import os
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -269,7 +268,7 @@ def test_bad_prepare_inputs(world, tmp_path):
 
 
 def _startup_reads(corpus_dir, out, monkeypatch):
-    """Records read (and seconds) from opening a prepared corpus to the first batch of the
+    """Records read from opening a prepared corpus to the first batch of the
     training and validation iterators, as the trainer starts."""
     prepared.prepare_corpus(str(corpus_dir / "*.txt"), out, workers=1, **QUIET)
     from array_record.python import array_record_data_source as ards
@@ -280,26 +279,24 @@ def _startup_reads(corpus_dir, out, monkeypatch):
                         lambda self, k: (reads.append(1), real_get(self, k))[1])
     monkeypatch.setattr(ards.ArrayRecordDataSource, "__getitems__",
                         lambda self, ks: (reads.extend([1] * len(ks)), real_many(self, ks))[1])
-    t0 = time.perf_counter()
     src = prepared.open_prepared(out, TOK)
     train = data.make_iterator(src, "train", seq_len=64, batch_size=4, seed=0, num_threads=1)
     val = data.make_iterator(src, "validation", seq_len=64, batch_size=4, num_threads=1)
     next(train), next(val)
-    seconds = time.perf_counter() - t0
     n = len(reads)
     monkeypatch.undo()
-    return n, seconds, len(src.split("train"))
+    return n, len(src.split("train"))
 
 
 def test_startup_does_not_scale_with_corpus_size(tmp_path, monkeypatch):
     """100 kB and 5 MB corpora: the start-up reads are bounded by the pipeline's read-ahead,
-    not the corpus (deterministic check), and take about as long (a generous check)."""
+    not the corpus. Counted, not timed: a wall-clock bound failed under a loaded machine, and
+    the start-up time itself is measured by ``benchmarks/streaming.py``."""
     small = write_corpus(tmp_path / "small", n_files=2, lines=1000, seed=1)
     big = write_corpus(tmp_path / "big", n_files=10, lines=9600, seed=2)
     sizes = [sum(p.stat().st_size for p in d.glob("*.txt")) for d in (small, big)]
     assert sizes[0] < 120e3 and sizes[1] > 4.5e6
-    n_small, t_small, _ = _startup_reads(small, tmp_path / "ps", monkeypatch)
-    n_big, t_big, records_big = _startup_reads(big, tmp_path / "pb", monkeypatch)
+    n_small, _ = _startup_reads(small, tmp_path / "ps", monkeypatch)
+    n_big, records_big = _startup_reads(big, tmp_path / "pb", monkeypatch)
     assert records_big > 1000 and n_big < records_big / 5, (n_big, records_big)
     assert n_big <= 2 * n_small + 50, (n_small, n_big)
-    assert t_big < 3 * t_small + 1.0, (t_small, t_big)

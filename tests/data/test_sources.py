@@ -58,7 +58,7 @@ def test_local_text_builds_array_record_and_splits(corpus_files, data_dir):
     src = data.resolve_source(str(corpus_files[0].parent / "*.txt"), data_dir=data_dir,
                               validation_fraction=0.1)
     assert set(src.splits) == {"train", "validation"}
-    shards = glob.glob(os.path.join(data_dir, "unitscale_local_text", "*", "1.0.0",
+    shards = glob.glob(os.path.join(data_dir, "unitscale_local_text", "*", "1.1.0",
                                     "*.array_record-*"))
     assert {os.path.basename(s).split(".")[0].rsplit("-", 1)[1] for s in shards} == \
         {"train", "validation"}
@@ -91,6 +91,26 @@ def test_local_text_is_deterministic_and_cached(corpus_files, data_dir, tmp_path
     corpus_files[0].write_text("changed text\n" * 50, encoding="utf-8")
     data.resolve_source([str(p) for p in corpus_files], data_dir=data_dir)
     assert len(glob.glob(os.path.join(data_dir, "unitscale_local_text", "*"))) == 2
+
+
+def test_record_order_does_not_depend_on_where_the_files_live(corpus_files, tmp_path):
+    # tfds orders a split by a hash of the record keys: keyed by path, the same files in another
+    # directory (a copy, a symlink, another checkout) came out in another order, and the same
+    # seed trained on other batches.
+    copy = write_corpus(tmp_path / "elsewhere" / "deeper", lines_per_file=400)
+    original = write_corpus(tmp_path / "corpus", lines_per_file=400)
+    link = tmp_path / "linked"
+    link.symlink_to(tmp_path / "corpus", target_is_directory=True)
+    orders = []
+    for i, files in enumerate([original, copy, [link / p.name for p in original]]):
+        src = data.resolve_source([str(p) for p in files], data_dir=str(tmp_path / f"tfds{i}"),
+                                  chunk_chars=256)
+        orders.append({split: [(int(r["chunk"]), src.text(r)) for r in
+                               (src.splits[split][j] for j in range(len(src.splits[split])))]
+                       for split in ("train", "validation")})
+    assert len(orders[0]["train"]) > 20
+    assert orders[1] == orders[0] and orders[2] == orders[0]
+    assert [c for c, _ in orders[0]["train"]] != sorted(c for c, _ in orders[0]["train"])
 
 
 def test_validation_fraction_zero_and_split_errors(corpus_files, data_dir):

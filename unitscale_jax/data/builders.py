@@ -13,6 +13,9 @@ Each record is ``{"text": str (one chunk, see ``corpus``), "document": str (file
 fraction is positive, ``validation``. A config's name is a digest of everything that determines
 its records (paths with sizes and modification times, or the topics' text; the fraction; the
 chunk size), so changed inputs are rebuilt and unchanged ones are read back from ``data_dir``.
+A record's key (which sets its place in the split) is its document's position in the input list
+and its chunk index, not the path: the same files elsewhere give the same records in the same
+order.
 """
 
 from __future__ import annotations
@@ -59,8 +62,11 @@ def _text_features() -> tfds.features.FeaturesDict:
 class _ChunkedTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared generation: documents -> chunks -> train/validation records."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First version.",
+                     "1.1.0": "Records are keyed by the document's position and the chunk's "
+                              "index, not by the file's path, so the record order (tfds orders "
+                              "by a hash of the key) no longer depends on where the files live."}
 
     @tfds_utils.classproperty
     @classmethod
@@ -79,15 +85,22 @@ class _ChunkedTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
     def _split_generators(self, dl_manager):
         del dl_manager  # local data only
-        chunks = list(corpus.iter_chunks(self._documents(), self.builder_config.chunk_chars,
+        documents = self._documents()
+        position = {name: i for i, (name, _) in enumerate(documents)}
+        chunks = list(corpus.iter_chunks(documents, self.builder_config.chunk_chars,
                                          self.builder_config.validation_fraction))
         names = ["train"] + (["validation"] if self.builder_config.validation_fraction > 0 else [])
-        return {name: self._generate_examples([c for c in chunks if c[0] == name])
+        return {name: self._generate_examples([c for c in chunks if c[0] == name], position)
                 for name in names}
 
-    def _generate_examples(self, chunks):
+    def _generate_examples(self, chunks, position):
+        # tfds stores a split's records in the order of a hash of their keys. The key is
+        # therefore the document's position in the (sorted) input list and the chunk's index,
+        # never the path: the same files copied or linked elsewhere give the same record order,
+        # hence the same batches for the same seed.
         for _, document, index, text in chunks:
-            yield f"{document}#{index}", {"text": text, "document": document, "chunk": index}
+            yield f"{position[document]:06d}#{index:08d}", {"text": text, "document": document,
+                                                            "chunk": index}
 
 
 class LocalText(_ChunkedTextBuilder):
