@@ -2,7 +2,8 @@
 
 1. u-muP and SP encoders pretrained with masked-LM on the SST-2 training sentences at each width
    of ``--widths`` (``experiments/finetune.py``'s ``prepare_data`` and ``pretrain``).
-2. Each fine-tuned on SST-2 (``unitscale-jax finetune --init-from``) in full, and with LoRA
+2. Each fine-tuned on SST-2 (``unitscale-jax finetune --init-from``) in full, with the trunk
+   frozen (``--freeze-trunk``: the head alone, the floor any adapter must beat), and with LoRA
    adapters on ``--targets`` at every rank of ``--ranks``, over a grid of learning rates
    (powers of 2). u-muP's LoRA uses ``--lora-mult 1`` and the u-muP optimizer's own factors
    (A: ``(d_in L)^-1/2``, B: ``(r L)^-1/2``, see ``unitscale_jax.nn.lora``); SP's is the usual
@@ -102,7 +103,7 @@ def _trainable(run_dir: Path) -> tuple[int, int]:
     run = load_finetuned(run_dir, log=lambda m: None)
     params = jax.device_get(run.params)
     sizes = [int(np.size(x)) for x in jax.tree.leaves(params)]
-    if not build.uses_lora(run.cfg):
+    if not (build.uses_lora(run.cfg) or run.cfg.finetune.freeze_trunk):
         return sum(sizes), sum(sizes)
     labels = jax.tree.leaves(freeze_labels(params))
     return sum(s for s, lab in zip(sizes, labels) if lab == "train"), sum(sizes)
@@ -123,6 +124,8 @@ def finetune_one(args, prepared: dict, work: Path, par: str, width: int, method:
         mult = 1.0 if par == "umup" else args.sp_alpha / rank
         flags += ["--lora-targets", args.targets, "--lora-rank", str(rank), "--lora-mult",
                   repr(mult)]
+    elif method == "head":
+        flags += ["--freeze-trunk"]
     t0 = time.perf_counter()
     s = finetune(parse_finetune_args(flags), quiet=True)
     acc = (s.get("best_dev") or {}).get("accuracy", math.nan)
@@ -162,6 +165,8 @@ def summarise(rows: Sequence[dict]) -> tuple[list[dict], dict]:
                 and s["best_lr_log2"] is not None]
         full = {s["width"]: s for s in summary if s["parametrization"] == par
                 and s["method"] == "full"}
+        head = {s["width"]: s for s in summary if s["parametrization"] == par
+                and s["method"] == "head"}
         opts = [s["best_lr_log2"] for s in lora]
         claims[par] = {
             "lora_best_lr_log2": {f"w{s['width']}_r{s['rank']}": s["best_lr_log2"]
@@ -172,6 +177,11 @@ def summarise(rows: Sequence[dict]) -> tuple[list[dict], dict]:
                 w: max(s["best_accuracy"] for s in lora if s["width"] == w)
                 - full[w]["best_accuracy"]
                 for w in sorted(full) if full[w]["best_accuracy"] is not None
+                and any(s["width"] == w for s in lora)},
+            "lora_minus_head_only_accuracy_by_width": {
+                w: max(s["best_accuracy"] for s in lora if s["width"] == w)
+                - head[w]["best_accuracy"]
+                for w in sorted(head) if head[w]["best_accuracy"] is not None
                 and any(s["width"] == w for s in lora)},
             "lora_trainable_share": {f"w{s['width']}_r{s['rank']}": s["trainable_share"]
                                      for s in lora}}
@@ -201,11 +211,12 @@ def plot(rows: Sequence[dict], path: Path, title: str) -> Path:
                 continue
             widths = sorted({c[0] for c in configs})
             style = ("-" if w == widths[-1] else "--") + ("o" if method == "lora" else "s")
-            color = ("black" if method == "full" else
-                     cmap(ranks.index(rank) / max(1, len(ranks) - 1) * 0.9))
+            color = {"full": "black", "head": "grey"}.get(method) or cmap(
+                ranks.index(rank) / max(1, len(ranks) - 1) * 0.9)
             ax.plot([float(r["lr_log2"]) for r in rs], [float(r["accuracy"]) for r in rs],
                     style, color=color, ms=4,
-                    label=f"width {w}, " + ("full" if method == "full" else f"LoRA r={rank}"))
+                    label=f"width {w}, " + {"full": "full", "head": "head only"}.get(
+                        method, f"LoRA r={rank}"))
         ax.set_title("u-μP (LoRA mult 1)" if par == "umup" else "SP (LoRA alpha / r)")
         ax.set_xlabel("log2 fine-tuning learning rate")
         ax.set_ylabel("SST-2 dev accuracy")
@@ -259,7 +270,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     missing = 0
     for par in pars:
         for w in widths:
-            for method, rank in [("full", 0)] + [("lora", r) for r in ranks]:
+            for method, rank in [("full", 0), ("head", 0)] + [("lora", r) for r in ranks]:
                 for k in grids[par]:
                     key = dict(parametrization=par, width=w, method=method, rank=rank,
                                lr_log2=float(k))
