@@ -1,5 +1,13 @@
 """LoRA vs full fine-tuning on SST-2, and the LoRA learning rate's optimum across ranks and widths.
 
+``--task sst2`` (the default) fine-tunes MLM encoders on SST-2 (steps 1-2 below; score: dev
+accuracy). ``--task lm`` measures the same grid on a language model, where the score is a
+continuous validation loss and the frozen base carries what the task needs: byte-level decoders
+pretrained on the built-in corpus (``pydoc_data.topics``) and adapted, in full or with LoRA, to
+``--lm-data`` (tiny Shakespeare); score: validation loss on it (nats per byte); the first
+evaluation of every run (step 0) is the pretrained model's loss there. There is no head-only
+row for ``lm`` (a decoder's LoRA run trains the adapters only).
+
 1. u-muP and SP encoders pretrained with masked-LM on the SST-2 training sentences at each width
    of ``--widths`` (``experiments/finetune.py``'s ``prepare_data`` and ``pretrain``).
 2. Each fine-tuned on SST-2 (``unitscale-jax finetune --init-from``) in full, with the trunk
@@ -46,6 +54,9 @@ QUICK = {"widths": "16,32", "depth": 1, "d_head": 8, "pretrain_steps": 30, "fine
          "sp_lrs": "-8,-6"}
 
 
+TASK_METRIC = {"sst2": ("accuracy", max), "lm": ("dev_loss", min)}
+"""Task -> the run column it is scored by and which end is best."""
+
 GRID_ARGS = ("parametrizations", "widths", "ranks", "umup_lrs", "sp_lrs")
 """The sweep's grid: every row and pretrained model is keyed by its point on it, so a rerun
 with a larger grid (another LR, rank or width) keeps the rows it has and adds the rest."""
@@ -53,8 +64,13 @@ with a larger grid (another LR, rank or width) keeps the rows it has and adds th
 
 def _same_setup(old: Optional[dict], new: dict) -> bool:
     """Whether a run with settings ``old`` can be resumed under ``new``: equal but for the grid."""
+    if old is None:
+        return False
+    # settings added after a run started (e.g. --task) count as their defaults in it
+    parser = build_parser()
+    old = {**{k: parser.get_default(k) for k in new if k not in old}, **old}
     strip = lambda s: {k: v for k, v in s.items() if k not in GRID_ARGS}  # noqa: E731
-    return old is not None and strip(old) == strip(new)
+    return strip(old) == strip(new)
 
 
 def build_parser():
@@ -62,7 +78,11 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small version (minutes on a 2-core "
                    "CPU); sizes from QUICK, writes <tag>_quick_* files under results/quick/")
+    p.add_argument("--task", choices=tuple(TASK_METRIC), default="sst2", help="sst2: "
+                   "encoders on SST-2 (accuracy); lm: decoders adapted to --lm-data (loss)")
     p.add_argument("--sst2", default=str(ft.SHARED / "sst2"), help="SST-2 directory")
+    p.add_argument("--lm-data", default=str(ft.SHARED / "tinyshakespeare" / "input.txt"),
+                   help="--task lm: the text the pretrained decoders are adapted to")
     p.add_argument("--parametrizations", default="umup,sp")
     p.add_argument("--widths", default="64,128", help="two (or more) widths")
     p.add_argument("--ranks", default="4,8,16,32,64")
@@ -109,82 +129,161 @@ def _trainable(run_dir: Path) -> tuple[int, int]:
     return sum(s for s, lab in zip(sizes, labels) if lab == "train"), sum(sizes)
 
 
-def finetune_one(args, prepared: dict, work: Path, par: str, width: int, method: str,
-                 rank: int, lr_log2: float) -> dict:
-    from unitscale_jax.train.finetune import finetune
-    from unitscale_jax.train.flags import parse_finetune_args
-    run_dir = work / f"ft_{par}_{width}_{method}{rank or ''}_{lr_log2:g}"
-    flags = ["--task", "classify", "--data", prepared["tasks"]["sst2"]["dir"],
-             *ft._model_flags(args, par, width), "--tokenizer", prepared["tokenizer"],
-             "--steps", str(args.finetune_steps), "--eval-every", str(args.eval_every),
-             "--lr", repr(2.0 ** lr_log2), "--run-dir", str(run_dir), "--keep-checkpoints", "1",
-             "--init-from", str(work / f"pre_{par}_{width}")]
-    mult = None
+def _method_flags(args, par: str, method: str, rank: int) -> tuple[list[str], Optional[float]]:
+    """The flags of a fine-tuning method and the LoRA multiplier (None without LoRA)."""
     if method == "lora":
         mult = 1.0 if par == "umup" else args.sp_alpha / rank
-        flags += ["--lora-targets", args.targets, "--lora-rank", str(rank), "--lora-mult",
-                  repr(mult)]
-    elif method == "head":
-        flags += ["--freeze-trunk"]
-    t0 = time.perf_counter()
-    s = finetune(parse_finetune_args(flags), quiet=True)
-    acc = (s.get("best_dev") or {}).get("accuracy", math.nan)
-    trainable, total = _trainable(run_dir)
+        return ["--lora-targets", args.targets, "--lora-rank", str(rank), "--lora-mult",
+                repr(mult)], mult
+    return (["--freeze-trunk"] if method == "head" else []), None
+
+
+def _row(args, par, width, method, rank, lr_log2, mult, t0, **scores) -> dict:
+    trainable, total = scores.pop("params")
     return {"parametrization": par, "width": width, "method": method, "rank": rank,
-            "lr_log2": lr_log2, "lr": 2.0 ** lr_log2, "lora_mult": mult,
-            "accuracy": acc if acc is not None and math.isfinite(acc) else math.nan,
-            "dev_loss": s.get("final_val_loss"), "best_step": s.get("best_step"),
+            "lr_log2": lr_log2, "lr": 2.0 ** lr_log2, "lora_mult": mult, **scores,
             "trainable_params": trainable, "total_params": total,
             "trainable_share": trainable / total, "steps": args.finetune_steps,
             "wall_s": round(time.perf_counter() - t0, 2)}
 
 
-def summarise(rows: Sequence[dict]) -> tuple[list[dict], dict]:
-    """Per (parametrization, width, method, rank): the best log2 LR and its accuracy; per
-    parametrization: how far LoRA's optimum moves across ranks and widths (log2), and LoRA's
-    best accuracy against full fine-tuning's at each width."""
+def finetune_one(args, prepared: dict, work: Path, par: str, width: int, method: str,
+                 rank: int, lr_log2: float) -> dict:
+    if args.task == "lm":
+        return adapt_lm(args, prepared, work, par, width, method, rank, lr_log2)
+    from unitscale_jax.train.finetune import finetune
+    from unitscale_jax.train.flags import parse_finetune_args
+    run_dir = work / f"ft_{par}_{width}_{method}{rank or ''}_{lr_log2:g}"
+    extra, mult = _method_flags(args, par, method, rank)
+    flags = ["--task", "classify", "--data", prepared["tasks"]["sst2"]["dir"],
+             *ft._model_flags(args, par, width), "--tokenizer", prepared["tokenizer"],
+             "--steps", str(args.finetune_steps), "--eval-every", str(args.eval_every),
+             "--lr", repr(2.0 ** lr_log2), "--run-dir", str(run_dir), "--keep-checkpoints", "1",
+             "--init-from", str(work / f"pre_{par}_{width}"), *extra]
+    t0 = time.perf_counter()
+    s = finetune(parse_finetune_args(flags), quiet=True)
+    acc = (s.get("best_dev") or {}).get("accuracy", math.nan)
+    return _row(args, par, width, method, rank, lr_log2, mult, t0,
+                accuracy=acc if acc is not None and math.isfinite(acc) else math.nan,
+                dev_loss=s.get("final_val_loss"), best_step=s.get("best_step"),
+                params=_trainable(run_dir))
+
+
+# --------------------------------------------------------------------------- --task lm
+
+
+def _lm_flags(args, par: str, width: int, work: Path, run_dir: Path, steps: int,
+              lr_log2: float) -> list[str]:
+    return ["--model", "decoder", *ft._model_flags(args, par, width), "--data-dir",
+            str(work / "tfds"), "--steps", str(steps), "--lr", repr(2.0 ** lr_log2),
+            "--run-dir", str(run_dir), "--no-checkpoint"]
+
+
+def pretrain_lm(args, work: Path, par: str, width: int) -> dict:
+    """A byte-level decoder trained on the built-in corpus (no ``--data``)."""
+    from unitscale_jax.train import run as train_run
+    from unitscale_jax.train.flags import parse_train_args
+    lr_log2 = args.pretrain_lr_umup if par == "umup" else args.pretrain_lr_sp
+    run_dir = work / f"pre_{par}_{width}"
+    t0 = time.perf_counter()
+    cfg = parse_train_args([*_lm_flags(args, par, width, work, run_dir, args.pretrain_steps,
+                                       lr_log2), "--eval-every", str(args.pretrain_steps),
+                            "--checkpoint"])
+    s = train_run(cfg, quiet=True)
+    return {"parametrization": par, "width": width, "lr_log2": lr_log2,
+            "steps": args.pretrain_steps, "val_loss": s["final_val_loss"],
+            "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def adapt_lm(args, prepared: dict, work: Path, par: str, width: int, method: str, rank: int,
+             lr_log2: float) -> dict:
+    """The pretrained decoder trained on ``--lm-data`` (in full or LoRA's adapters only);
+    a non-finite loss is a row with a NaN loss. Only the adapters train in a decoder's LoRA
+    run, so its trainable parameters are its count minus the pretrained model's."""
+    from unitscale_jax.train import run as train_run
+    from unitscale_jax.train.errors import TrainingStopped
+    from unitscale_jax.train.flags import parse_train_args
+    run_dir = work / f"ft_{par}_{width}_{method}{rank or ''}_{lr_log2:g}"
+    extra, mult = _method_flags(args, par, method, rank)
+    cfg = parse_train_args([*_lm_flags(args, par, width, work, run_dir, args.finetune_steps,
+                                       lr_log2), "--data", prepared["lm_data"],
+                            "--eval-every", str(args.eval_every),
+                            "--init-from", str(work / f"pre_{par}_{width}"), *extra])
+    t0 = time.perf_counter()
+    try:
+        loss = train_run(cfg, quiet=True)["final_val_loss"]
+    except TrainingStopped:
+        loss = math.nan
+    base = json.loads((work / f"pre_{par}_{width}" / "summary.json").read_text())["n_params"]
+    total = json.loads((run_dir / "summary.json").read_text())["n_params"] \
+        if (run_dir / "summary.json").is_file() else base
+    return _row(args, par, width, method, rank, lr_log2, mult, t0, accuracy=math.nan,
+                dev_loss=loss, best_step=None,
+                params=(total - base if method == "lora" else total, total))
+
+
+def zero_shot_lm(work: Path, runs: Sequence[dict]) -> dict:
+    """``"<par>_w<width>"`` -> the pretrained decoder's loss on ``--lm-data`` (the step-0
+    evaluation of its first adaptation run)."""
+    out = {}
+    for r in runs:
+        key = f"{r['parametrization']}_w{int(r['width'])}"
+        d = work / f"ft_{r['parametrization']}_{int(r['width'])}_full_{float(r['lr_log2']):g}"
+        if key in out or not (d / "metrics.jsonl").is_file():
+            continue
+        for line in (d / "metrics.jsonl").read_text().splitlines():
+            m = json.loads(line)
+            if m.get("split") == "validation" and m.get("step") == 0:
+                out[key] = m["loss"]
+                break
+    return out
+
+
+def summarise(rows: Sequence[dict], task: str = "sst2") -> tuple[list[dict], dict]:
+    """Per (parametrization, width, method, rank): the best log2 LR and its score (``sst2``:
+    the highest accuracy, ``best_accuracy``; ``lm``: the lowest validation loss,
+    ``best_val_loss``); per parametrization: how far LoRA's optimum moves across ranks and
+    widths (log2), and LoRA's best score against full fine-tuning's (and the head alone's)
+    at each width."""
+    column, pick = TASK_METRIC[task]
+    name = "accuracy" if task == "sst2" else "val_loss"
     groups: dict = {}
     for r in rows:
         key = (r["parametrization"], int(r["width"]), r["method"], int(r["rank"] or 0))
         groups.setdefault(key, []).append(r)
     summary = []
     for key, rs in sorted(groups.items()):
-        finite = [r for r in rs if math.isfinite(float(r["accuracy"]))]
-        best = max(finite, key=lambda r: float(r["accuracy"])) if finite else None
+        finite = [r for r in rs if math.isfinite(float(r[column] or "nan"))]
+        best = pick(finite, key=lambda r: float(r[column])) if finite else None
         lrs = sorted(float(r["lr_log2"]) for r in rs)
+        shares = [float(r["trainable_share"]) for r in rs
+                  if math.isfinite(float(r["trainable_share"] or "nan"))]
         summary.append({"parametrization": key[0], "width": key[1], "method": key[2],
                         "rank": key[3], "best_lr_log2": float(best["lr_log2"]) if best else None,
-                        "best_accuracy": float(best["accuracy"]) if best else None,
+                        f"best_{name}": float(best[column]) if best else None,
                         "at_grid_edge": bool(best) and float(best["lr_log2"]) in (lrs[0],
                                                                                    lrs[-1]),
-                        "trainable_share": float(rs[0]["trainable_share"]),
+                        "trainable_share": max(shares) if shares else None,
                         "n_runs": len(rs)})
     claims: dict = {}
     for par in sorted({s["parametrization"] for s in summary}):
         lora = [s for s in summary if s["parametrization"] == par and s["method"] == "lora"
                 and s["best_lr_log2"] is not None]
-        full = {s["width"]: s for s in summary if s["parametrization"] == par
-                and s["method"] == "full"}
-        head = {s["width"]: s for s in summary if s["parametrization"] == par
-                and s["method"] == "head"}
         opts = [s["best_lr_log2"] for s in lora]
         claims[par] = {
             "lora_best_lr_log2": {f"w{s['width']}_r{s['rank']}": s["best_lr_log2"]
                                   for s in lora},
             "lora_optimum_spread_log2": (max(opts) - min(opts)) if len(opts) > 1 else None,
             "lora_optima_at_grid_edge": sum(s["at_grid_edge"] for s in lora),
-            "lora_minus_full_accuracy_by_width": {
-                w: max(s["best_accuracy"] for s in lora if s["width"] == w)
-                - full[w]["best_accuracy"]
-                for w in sorted(full) if full[w]["best_accuracy"] is not None
-                and any(s["width"] == w for s in lora)},
-            "lora_minus_head_only_accuracy_by_width": {
-                w: max(s["best_accuracy"] for s in lora if s["width"] == w)
-                - head[w]["best_accuracy"]
-                for w in sorted(head) if head[w]["best_accuracy"] is not None
-                and any(s["width"] == w for s in lora)},
             "lora_trainable_share": {f"w{s['width']}_r{s['rank']}": s["trainable_share"]
                                      for s in lora}}
+        for method, label in (("full", "full"), ("head", "head_only")):
+            ref = {s["width"]: s[f"best_{name}"] for s in summary if s["parametrization"] == par
+                   and s["method"] == method and s[f"best_{name}"] is not None}
+            if method == "full" or ref:
+                claims[par][f"lora_minus_{label}_{name}_by_width"] = {
+                    w: pick(s[f"best_{name}"] for s in lora if s["width"] == w) - ref[w]
+                    for w in sorted(ref) if any(s["width"] == w for s in lora)}
     u, s_ = claims.get("umup"), claims.get("sp")
     if u and s_ and None not in (u["lora_optimum_spread_log2"], s_["lora_optimum_spread_log2"]):
         claims["umup_lora_optimum_moves_less_than_sp"] = (
@@ -192,7 +291,7 @@ def summarise(rows: Sequence[dict]) -> tuple[list[dict], dict]:
     return summary, claims
 
 
-def plot(rows: Sequence[dict], path: Path, title: str) -> Path:
+def plot(rows: Sequence[dict], path: Path, task: str, title: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -213,13 +312,15 @@ def plot(rows: Sequence[dict], path: Path, title: str) -> Path:
             style = ("-" if w == widths[-1] else "--") + ("o" if method == "lora" else "s")
             color = {"full": "black", "head": "grey"}.get(method) or cmap(
                 ranks.index(rank) / max(1, len(ranks) - 1) * 0.9)
-            ax.plot([float(r["lr_log2"]) for r in rs], [float(r["accuracy"]) for r in rs],
+            column = TASK_METRIC[task][0]
+            ax.plot([float(r["lr_log2"]) for r in rs], [float(r[column] or "nan") for r in rs],
                     style, color=color, ms=4,
                     label=f"width {w}, " + {"full": "full", "head": "head only"}.get(
                         method, f"LoRA r={rank}"))
         ax.set_title("u-μP (LoRA mult 1)" if par == "umup" else "SP (LoRA alpha / r)")
         ax.set_xlabel("log2 fine-tuning learning rate")
-        ax.set_ylabel("SST-2 dev accuracy")
+        ax.set_ylabel("SST-2 dev accuracy" if task == "sst2"
+                      else "validation loss (nats per byte)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     return _sweep.save_figure(fig, path, title)
@@ -235,7 +336,8 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     if any(r < 1 for r in ranks):
         raise SystemExit(f"--ranks must be positive, got {ranks}")
     grids = {"umup": _sweep.int_list(args.umup_lrs), "sp": _sweep.int_list(args.sp_lrs)}
-    tag = args.tag or ("lora" if mode == "full" else "lora_quick")
+    stem = "lora" if args.task == "sst2" else "lora_lm"
+    tag = args.tag or (stem if mode == "full" else f"{stem}_quick")
     out = _sweep.out_dir(args, mode)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items()
@@ -255,8 +357,14 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
             else time.strftime("%Y-%m-%d %H:%M:%S"), "runs_this_call": 0}
     meta_path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
     t0 = time.perf_counter()
-    args.wnut17 = args.sst2  # prepare_data reads only the tasks it is given
-    prepared = ft.prepare_data(args, work, ["sst2"])
+    if args.task == "sst2":
+        args.wnut17 = args.sst2  # prepare_data reads only the tasks it is given
+        prepared = ft.prepare_data(args, work, ["sst2"])
+    else:
+        prepared = {"lm_data": str(Path(args.lm_data).resolve())}
+        if not Path(prepared["lm_data"]).is_file():
+            raise SystemExit(f"no file {prepared['lm_data']}; pass --lm-data FILE (a text "
+                             "file the pretrained decoders are adapted to).")
     log(f"lora ({mode}): widths {widths}, ranks {ranks}, targets {args.targets}, "
         f"{args.pretrain_steps} pretraining / {args.finetune_steps} fine-tuning steps")
     pre_table = ft.Table(out / f"{tag}_pretrain.csv", ft.PRE_COLUMNS, resume)
@@ -264,13 +372,15 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     for par in pars:
         for w in widths:
             if not pre_table.has(parametrization=par, width=w):
-                row = ft.pretrain(args, prepared, work, par, w)
+                row = (ft.pretrain(args, prepared, work, par, w) if args.task == "sst2"
+                       else pretrain_lm(args, work, par, w))
                 pre_table.add(row)
-                log(f"  pretrained {par} width {w}: MLM val loss {row['val_loss']:.4f}")
+                log(f"  pretrained {par} width {w}: val loss {row['val_loss']:.4f}")
     missing = 0
     for par in pars:
         for w in widths:
-            for method, rank in [("full", 0), ("head", 0)] + [("lora", r) for r in ranks]:
+            baselines = [("full", 0)] + ([("head", 0)] if args.task == "sst2" else [])
+            for method, rank in baselines + [("lora", r) for r in ranks]:
                 for k in grids[par]:
                     key = dict(parametrization=par, width=w, method=method, rank=rank,
                                lr_log2=float(k))
@@ -282,13 +392,17 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
                     row = finetune_one(args, prepared, work, par, w, method, rank, float(k))
                     runs.add(row)
                     meta["runs_this_call"] += 1
-                    log(f"  {par} width {w} {method}{rank or ''} 2^{k:g}: accuracy "
-                        f"{row['accuracy']:.4f}, trainable {row['trainable_share']:.2%} "
+                    score = TASK_METRIC[args.task][0]
+                    log(f"  {par} width {w} {method}{rank or ''} 2^{k:g}: {score} "
+                        f"{float(row[score]):.4f}, trainable {row['trainable_share']:.2%} "
                         f"({row['wall_s']:.0f} s)")
-    summary, claims = summarise(runs.rows)
+    summary, claims = summarise(runs.rows, args.task)
+    if args.task == "lm":
+        claims["zero_shot_val_loss"] = zero_shot_lm(work, runs.rows)
     _sweep.write_csv(out / f"{tag}_summary.csv", summary)
-    png = plot(runs.rows, out / f"{tag}.png",
-               title=f"SST-2 LoRA vs full ({mode}): depth {args.depth}, {args.finetune_steps} "
+    png = plot(runs.rows, out / f"{tag}.png", args.task,
+               title=("SST-2" if args.task == "sst2" else Path(args.lm_data).name)
+               + f" LoRA vs full ({mode}): depth {args.depth}, {args.finetune_steps} "
                f"steps x {args.batch_size}, targets {args.targets}")
     meta.update(claims=claims, wall_s=round(time.perf_counter() - t0, 1), runs_missing=missing,
                 finished=time.strftime("%Y-%m-%d %H:%M:%S"), data=prepared)

@@ -8,6 +8,7 @@ import json
 import math
 
 import lora as experiment
+import pytest
 
 from tests.train.finetune_helpers import write_classification
 
@@ -69,3 +70,56 @@ def test_lora_quick_writes_and_resumes(tmp_path):
     other = [*argv, "--seed", "1"]
     experiment.main(other, log=lambda m: None)
     assert len(_rows(out / "lora_quick_runs.csv")) == 3
+
+
+def test_lora_quick_lm_task(tmp_path):
+    """``--task lm``: decoders pretrained on the built-in corpus, adapted to another text;
+    scored by validation loss, no head-only rows, the pretrained model's loss on the new text
+    from the runs' step-0 evaluation."""
+    text = tmp_path / "plays.txt"
+    text.write_text("".join(f"KING {i}: Now is the winter of our discontent, made glorious "
+                            f"summer by this sun of York; line {i}.\n" for i in range(400)),
+                    encoding="utf-8")
+    out = tmp_path / "o"
+    argv = ["--quick", "--task", "lm", "--lm-data", str(text), "--out", str(out),
+            "--parametrizations", "umup", "--widths", "16", "--ranks", "2", "--umup-lrs", "-1",
+            "--pretrain-steps", "3", "--finetune-steps", "4", "--eval-every", "2",
+            "--batch-size", "4", "--targets", "qkv,ffn_down"]
+    res = experiment.main(argv, log=lambda m: None)
+    runs = {r["method"]: r for r in _rows(out / "lora_lm_quick_runs.csv")}
+    assert set(runs) == {"full", "lora"}
+    full, lora = runs["full"], runs["lora"]
+    adapters = 2 * (16 + 48) + 2 * (64 + 16)
+    assert int(lora["total_params"]) == int(full["total_params"]) + adapters
+    assert int(lora["trainable_params"]) == adapters
+    assert float(full["trainable_share"]) == 1.0
+    for r in runs.values():
+        assert math.isfinite(float(r["dev_loss"])) and r["accuracy"] == "nan"
+    summary = _rows(out / "lora_lm_quick_summary.csv")
+    assert {s["method"] for s in summary} == {"full", "lora"}
+    assert all(math.isfinite(float(s["best_val_loss"])) for s in summary)
+    claims = res["claims"]["umup"]
+    assert claims["lora_minus_full_val_loss_by_width"] == {
+        16: float(lora["dev_loss"]) - float(full["dev_loss"])}
+    assert "lora_minus_head_only_val_loss_by_width" not in claims
+    zero = res["claims"]["zero_shot_val_loss"]["umup_w16"]
+    # the adapted models start from the pretrained one: both end below its loss on the text
+    assert math.isfinite(zero) and float(full["dev_loss"]) < zero
+    with open(out / "lora_lm_quick.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lora_lm_missing_text_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="pass --lm-data FILE"):
+        experiment.main(["--quick", "--task", "lm", "--lm-data", str(tmp_path / "no.txt"),
+                         "--out", str(tmp_path / "o")], log=lambda m: None)
+
+
+def test_settings_added_later_resume_at_their_defaults():
+    """A sweep started before ``--task`` existed resumes under the default ``--task sst2``
+    and starts over under ``--task lm``."""
+    new = vars(experiment.build_parser().parse_args([]))
+    old = {k: v for k, v in new.items() if k not in ("task", "lm_data")}
+    assert experiment._same_setup(old, new)
+    assert not experiment._same_setup(old, {**new, "task": "lm"})
+    assert not experiment._same_setup({**old, "seed": 1}, new)
