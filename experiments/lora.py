@@ -403,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     png = plot(runs.rows, out / f"{tag}.png", args.task,
                title=("SST-2" if args.task == "sst2" else Path(args.lm_data).name)
                + f" LoRA vs full ({mode}): depth {args.depth}, {args.finetune_steps} "
-               f"steps x {args.batch_size}, targets {args.targets}")
+               f"steps x {args.batch_size}, LoRA on {len(args.targets.split(','))} projections")
     meta.update(claims=claims, wall_s=round(time.perf_counter() - t0, 1), runs_missing=missing,
                 finished=time.strftime("%Y-%m-%d %H:%M:%S"), data=prepared)
     meta_path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
