@@ -197,11 +197,13 @@ def pretrain_lm(args, work: Path, par: str, width: int) -> dict:
 
 def adapt_lm(args, prepared: dict, work: Path, par: str, width: int, method: str, rank: int,
              lr_log2: float) -> dict:
-    """The pretrained decoder trained on ``--lm-data`` (in full or LoRA's adapters only);
-    a non-finite loss is a row with a NaN loss. Only the adapters train in a decoder's LoRA
-    run, so its trainable parameters are its count minus the pretrained model's."""
+    """The pretrained decoder trained on ``--lm-data`` (in full or LoRA's adapters only).
+
+    A non-finite loss (``Diverged``) is a row with a NaN loss; an interrupt (``Interrupted``)
+    stops the sweep. Only the adapters train in a decoder's LoRA run, so its trainable
+    parameters are its count minus the pretrained model's."""
     from unitscale_jax.train import run as train_run
-    from unitscale_jax.train.errors import TrainingStopped
+    from unitscale_jax.train.errors import Diverged
     from unitscale_jax.train.flags import parse_train_args
     run_dir = work / f"ft_{par}_{width}_{method}{rank or ''}_{lr_log2:g}"
     extra, mult = _method_flags(args, par, method, rank)
@@ -212,7 +214,7 @@ def adapt_lm(args, prepared: dict, work: Path, par: str, width: int, method: str
     t0 = time.perf_counter()
     try:
         loss = train_run(cfg, quiet=True)["final_val_loss"]
-    except TrainingStopped:
+    except Diverged:
         loss = math.nan
     base = json.loads((work / f"pre_{par}_{width}" / "summary.json").read_text())["n_params"]
     total = json.loads((run_dir / "summary.json").read_text())["n_params"] \

@@ -170,7 +170,7 @@ def test_overflowing_loss_scale_skips_steps_then_stops(tmp_path, shared_dirs):
     n = tprec.MAX_CONSECUTIVE_OVERFLOWS
     cfg = _run_cfg(tmp_path, shared_dirs[0], "overflow", steps=n + 5, eval_every=5,
                    precision="fp16", loss_scale=2.0 ** 40)
-    with pytest.raises(train.TrainingStopped, match="--loss-scale"):
+    with pytest.raises(train.Diverged, match="--loss-scale"):
         train.run(cfg, quiet=True)
     rows = train.read_metrics(tmp_path / "overflow" / "metrics.jsonl")
     tr = [r for r in rows if r["split"] == "train"]

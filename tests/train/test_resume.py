@@ -165,3 +165,39 @@ def test_corrupt_checkpoint_is_skipped_never_loaded(reference, tmp_path, shared_
     assert list((run_dir / "corrupt_checkpoints").iterdir())
     assert _ckpt_steps(run_dir) == [40, 50, 60]
     assert curves(run_dir) == reference[1]
+
+
+def test_sigterm_in_process_raises_interrupted_not_diverged(tmp_path, shared_dirs):
+    """A caller (a sweep that records diverged runs and goes on) can tell an interrupted run
+    from a diverged one: SIGTERM raises ``Interrupted``, which is a ``TrainingStopped`` but not
+    a ``Diverged`` (a non-finite loss raises ``Diverged``: test_precision_modes)."""
+    import threading
+
+    from unitscale_jax import train
+    run_dir = tmp_path / "r"
+    cfg = train.get_preset("tiny").replace(
+        model={"d_model": 16, "n_layers": 1, "n_heads": 2},
+        data={"seq_len": 16, "data_dir": shared_dirs[0]},
+        training={"steps": 3000, "batch_size": 4, "eval_every": 0, "log_every": 1,
+                  "run_dir": str(run_dir), "progress": False, "tensorboard": False,
+                  "plot": False, "checkpoint": False})
+
+    def kill_when_training():
+        # the handler is installed before the first training row is written
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (run_dir / "metrics.jsonl").exists() and any(
+                    r["split"] == "train" for r in read_rows(run_dir)):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    before = signal.getsignal(signal.SIGTERM)
+    killer = threading.Thread(target=kill_when_training, daemon=True)
+    killer.start()
+    with pytest.raises(train.Interrupted, match="SIGTERM received at step") as e:
+        train.run(cfg, quiet=True)
+    killer.join(5)
+    assert isinstance(e.value, train.TrainingStopped)
+    assert not isinstance(e.value, train.Diverged)
+    assert signal.getsignal(signal.SIGTERM) == before  # the run put the old handler back

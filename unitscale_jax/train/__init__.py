@@ -31,7 +31,7 @@ from unitscale_jax.train.config import (
     resolve,
     validate,
 )
-from unitscale_jax.train.errors import TrainingStopped, UsageError
+from unitscale_jax.train.errors import Diverged, Interrupted, TrainingStopped, UsageError
 from unitscale_jax.train.finetune import FineTuner
 from unitscale_jax.train.loop import format_summary, run
 from unitscale_jax.train.metrics import loss_curve, read_metrics
@@ -45,7 +45,8 @@ __all__ = [
     "TASKS", "Task", "Trainer", "get_task", "build_model", "build_optimizer", "build_schedule",
     "transformer_config",
     "Config", "DataConfig", "ModelConfig", "OptimizerConfig", "TrainingConfig", "default_lr",
-    "resolve", "validate", "TrainingStopped", "UsageError", "format_summary", "run",
+    "resolve", "validate", "TrainingStopped", "Diverged", "Interrupted", "UsageError",
+    "format_summary", "run",
     "loss_curve", "read_metrics", "PRESETS", "get_preset", "PRECISIONS", "precision_setup",
     "fill_mask", "generate_seq2seq", "generate_text", "load_run", "sample", "FineTuner",
 ]

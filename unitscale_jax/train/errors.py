@@ -8,7 +8,21 @@ class UsageError(Exception):
 
 
 class TrainingStopped(Exception):
-    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept.
+
+    The subclasses say why, for a caller that treats the reasons differently (a sweep records
+    a diverged run and goes on, but must stop when it is interrupted): ``Diverged``,
+    ``Interrupted``, ``PeerLost``.
+    """
+
+
+class Diverged(TrainingStopped):
+    """The training loss (or, with the precision guard's skips used up, the gradients) became
+    non-finite."""
+
+
+class Interrupted(TrainingStopped):
+    """SIGTERM, SIGINT or Ctrl-C stopped the run (rerun the same command to resume)."""
 
 
 class PeerLost(TrainingStopped):

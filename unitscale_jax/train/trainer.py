@@ -33,7 +33,7 @@ from unitscale_jax.train.data import (
     load_data,
     record_batch,
 )
-from unitscale_jax.train.errors import TrainingStopped, UsageError
+from unitscale_jax.train.errors import Diverged, Interrupted, UsageError
 from unitscale_jax.train.lora_base import LoRABase, prune, restore_into
 from unitscale_jax.train.metrics import MetricsWriter, read_metrics, truncate
 from unitscale_jax.train.plotting import plot_losses
@@ -405,10 +405,9 @@ class Trainer:
         good = max(ckpt.steps(), default=None) if ckpt is not None else None
         where = (f"the last good checkpoint is step {good} in {ckpt.directory}" if good
                  is not None else "no checkpoint was written")
-        raise TrainingStopped(f"non-finite training loss ({m['loss']}, gradient norm "
-                              f"{m['grad_norm']}) at step {s}; stopped, {where}. Lower --lr "
-                              + ("or --loss-scale " if scaled else "")
-                              + "or change --precision.")
+        raise Diverged(f"non-finite training loss ({m['loss']}, gradient norm "
+                       f"{m['grad_norm']}) at step {s}; stopped, {where}. Lower --lr "
+                       + ("or --loss-scale " if scaled else "") + "or change --precision.")
 
     def _write_train_row(self, s: int, m: dict, timing: dict, bar) -> None:
         m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -443,7 +442,8 @@ class Trainer:
         """Builds the state and trains to ``--steps``; returns the summary (see ``run``).
 
         Raises:
-          TrainingStopped: a non-finite loss or an interrupt (the last good checkpoint stays).
+          Diverged / Interrupted (``TrainingStopped``): a non-finite loss or an interrupt (the
+            last good checkpoint stays).
         """
         from tqdm.auto import tqdm
         t, ckpt = self.cfg.training, self.ckpt
@@ -493,14 +493,14 @@ class Trainer:
                             self.save(s, force=True)
                         ckpt.wait()
                         saved = f"checkpoint saved at step {s}; "
-                    raise TrainingStopped(f"{stop.received} received at step {s}: {saved}rerun "
-                                          "the same command to resume.")
+                    raise Interrupted(f"{stop.received} received at step {s}: {saved}rerun "
+                                      "the same command to resume.")
             if self.last["validation"] is None or self.last["validation"]["step"] != end:
                 self.evaluate(end)
             if ckpt is not None and end not in ckpt.steps():
                 self.save(end, force=True)
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the step loop
-            raise TrainingStopped("interrupted; the last complete checkpoint is kept; rerun the "
+            raise Interrupted("interrupted; the last complete checkpoint is kept; rerun the "
                                   "same command to resume.") from None
         except jax.errors.JaxRuntimeError as e:
             if jax.process_count() == 1:
