@@ -147,13 +147,18 @@ def _row(args, par, width, method, rank, lr_log2, mult, t0, **scores) -> dict:
             "wall_s": round(time.perf_counter() - t0, 2)}
 
 
+def _run_dir(work: Path, par: str, width: int, method: str, rank: int, lr_log2: float) -> Path:
+    """The directory of one fine-tuning run."""
+    return work / f"ft_{par}_{width}_{method}{rank or ''}_{lr_log2:g}"
+
+
 def finetune_one(args, prepared: dict, work: Path, par: str, width: int, method: str,
                  rank: int, lr_log2: float) -> dict:
     if args.task == "lm":
         return adapt_lm(args, prepared, work, par, width, method, rank, lr_log2)
     from unitscale_jax.train.finetune import finetune
     from unitscale_jax.train.flags import parse_finetune_args
-    run_dir = work / f"ft_{par}_{width}_{method}{rank or ''}_{lr_log2:g}"
+    run_dir = _run_dir(work, par, width, method, rank, lr_log2)
     extra, mult = _method_flags(args, par, method, rank)
     flags = ["--task", "classify", "--data", prepared["tasks"]["sst2"]["dir"],
              *ft._model_flags(args, par, width), "--tokenizer", prepared["tokenizer"],
@@ -173,10 +178,10 @@ def finetune_one(args, prepared: dict, work: Path, par: str, width: int, method:
 
 
 def _lm_flags(args, par: str, width: int, work: Path, run_dir: Path, steps: int,
-              lr_log2: float) -> list[str]:
+              lr_log2: float, checkpoint: bool = False) -> list[str]:
     return ["--model", "decoder", *ft._model_flags(args, par, width), "--data-dir",
             str(work / "tfds"), "--steps", str(steps), "--lr", repr(2.0 ** lr_log2),
-            "--run-dir", str(run_dir), "--no-checkpoint"]
+            "--run-dir", str(run_dir), "--checkpoint" if checkpoint else "--no-checkpoint"]
 
 
 def pretrain_lm(args, work: Path, par: str, width: int) -> dict:
@@ -187,8 +192,8 @@ def pretrain_lm(args, work: Path, par: str, width: int) -> dict:
     run_dir = work / f"pre_{par}_{width}"
     t0 = time.perf_counter()
     cfg = parse_train_args([*_lm_flags(args, par, width, work, run_dir, args.pretrain_steps,
-                                       lr_log2), "--eval-every", str(args.pretrain_steps),
-                            "--checkpoint"])
+                                       lr_log2, checkpoint=True),
+                            "--eval-every", str(args.pretrain_steps)])
     s = train_run(cfg, quiet=True)
     return {"parametrization": par, "width": width, "lr_log2": lr_log2,
             "steps": args.pretrain_steps, "val_loss": s["final_val_loss"],
@@ -205,7 +210,7 @@ def adapt_lm(args, prepared: dict, work: Path, par: str, width: int, method: str
     from unitscale_jax.train import run as train_run
     from unitscale_jax.train.errors import Diverged
     from unitscale_jax.train.flags import parse_train_args
-    run_dir = work / f"ft_{par}_{width}_{method}{rank or ''}_{lr_log2:g}"
+    run_dir = _run_dir(work, par, width, method, rank, lr_log2)
     extra, mult = _method_flags(args, par, method, rank)
     cfg = parse_train_args([*_lm_flags(args, par, width, work, run_dir, args.finetune_steps,
                                        lr_log2), "--data", prepared["lm_data"],
@@ -227,17 +232,18 @@ def adapt_lm(args, prepared: dict, work: Path, par: str, width: int, method: str
 def zero_shot_lm(work: Path, runs: Sequence[dict]) -> dict:
     """``"<par>_w<width>"`` -> the pretrained decoder's loss on ``--lm-data`` (the step-0
     evaluation of its first adaptation run)."""
+    from unitscale_jax.train import read_metrics
     out = {}
     for r in runs:
         key = f"{r['parametrization']}_w{int(r['width'])}"
-        d = work / f"ft_{r['parametrization']}_{int(r['width'])}_full_{float(r['lr_log2']):g}"
-        if key in out or not (d / "metrics.jsonl").is_file():
+        if key in out:
             continue
-        for line in (d / "metrics.jsonl").read_text().splitlines():
-            m = json.loads(line)
-            if m.get("split") == "validation" and m.get("step") == 0:
-                out[key] = m["loss"]
-                break
+        d = _run_dir(work, r["parametrization"], int(r["width"]), "full", 0,
+                     float(r["lr_log2"]))
+        first = [m["loss"] for m in read_metrics(d / "metrics.jsonl")
+                 if m.get("split") == "validation" and m.get("step") == 0]
+        if first:
+            out[key] = first[0]
     return out
 
 
